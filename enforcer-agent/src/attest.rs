@@ -1,0 +1,1 @@
+//! Process attestation (owned by a helper; being written).

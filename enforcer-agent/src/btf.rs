@@ -1,0 +1,1 @@
+//! Kernel struct offsets from BTF (owned by a helper; being written).

@@ -1,0 +1,1 @@
+//! Policy parsing, checking and compiling (owned by a helper; being written).

@@ -1,0 +1,353 @@
+//! The ABI shared by the kernel programs (`enforcer-ebpf`) and the agent.
+//!
+//! Everything here is `#[repr(C)]`, made of fixed-width integers, with padding written out and a
+//! size assertion beside each type. Values are built from zero (`zeroed()`), so no byte a map
+//! compares is ever uninitialised. Change any layout here and bump [`ABI_VERSION`]: the agent
+//! refuses pinned state of another version, and pins live under a folder named after it.
+#![no_std]
+
+/// Version of this ABI. Checked at load against the kernel object's `ENF_ABI` global and used
+/// in the bpffs pin folder, so two versions never share maps.
+pub const ABI_VERSION: u32 = 1;
+
+/// Pin folder, relative to the bpffs mount (`/sys/fs/bpf`): `enforcer/v{ABI_VERSION}`.
+pub const PIN_SUBDIR: &str = "enforcer/v1";
+const _: () = assert!(ABI_VERSION == 1, "update PIN_SUBDIR with ABI_VERSION");
+
+// ---- names (at most 15 characters: the kernel's BPF_OBJ_NAME_LEN - 1) ----
+pub const MAP_PROCS: &str = "ENF_PROCS";
+pub const MAP_EXES: &str = "ENF_EXES";
+pub const MAP_CGROUPS: &str = "ENF_CGROUPS";
+pub const MAP_IDMATCH: &str = "ENF_IDMATCH";
+pub const MAP_RULES: &str = "ENF_RULES";
+pub const MAP_CONFIG: &str = "ENF_CONFIG";
+pub const MAP_COUNTERS: &str = "ENF_COUNTERS";
+pub const MAP_EVENTS: &str = "ENF_EVENTS";
+pub const MAP_SCOPES: &str = "ENF_SCOPES";
+pub const MAP_OFFSETS: &str = "ENF_OFFSETS";
+
+pub const PROG_CONNECT4: &str = "enf_connect4";
+pub const PROG_CONNECT6: &str = "enf_connect6";
+pub const PROG_SENDMSG4: &str = "enf_sendmsg4";
+pub const PROG_SENDMSG6: &str = "enf_sendmsg6";
+pub const PROG_FORK: &str = "enf_fork";
+pub const PROG_EXEC: &str = "enf_exec";
+pub const PROG_EXIT: &str = "enf_exit";
+
+/// Raw tracepoints the process programs attach to.
+pub const TP_FORK: &str = "sched_process_fork";
+pub const TP_EXEC: &str = "sched_process_exec";
+pub const TP_EXIT: &str = "sched_process_exit";
+
+const _: () = {
+    const fn short(s: &str) -> bool {
+        s.len() <= 15
+    }
+    assert!(short(MAP_PROCS) && short(MAP_EXES) && short(MAP_CGROUPS) && short(MAP_IDMATCH));
+    assert!(short(MAP_RULES) && short(MAP_CONFIG) && short(MAP_COUNTERS) && short(MAP_EVENTS));
+    assert!(short(MAP_SCOPES) && short(MAP_OFFSETS));
+    assert!(short(PROG_CONNECT4) && short(PROG_CONNECT6) && short(PROG_SENDMSG4));
+    assert!(short(PROG_SENDMSG6) && short(PROG_FORK) && short(PROG_EXEC) && short(PROG_EXIT));
+};
+
+// ---- capacities ----
+pub const MAX_PROCS: u32 = 1 << 16;
+pub const MAX_EXES: u32 = 1 << 16;
+pub const MAX_CGROUPS: u32 = 1 << 14;
+pub const MAX_IDMATCH: u32 = 1 << 16;
+pub const MAX_RULES: u32 = 1 << 21;
+pub const MAX_SCOPES: u32 = 16;
+pub const EVENTS_BYTES: u32 = 1 << 20;
+
+// ---- small integers ----
+/// Identity number meaning "no identity" (the process is unattested).
+pub const IDENT_NONE: u32 = 0;
+/// Wildcard in an [`IdMatchKey`] field.
+pub const ANY: u32 = u32::MAX;
+/// Binary class of an executable whose hash matches no binary selector of the policy.
+pub const BIN_NONE: u32 = 0;
+/// Cgroup class of a cgroup that matches no cgroup selector of the policy.
+pub const CG_NONE: u32 = 0;
+
+pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
+pub const FAMILY_V4: u8 = 4;
+pub const FAMILY_V6: u8 = 6;
+
+/// Verdicts, as stored in rules and reported in events.
+pub const VERDICT_ALLOW: u32 = 1;
+pub const VERDICT_DENY: u32 = 2;
+/// A would-be deny that was allowed (audit mode, or `unattested: audit`).
+pub const VERDICT_AUDIT: u32 = 3;
+
+pub const MODE_ENFORCE: u32 = 1;
+pub const MODE_AUDIT: u32 = 2;
+
+/// Action for processes with no identity (`unattested:`), and for a policy slot.
+pub const ACTION_ALLOW: u32 = 1;
+pub const ACTION_AUDIT: u32 = 2;
+pub const ACTION_DENY: u32 = 3;
+
+/// Rule id reported when no rule matched (default deny).
+pub const RULE_DEFAULT_DENY: u32 = u32::MAX;
+/// Rule id reported for a decision taken from the `unattested` action.
+pub const RULE_UNATTESTED: u32 = u32::MAX - 1;
+/// Rule id reported when the process is not attested yet (exec of a file or cgroup never seen).
+pub const RULE_PENDING: u32 = u32::MAX - 2;
+/// Rule id reported when the process has no entry at all (insert failed, or not scanned yet).
+pub const RULE_UNTRACKED: u32 = u32::MAX - 3;
+/// Rule id reported when the configuration slot is missing: fail closed.
+pub const RULE_NO_CONFIG: u32 = u32::MAX - 4;
+
+/// Number of policy generations kept side by side; see [`Config::active`].
+pub const GENERATIONS: usize = 2;
+
+/// Key of `ENF_EXES` and of the agent's hash cache: what identifies the *content* of an
+/// executable file without reading it. A file rewritten in place changes size, mtime or ctime.
+/// `dev` is the kernel's encoding (`major << 20 | minor`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct ExeKey {
+    pub dev: u32,
+    pub _pad0: u32,
+    pub ino: u64,
+    pub size: u64,
+    pub mtime_sec: i64,
+    pub mtime_nsec: u32,
+    pub ctime_nsec: u32,
+    pub ctime_sec: i64,
+}
+const _: () = assert!(core::mem::size_of::<ExeKey>() == 48);
+
+/// Value of `ENF_EXES`: the binary class of the file in each policy generation.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct ExeValue {
+    pub bin: [u32; GENERATIONS],
+}
+const _: () = assert!(core::mem::size_of::<ExeValue>() == 8);
+
+/// Value of `ENF_CGROUPS` (key: cgroup v2 id, `u64`): the cgroup class in each generation.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct CgroupValue {
+    pub class: [u32; GENERATIONS],
+}
+const _: () = assert!(core::mem::size_of::<CgroupValue>() == 8);
+
+/// Key of `ENF_IDMATCH`: (generation, binary class, cgroup class, uid) -> identity number.
+/// Any of `bin`, `cg`, `uid` may be [`ANY`]. The kernel tries the most specific key first.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default, PartialOrd, Ord)]
+pub struct IdMatchKey {
+    pub generation: u32,
+    pub bin: u32,
+    pub cg: u32,
+    pub uid: u32,
+}
+const _: () = assert!(core::mem::size_of::<IdMatchKey>() == 16);
+
+/// Process flags in [`ProcState::flags`].
+/// The process exec'd a file (or sits in a cgroup) the kernel could not classify: the agent
+/// must attest it. Connects from it are judged as pending (denied in enforce mode).
+pub const PROC_PENDING: u32 = 1;
+/// The kernel stopped the process at exec (SIGSTOP) until the agent attests it.
+pub const PROC_HELD: u32 = 2;
+/// Attested by the agent from /proc (not resolved by the kernel at exec).
+pub const PROC_AGENT: u32 = 4;
+
+/// Value of `ENF_PROCS` (key: tgid, `u32`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct ProcState {
+    /// Identity number per generation ([`IDENT_NONE`]: unattested).
+    pub ident: [u32; GENERATIONS],
+    pub flags: u32,
+    pub _pad0: u32,
+    /// Kernel `task->start_boottime` of the thread group leader at the last exec, in ns,
+    /// so the agent never confuses a reused pid with the process it attested.
+    pub start_ns: u64,
+}
+const _: () = assert!(core::mem::size_of::<ProcState>() == 24);
+
+/// Per-generation part of [`Config`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct GenConfig {
+    /// 1 when this slot holds a compiled policy.
+    pub loaded: u32,
+    /// [`MODE_ENFORCE`] or [`MODE_AUDIT`].
+    pub mode: u32,
+    /// [`ACTION_ALLOW`], [`ACTION_AUDIT`] or [`ACTION_DENY`].
+    pub unattested: u32,
+    /// 1 when the policy has cgroup selectors: exec must classify the cgroup.
+    pub uses_cgroups: u32,
+    /// 1 to report allowed decisions too (the default audit policy does).
+    pub report_allow: u32,
+    pub _pad0: u32,
+}
+const _: () = assert!(core::mem::size_of::<GenConfig>() == 24);
+
+/// The single value of `ENF_CONFIG` (index 0). Applying a policy writes the inactive slot of
+/// every map, then flips `active` with one 4-byte store: a connect sees the old policy or the
+/// new one, never a mix.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Config {
+    pub abi_version: u32,
+    /// Index (0 or 1) of the generation in force.
+    pub active: u32,
+    /// Tgid of the agent; never held at exec (it never execs anyway).
+    pub agent_tgid: u32,
+    /// Number of entries of `ENF_SCOPES` in use.
+    pub scope_count: u32,
+    pub generations: [GenConfig; GENERATIONS],
+}
+const _: () = assert!(core::mem::size_of::<Config>() == 16 + 24 * GENERATIONS);
+
+/// Kernel struct offsets read from the running kernel's BTF at load time (Rust emits no
+/// CO-RE relocations). Value of `ENF_OFFSETS` (index 0). A zero `valid` disables the
+/// exec-time lookup: every exec is then pending and attested by the agent.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct KernelOffsets {
+    pub valid: u32,
+    /// `linux_binprm.file`
+    pub binprm_file: u32,
+    /// `file.f_inode`
+    pub file_inode: u32,
+    /// `inode.i_ino`
+    pub inode_ino: u32,
+    /// `inode.i_sb`
+    pub inode_sb: u32,
+    /// `super_block.s_dev`
+    pub sb_dev: u32,
+    /// `inode.i_size`
+    pub inode_size: u32,
+    /// seconds (i64) and nanoseconds (low 32 bits) of mtime and ctime in `inode`
+    pub inode_mtime_sec: u32,
+    pub inode_mtime_nsec: u32,
+    pub inode_ctime_sec: u32,
+    pub inode_ctime_nsec: u32,
+    /// `task_struct.pid`, `task_struct.tgid`
+    pub task_pid: u32,
+    pub task_tgid: u32,
+    /// `task_struct.signal` and `signal_struct.live` (atomic_t)
+    pub task_signal: u32,
+    pub signal_live: u32,
+    /// `task_struct.start_boottime` (u64 ns)
+    pub task_start_boottime: u32,
+}
+const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 64);
+
+/// Data of an `ENF_RULES` LPM-trie key (after the 4-byte prefix length). The first
+/// [`RULE_FIXED_BITS`] bits are always matched in full; the address follows, IPv4 in its
+/// first 4 bytes. Prefix length = `RULE_FIXED_BITS + cidr bits`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default, PartialOrd, Ord)]
+pub struct RuleKeyData {
+    pub generation: u32,
+    pub ident: u32,
+    pub proto: u8,
+    pub family: u8,
+    /// Destination port in host order; 0 = the entries that hold for every port.
+    pub port: u16,
+    pub addr: [u8; 16],
+}
+const _: () = assert!(core::mem::size_of::<RuleKeyData>() == 28);
+pub const RULE_FIXED_BITS: u32 = 96;
+
+/// Full LPM key as the kernel sees it (`struct bpf_lpm_trie_key` + data).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct RuleKey {
+    pub prefix_len: u32,
+    pub data: RuleKeyData,
+}
+const _: () = assert!(core::mem::size_of::<RuleKey>() == 32);
+
+/// Value of `ENF_RULES`: the verdict for destinations whose longest match is this entry.
+/// Deny precedence is compiled in (an allow inside a deny prefix is stored as deny).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct RuleValue {
+    pub verdict: u32,
+    /// Index of the policy rule entry that gave it (for `explain` and events).
+    pub rule: u32,
+}
+const _: () = assert!(core::mem::size_of::<RuleValue>() == 8);
+
+/// Counters (`ENF_COUNTERS`, per-CPU array of u64, indexed by these).
+pub const CNT_ALLOW: u32 = 0;
+pub const CNT_DENY: u32 = 1;
+pub const CNT_AUDIT: u32 = 2;
+pub const CNT_UNATTESTED: u32 = 3;
+pub const CNT_PENDING: u32 = 4;
+pub const CNT_UNTRACKED: u32 = 5;
+pub const CNT_EVENTS_LOST: u32 = 6;
+pub const CNT_PROC_INSERT_FAIL: u32 = 7;
+pub const CNT_HELD: u32 = 8;
+pub const CNT_EXEC_KNOWN: u32 = 9;
+pub const CNT_EXEC_PENDING: u32 = 10;
+pub const CNT_NO_CONFIG: u32 = 11;
+pub const COUNTERS: u32 = 16;
+
+/// Event kinds in [`Event::kind`].
+pub const EV_CONNECT: u32 = 1;
+pub const EV_FORK: u32 = 2;
+pub const EV_EXEC: u32 = 3;
+pub const EV_EXIT: u32 = 4;
+
+/// Hook numbers in [`Event::hook`].
+pub const HOOK_CONNECT4: u32 = 1;
+pub const HOOK_CONNECT6: u32 = 2;
+pub const HOOK_SENDMSG4: u32 = 3;
+pub const HOOK_SENDMSG6: u32 = 4;
+
+/// One record of the `ENF_EVENTS` ring buffer. For process events `verdict`, `rule`, `dst`,
+/// `port`, `proto`, `family` are zero; for exec, `exe` is the key the kernel saw.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Event {
+    pub kind: u32,
+    pub tgid: u32,
+    /// Parent tgid (fork) or the hook (connect).
+    pub aux: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub ident: u32,
+    pub verdict: u32,
+    pub rule: u32,
+    pub cgroup_id: u64,
+    pub ktime_ns: u64,
+    /// `task->start_boottime` of the process (pid reuse check).
+    pub start_ns: u64,
+    pub flags: u32,
+    pub port: u16,
+    pub proto: u8,
+    pub family: u8,
+    pub dst: [u8; 16],
+    pub exe: ExeKey,
+}
+const _: () = assert!(core::mem::size_of::<Event>() == 128);
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    // SAFETY: all these types are repr(C), made only of integers, with every padding byte named.
+    unsafe impl aya::Pod for ExeKey {}
+    unsafe impl aya::Pod for ExeValue {}
+    unsafe impl aya::Pod for CgroupValue {}
+    unsafe impl aya::Pod for IdMatchKey {}
+    unsafe impl aya::Pod for ProcState {}
+    unsafe impl aya::Pod for Config {}
+    unsafe impl aya::Pod for KernelOffsets {}
+    unsafe impl aya::Pod for RuleKeyData {}
+    unsafe impl aya::Pod for RuleValue {}
+    unsafe impl aya::Pod for Event {}
+}
+
+/// Convert a user-space `st_dev` (glibc encoding) to the kernel's `s_dev` encoding.
+pub const fn kernel_dev(major: u32, minor: u32) -> u32 {
+    (major << 20) | (minor & 0xf_ffff)
+}
