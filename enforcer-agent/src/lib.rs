@@ -1,8 +1,10 @@
-//! The enforcer's node agent as a library: the binaries in `src/bin` are thin.
+//! The enforcer's node agent as a library: the binary in `src/bin` is thin.
 //!
 //! Data path: kernel event -> [`attest`] -> [`policy`] (identity) -> [`kernel`] (maps) ->
-//! verdict -> event.
+//! verdict -> event, driven by [`daemon`].
 
 pub mod attest;
 pub mod btf;
+pub mod daemon;
+pub mod kernel;
 pub mod policy;

@@ -17,6 +17,7 @@ const _: () = assert!(ABI_VERSION == 1, "update PIN_SUBDIR with ABI_VERSION");
 // ---- names (at most 15 characters: the kernel's BPF_OBJ_NAME_LEN - 1) ----
 pub const MAP_PROCS: &str = "ENF_PROCS";
 pub const MAP_EXES: &str = "ENF_EXES";
+pub const MAP_BINCLASS: &str = "ENF_BINCLASS";
 pub const MAP_CGROUPS: &str = "ENF_CGROUPS";
 pub const MAP_IDMATCH: &str = "ENF_IDMATCH";
 pub const MAP_RULES: &str = "ENF_RULES";
@@ -45,7 +46,7 @@ const _: () = {
     }
     assert!(short(MAP_PROCS) && short(MAP_EXES) && short(MAP_CGROUPS) && short(MAP_IDMATCH));
     assert!(short(MAP_RULES) && short(MAP_CONFIG) && short(MAP_COUNTERS) && short(MAP_EVENTS));
-    assert!(short(MAP_SCOPES) && short(MAP_OFFSETS));
+    assert!(short(MAP_SCOPES) && short(MAP_OFFSETS) && short(MAP_BINCLASS));
     assert!(short(PROG_CONNECT4) && short(PROG_CONNECT6) && short(PROG_SENDMSG4));
     assert!(short(PROG_SENDMSG6) && short(PROG_FORK) && short(PROG_EXEC) && short(PROG_EXIT));
 };
@@ -119,13 +120,11 @@ pub struct ExeKey {
 }
 const _: () = assert!(core::mem::size_of::<ExeKey>() == 48);
 
-/// Value of `ENF_EXES`: the binary class of the file in each policy generation.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-pub struct ExeValue {
-    pub bin: [u32; GENERATIONS],
-}
-const _: () = assert!(core::mem::size_of::<ExeValue>() == 8);
+/// Value of `ENF_EXES`: the agent's small number for this file (never 0). Its binary class in
+/// each generation is `ENF_BINCLASS[generation * MAX_EXES + exe_id]`.
+pub type ExeId = u32;
+/// `exe_id` of a process whose executable the kernel could not find in `ENF_EXES`.
+pub const EXE_UNKNOWN: u32 = 0;
 
 /// Value of `ENF_CGROUPS` (key: cgroup v2 id, `u64`): the cgroup class in each generation.
 #[repr(C)]
@@ -156,19 +155,26 @@ pub const PROC_HELD: u32 = 2;
 /// Attested by the agent from /proc (not resolved by the kernel at exec).
 pub const PROC_AGENT: u32 = 4;
 
-/// Value of `ENF_PROCS` (key: tgid, `u32`).
+/// Value of `ENF_PROCS` (key: tgid, `u32`): the facts of a process as of its last exec.
+/// Written by the kernel at fork (copied from the parent) and exec, removed at exit; written by
+/// the agent only for processes it attests from /proc or holds. Holding facts rather than an
+/// identity means a policy apply never rewrites this map: identity = f(facts, generation).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct ProcState {
-    /// Identity number per generation ([`IDENT_NONE`]: unattested).
-    pub ident: [u32; GENERATIONS],
+    /// `ENF_EXES` value of the executable ([`EXE_UNKNOWN`] when pending).
+    pub exe_id: u32,
+    /// Real uid at exec.
+    pub uid: u32,
+    /// cgroup v2 id at exec.
+    pub cgroup_id: u64,
     pub flags: u32,
     pub _pad0: u32,
-    /// Kernel `task->start_boottime` of the thread group leader at the last exec, in ns,
-    /// so the agent never confuses a reused pid with the process it attested.
+    /// Kernel `task->start_boottime` of the process in ns, so the agent never confuses a
+    /// reused pid with the process it attested.
     pub start_ns: u64,
 }
-const _: () = assert!(core::mem::size_of::<ProcState>() == 24);
+const _: () = assert!(core::mem::size_of::<ProcState>() == 32);
 
 /// Per-generation part of [`Config`].
 #[repr(C)]
@@ -336,7 +342,6 @@ mod pod {
     use super::*;
     // SAFETY: all these types are repr(C), made only of integers, with every padding byte named.
     unsafe impl aya::Pod for ExeKey {}
-    unsafe impl aya::Pod for ExeValue {}
     unsafe impl aya::Pod for CgroupValue {}
     unsafe impl aya::Pod for IdMatchKey {}
     unsafe impl aya::Pod for ProcState {}

@@ -1,1 +1,222 @@
-//! Policy parsing, checking and compiling (owned by a helper; being written).
+//! Policy parsing, checking and compiling.
+//!
+//! - [`check`] parses a YAML policy (SPEC "Policy file (YAML, version 1)") into a [`Policy`],
+//!   reporting every problem as a [`Diagnostic`] with its line and column.
+//! - [`encode_bundle`] / [`decode_bundle`] / [`load`]: the compiled protobuf bundle.
+//! - [`resolve`] and [`Classes`]: which identity a process gets (pure, and as kernel classes).
+//! - [`rule_entries`] / [`kernel_verdict`]: the LPM entries of `ENF_RULES` and the kernel's lookup.
+//!
+//! Extensions of the SPEC format, all optional:
+//! - `reportAllow: true|false` (top level, default `false`): report allowed decisions too.
+//! - `mode` defaults to `enforce` and `unattested` to `allow` when absent.
+//! - `cgroup` globs: `*` matches within one path segment, `**` (a whole segment) matches any
+//!   number of segments, zero included, so `/kubepods.slice/**` matches `/kubepods.slice`
+//!   itself and everything below it. No other character is special.
+//! - A `cidr` may be a bare address (a host, `/32` or `/128`); an IPv4-mapped IPv6 CIDR
+//!   (`::ffff:a.b.c.d/n`, n >= 96) is stored as the IPv4 CIDR it carries.
+
+mod bundle;
+mod check;
+mod compile;
+mod glob;
+mod resolve;
+mod yaml;
+
+pub use bundle::{BUNDLE_FORMAT, decode_bundle, encode_bundle, is_bundle, load, policy_hash};
+pub use check::check;
+pub use compile::{kernel_verdict, rule_entries};
+pub use glob::cgroup_glob_match;
+pub use resolve::{Classes, ProcessFacts, Resolution, resolve};
+
+/// The embedded default policy: audit mode, no identities, every decision reported. It denies
+/// nothing and shows what each process is and where it connects.
+pub const DEFAULT_POLICY: &str = "\
+# Embedded default policy of the enforcer agent: observe only.
+apiVersion: enforcer/v1
+kind: Policy
+trustDomain: local.enforcer
+mode: audit            # a would-be deny is allowed and reported
+unattested: audit      # processes that match no identity are reported, never blocked
+scope: [\"/\"]
+reportAllow: true      # report allowed connects too
+identities: []
+rules: []
+";
+
+/// Severity of a [`Diagnostic`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Severity {
+    Error,
+    Warning,
+}
+
+/// One problem found in a policy source, with 1-based line and column.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Diagnostic {
+    pub line: usize,
+    pub col: usize,
+    pub severity: Severity,
+    pub message: String,
+}
+
+impl Diagnostic {
+    /// `FILE:LINE:COL: error: message` (or `warning:`).
+    pub fn render(&self, file: &str) -> String {
+        let sev = match self.severity {
+            Severity::Error => "error",
+            Severity::Warning => "warning",
+        };
+        format!("{file}:{}:{}: {sev}: {}", self.line, self.col, self.message)
+    }
+}
+
+/// `mode:` of a policy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Enforce,
+    Audit,
+}
+
+/// `unattested:` of a policy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    Allow,
+    Audit,
+    Deny,
+}
+
+/// `protocol:` of an egress or deny entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    Tcp,
+    Udp,
+    Any,
+}
+
+impl Protocol {
+    /// The lower-case name used in the policy file.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+            Protocol::Any => "any",
+        }
+    }
+}
+
+/// A checked policy.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Policy {
+    pub trust_domain: String,
+    pub mode: Mode,
+    pub unattested: Action,
+    /// cgroup v2 paths relative to the cgroup2 root, each starting with "/" (default `["/"]`).
+    pub scope: Vec<String>,
+    /// Top-level `reportAllow: true|false` (default `false`), an extension of the SPEC format:
+    /// when true, allowed decisions are reported as events too (the default policy does).
+    pub report_allow: bool,
+    /// The identity number of `identities[i]` is `i + 1` (0 = no identity).
+    pub identities: Vec<Identity>,
+    /// One per compiled egress/deny destination; the rule id is the index in this Vec.
+    pub rules: Vec<Rule>,
+}
+
+/// One `identities` entry.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Identity {
+    pub name: String,
+    pub spiffe_id: String,
+    /// Any entry matches (OR).
+    pub matches: Vec<MatchEntry>,
+}
+
+/// One `match` entry: every selector that is non-empty must hold (AND).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct MatchEntry {
+    pub binary_sha256: Vec<[u8; 32]>,
+    pub binary_path: Vec<String>,
+    pub cgroup: Vec<String>,
+    pub uid: Vec<u32>,
+}
+
+/// One compiled egress or deny destination.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rule {
+    /// Identity number (index into `identities` + 1).
+    pub ident: u32,
+    pub deny: bool,
+    pub cidr: ipnet::IpNet,
+    /// Inclusive port ranges; empty = all ports.
+    pub ports: Vec<(u16, u16)>,
+    pub protocol: Protocol,
+    /// Line of the entry in the YAML source (0 when unknown).
+    pub line: usize,
+    /// Short human description, e.g. `payments-api egress[0]: tcp 10.20.0.0/16 ports 5432,8000-8100`.
+    pub text: String,
+}
+
+/// Errors of loading, decoding and compiling a policy.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum PolicyError {
+    /// The YAML policy has errors; `rendered` holds one `FILE:LINE:COL: ...` line each.
+    #[error("{rendered}")]
+    Invalid {
+        rendered: String,
+        diagnostics: Vec<Diagnostic>,
+    },
+    #[error(
+        "{file}: the policy is neither UTF-8 YAML nor a compiled bundle; pass a YAML policy or the output of `enforcer-agent policy compile`"
+    )]
+    NotUtf8 { file: String },
+    #[error(
+        "the compiled policy bundle is corrupt ({0}); compile it again with `enforcer-agent policy compile`"
+    )]
+    Corrupt(String),
+    #[error(
+        "the data is not a compiled policy bundle (magic missing); compile one with `enforcer-agent policy compile`"
+    )]
+    NotABundle,
+    #[error(
+        "the compiled policy bundle has format version {found}, this agent reads version {expected}; compile it again with this agent"
+    )]
+    BundleVersion { found: u32, expected: u32 },
+    #[error(
+        "the compiled policy bundle is invalid: {0}; compile it again from a policy that passes `enforcer-agent policy check`"
+    )]
+    InvalidBundle(String),
+    #[error(
+        "the policy compiles to more than {limit} kernel rule entries; use fewer or wider port ranges (a range is expanded to one entry per port) or fewer CIDRs"
+    )]
+    TooManyRules { limit: usize },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_policy_checks() {
+        let (p, warnings) = match check(DEFAULT_POLICY) {
+            Ok(v) => v,
+            Err(d) => panic!("{d:?}"),
+        };
+        assert!(warnings.is_empty(), "{warnings:?}");
+        assert_eq!(p.mode, Mode::Audit);
+        assert_eq!(p.unattested, Action::Audit);
+        assert_eq!(p.scope, vec!["/".to_string()]);
+        assert!(p.report_allow);
+        assert!(p.identities.is_empty() && p.rules.is_empty());
+        assert_eq!(p.trust_domain, "local.enforcer");
+    }
+
+    #[test]
+    fn render_format() {
+        let d = Diagnostic {
+            line: 3,
+            col: 7,
+            severity: Severity::Warning,
+            message: "m".into(),
+        };
+        assert_eq!(d.render("p.yaml"), "p.yaml:3:7: warning: m");
+    }
+}

@@ -1,0 +1,687 @@
+//! The node agent: keeps the kernel's facts and policy current.
+//!
+//! One straight line: kernel event -> attestation -> identity -> maps -> verdict -> event.
+
+use std::{
+    collections::{HashMap, HashSet},
+    fs,
+    io::Write as _,
+    net::IpAddr,
+    path::{Path, PathBuf},
+    time::Instant,
+};
+
+use anyhow::{Context as _, Result, bail};
+use enforcer_common::*;
+use tokio::{
+    io::unix::AsyncFd,
+    signal::unix::{SignalKind, signal},
+};
+
+use crate::{
+    attest::{self, HashCache},
+    btf,
+    kernel::Kernel,
+    policy::{self, Classes, Policy, ProcessFacts},
+};
+
+/// What `enforcer-agent run` was asked to do.
+pub struct Options {
+    pub policy: Policy,
+    /// Where the policy came from, for messages.
+    pub policy_source: String,
+    /// bpffs folder for pins (default `/sys/fs/bpf/enforcer/v1`).
+    pub pin_dir: PathBuf,
+    /// Folder for the agent's own state (default `/run/enforcer`).
+    pub state_dir: PathBuf,
+    /// Remove pins (and so detach everything) on a clean exit. Default: enforcement stays.
+    pub unpin_on_exit: bool,
+}
+
+/// One executable the agent hashed, by its `exe_id`.
+#[derive(Clone, Debug)]
+struct Exe {
+    sha256: [u8; 32],
+    path: String,
+}
+
+/// One process the agent tracks.
+#[derive(Clone, Debug)]
+pub struct Tracked {
+    pub exe_id: u32,
+    pub cgroup: String,
+    pub uid: u32,
+    pub gid: u32,
+}
+
+pub struct Agent {
+    kernel: Kernel,
+    cg_mount: PathBuf,
+    cache: HashCache,
+    policy: Policy,
+    classes: Classes,
+    active: u32,
+    exes: HashMap<u32, Exe>,
+    exe_by_key: HashMap<ExeKey, u32>,
+    next_exe: u32,
+    exe_log: fs::File,
+    cgroups: HashMap<u64, String>,
+    procs: HashMap<u32, Tracked>,
+    idmatch_written: HashSet<(IdMatchKey, u32)>,
+    scope_ids: Vec<u64>,
+}
+
+fn hex32(b: &[u8; 32]) -> String {
+    hex::encode(b)
+}
+
+impl Agent {
+    /// Loads (or takes over) the kernel state, attests every process, applies the policy and
+    /// attaches to the policy's scopes.
+    pub fn start(opts: &Options) -> Result<Self> {
+        let cg_mount = attest::cgroup2_mount()
+            .context("finding the cgroup2 mount (the enforcer needs cgroup v2)")?;
+        let offsets = btf::kernel_offsets().context(
+            "reading kernel struct offsets from /sys/kernel/btf/vmlinux (a kernel with CONFIG_DEBUG_INFO_BTF is required)",
+        )?;
+        let mut kernel = Kernel::load(&opts.pin_dir)?;
+        if kernel.took_over {
+            tracing::info!(pins = %opts.pin_dir.display(), "taking over pinned kernel state; enforcement never stopped");
+        }
+        kernel.set_offsets(&offsets)?;
+        let mut cfg = kernel.config()?;
+        cfg.abi_version = ABI_VERSION;
+        cfg.agent_tgid = std::process::id();
+        kernel.set_config(&cfg)?;
+        fs::create_dir_all(&opts.state_dir)
+            .with_context(|| format!("creating state folder {}", opts.state_dir.display()))?;
+        let log_path = opts.state_dir.join("exes.log");
+        if !kernel.took_over {
+            let _ = fs::remove_file(&log_path);
+        }
+        let (exes, exe_by_key, next_exe) = read_exe_log(&log_path);
+        let exe_log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .with_context(|| format!("opening {}", log_path.display()))?;
+        let classes = Classes::new(&opts.policy);
+        let mut agent = Self {
+            kernel,
+            cg_mount,
+            cache: HashCache::new(4096),
+            policy: opts.policy.clone(),
+            classes,
+            active: cfg.active & 1,
+            exes,
+            exe_by_key,
+            next_exe,
+            exe_log,
+            cgroups: HashMap::new(),
+            procs: HashMap::new(),
+            idmatch_written: HashSet::new(),
+            scope_ids: Vec::new(),
+        };
+        agent.kernel.attach_tracepoints()?;
+        agent.scan_cgroups();
+        let t0 = Instant::now();
+        let n = agent.scan_processes();
+        tracing::info!(
+            processes = n,
+            ms = t0.elapsed().as_millis() as u64,
+            "attested running processes"
+        );
+        agent
+            .apply(opts.policy.clone())
+            .with_context(|| format!("applying policy {}", opts.policy_source))?;
+        Ok(agent)
+    }
+
+    fn scan_cgroups(&mut self) {
+        match attest::walk_cgroups(&self.cg_mount) {
+            Ok(all) => {
+                for (path, id) in all {
+                    self.cgroups.insert(id, path);
+                }
+            }
+            Err(e) => tracing::warn!("walking cgroups: {e}"),
+        }
+    }
+
+    /// Attests every process in /proc that the kernel does not already know (or knows as
+    /// pending). Returns how many were attested.
+    fn scan_processes(&mut self) -> usize {
+        let pids = match attest::list_pids() {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::error!("listing processes: {e}");
+                return 0;
+            }
+        };
+        let mut n = 0;
+        for pid in pids {
+            let existing = self.kernel.maps.procs.get(&pid, 0).ok();
+            let pending = existing.is_none_or(|s| s.flags & PROC_PENDING != 0);
+            match self.attest(pid, None, existing.map(|s| s.exe_id).filter(|_| !pending)) {
+                Ok(()) => n += 1,
+                Err(e) => tracing::debug!(pid, "not attested: {e:#}"),
+            }
+        }
+        n
+    }
+
+    fn alloc_exe(&mut self, sha256: [u8; 32], path: &str) -> Result<u32> {
+        if self.next_exe >= MAX_EXES {
+            bail!(
+                "all {MAX_EXES} executable slots are used; restart the agent with `uninstall` first to reset"
+            );
+        }
+        let id = self.next_exe;
+        self.next_exe += 1;
+        // Logged before the kernel can see the id, so a restarted agent knows every id.
+        writeln!(self.exe_log, "{id} {} {path}", hex32(&sha256)).context("writing exes.log")?;
+        self.exes.insert(
+            id,
+            Exe {
+                sha256,
+                path: path.to_string(),
+            },
+        );
+        self.write_binclass(id)?;
+        Ok(id)
+    }
+
+    fn write_binclass(&mut self, id: u32) -> Result<()> {
+        let exe = self.exes.get(&id).context("unknown exe id")?.clone();
+        let class = self.classes.bin_class(&exe.sha256, Some(&exe.path));
+        self.sync_idmatch()?;
+        self.kernel
+            .maps
+            .binclass
+            .set(self.active * MAX_EXES + id, &class, 0)
+            .context("writing ENF_BINCLASS")?;
+        Ok(())
+    }
+
+    /// Writes idmatch entries for classes interned since the last write (active generation).
+    fn sync_idmatch(&mut self) -> Result<()> {
+        for (k, v) in self.classes.idmatch_entries(self.active) {
+            if self.idmatch_written.insert((k, v)) {
+                self.kernel
+                    .maps
+                    .idmatch
+                    .insert(&k, &v, 0)
+                    .context("writing ENF_IDMATCH")?;
+            }
+        }
+        Ok(())
+    }
+
+    fn ensure_cgroup(&mut self, id: u64, path: &str) -> Result<()> {
+        self.cgroups.insert(id, path.to_string());
+        if !self.classes.uses_cgroups() && self.kernel.maps.cgroups.get(&id, 0).is_ok() {
+            return Ok(());
+        }
+        let class = self.classes.cg_class(path);
+        self.sync_idmatch()?;
+        let mut v = self.kernel.maps.cgroups.get(&id, 0).unwrap_or_default();
+        v.class[self.active as usize] = class;
+        self.kernel
+            .maps
+            .cgroups
+            .insert(&id, &v, 0)
+            .context("writing ENF_CGROUPS")?;
+        Ok(())
+    }
+
+    /// Attests one process from /proc and writes its facts to the kernel. `known_exe` is the
+    /// kernel's exe id when the kernel already classified it (only learnt, never rewritten).
+    fn attest(&mut self, pid: u32, ev: Option<&Event>, known_exe: Option<u32>) -> Result<()> {
+        let facts = attest::attest_pid(&mut self.cache, pid)?;
+        if let Some(ev) = ev
+            && ev.start_ns != 0
+            && attest::boot_ns_to_ticks(ev.start_ns).abs_diff(facts.start_ticks) > 1
+        {
+            bail!("pid {pid} was reused before it could be attested");
+        }
+        let cgroup_id = attest::cgroup_id(&self.cg_mount, &facts.cgroup)?;
+        self.ensure_cgroup(cgroup_id, &facts.cgroup)?;
+        if let Some(id) = known_exe
+            && self.exes.contains_key(&id)
+        {
+            self.procs.insert(pid, tracked(&facts, id));
+            return Ok(());
+        }
+        let exe_id = match self.exe_by_key.get(&facts.key) {
+            Some(&id) if self.exes.get(&id).is_some_and(|e| e.sha256 == facts.sha256) => id,
+            _ => {
+                let id = self.alloc_exe(facts.sha256, &facts.exe_path)?;
+                if facts.cacheable {
+                    // The kernel's view of the file: the exec event's key when it agrees
+                    // with what we hashed (overlayfs may report another dev/ino).
+                    let key = match ev {
+                        Some(ev) if same_content_key(&ev.exe, &facts.key) => ev.exe,
+                        _ => facts.key,
+                    };
+                    self.kernel
+                        .maps
+                        .exes
+                        .insert(&key, &id, 0)
+                        .context("writing ENF_EXES")?;
+                    self.exe_by_key.insert(key, id);
+                    self.exe_by_key.insert(facts.key, id);
+                }
+                id
+            }
+        };
+        let st = ProcState {
+            exe_id,
+            uid: facts.uid,
+            cgroup_id,
+            flags: PROC_AGENT,
+            _pad0: 0,
+            start_ns: ev.map(|e| e.start_ns).unwrap_or(0),
+        };
+        self.kernel
+            .maps
+            .procs
+            .insert(&pid, &st, 0)
+            .context("writing ENF_PROCS")?;
+        self.procs.insert(pid, tracked(&facts, exe_id));
+        Ok(())
+    }
+
+    /// Applies a policy atomically: fill the inactive generation, then flip `active`.
+    pub fn apply(&mut self, policy: Policy) -> Result<()> {
+        let t0 = Instant::now();
+        let cfg = self.kernel.config()?;
+        let next = if cfg.generations[self.active as usize].loaded == 0 {
+            self.active
+        } else {
+            1 - self.active
+        };
+        // Everything that can be rejected is computed before the kernel is touched.
+        let rules = policy::rule_entries(&policy, next).map_err(anyhow::Error::new)?;
+        let mut scope_dirs = Vec::new();
+        for s in &policy.scope {
+            let rel = s.trim_start_matches('/');
+            let dir = if rel.is_empty() {
+                self.cg_mount.clone()
+            } else {
+                self.cg_mount.join(rel)
+            };
+            let id = attest::cgroup_id(&self.cg_mount, s).with_context(|| {
+                format!(
+                    "scope {s}: no such cgroup under {}; create it or fix `scope`",
+                    self.cg_mount.display()
+                )
+            })?;
+            scope_dirs.push((dir, id));
+        }
+        if scope_dirs.len() > MAX_SCOPES as usize {
+            bail!(
+                "the policy has {} scopes; at most {MAX_SCOPES} are supported",
+                scope_dirs.len()
+            );
+        }
+        let mut classes = Classes::new(&policy);
+        let bins: Vec<(u32, u32)> = self
+            .exes
+            .iter()
+            .map(|(&id, e)| (id, classes.bin_class(&e.sha256, Some(&e.path))))
+            .collect();
+        let cgs: Vec<(u64, u32)> = self
+            .cgroups
+            .iter()
+            .map(|(&id, p)| (id, classes.cg_class(p)))
+            .collect();
+        let idm = classes.idmatch_entries(next);
+
+        self.kernel.write_idmatch(next, &idm)?;
+        self.kernel.write_rules(next, &rules)?;
+        for (id, class) in bins {
+            self.kernel
+                .maps
+                .binclass
+                .set(next * MAX_EXES + id, &class, 0)
+                .context("writing ENF_BINCLASS")?;
+        }
+        for (id, class) in cgs {
+            let mut v = self.kernel.maps.cgroups.get(&id, 0).unwrap_or_default();
+            v.class[next as usize] = class;
+            self.kernel
+                .maps
+                .cgroups
+                .insert(&id, &v, 0)
+                .context("writing ENF_CGROUPS")?;
+        }
+        let mut cfg = self.kernel.config()?;
+        cfg.generations[next as usize] = GenConfig {
+            loaded: 1,
+            mode: match policy.mode {
+                policy::Mode::Enforce => MODE_ENFORCE,
+                policy::Mode::Audit => MODE_AUDIT,
+            },
+            unattested: match policy.unattested {
+                policy::Action::Allow => ACTION_ALLOW,
+                policy::Action::Audit => ACTION_AUDIT,
+                policy::Action::Deny => ACTION_DENY,
+            },
+            uses_cgroups: u32::from(classes.uses_cgroups()),
+            report_allow: u32::from(policy.report_allow),
+            _pad0: 0,
+        };
+        self.kernel.set_config(&cfg)?;
+        // Attach to new scopes before the flip (they judge with the policy in force).
+        for (dir, id) in &scope_dirs {
+            self.kernel.attach_cgroup(dir, *id)?;
+        }
+        cfg.active = next;
+        cfg.scope_count = scope_dirs.len() as u32;
+        self.kernel.set_config(&cfg)?; // the flip: one 4-byte store seen by the programs
+        for (i, (dir, _)) in scope_dirs.iter().enumerate() {
+            let f = fs::File::open(dir).with_context(|| format!("opening {}", dir.display()))?;
+            self.kernel
+                .maps
+                .scopes
+                .set(i as u32, f, 0)
+                .context("writing ENF_SCOPES")?;
+        }
+        let keep: HashSet<u64> = scope_dirs.iter().map(|(_, id)| *id).collect();
+        for id in self.kernel.attached_cgroups() {
+            if !keep.contains(&id) {
+                self.kernel.detach_cgroup(id)?;
+            }
+        }
+        self.scope_ids = keep.into_iter().collect();
+        self.active = next;
+        self.classes = classes;
+        self.idmatch_written = idm.into_iter().collect();
+        self.policy = policy;
+        tracing::info!(
+            generation = next,
+            hash = %policy::policy_hash(&self.policy),
+            rules = rules.len(),
+            ms = t0.elapsed().as_millis() as u64,
+            "policy in force"
+        );
+        Ok(())
+    }
+
+    /// Processes the kernel left pending (exec'd while the agent was away, or before it was
+    /// ready): attest them and let held ones go on.
+    pub fn settle_pending(&mut self) {
+        let pending: Vec<(u32, ProcState)> = self
+            .kernel
+            .maps
+            .procs
+            .iter()
+            .filter_map(|r| r.ok())
+            .filter(|(_, s)| s.flags & PROC_PENDING != 0)
+            .collect();
+        for (pid, st) in pending {
+            let ev = Event {
+                kind: EV_EXEC,
+                tgid: pid,
+                start_ns: st.start_ns,
+                flags: st.flags,
+                ..Default::default()
+            };
+            self.on_exec(&ev);
+        }
+    }
+
+    fn on_exec(&mut self, ev: &Event) {
+        let pid = ev.tgid;
+        if ev.flags & PROC_PENDING == 0 {
+            let exe_id = ev.ident;
+            match self.exes.contains_key(&exe_id) {
+                true => {
+                    let _ = self.attest(pid, Some(ev), Some(exe_id)).map_err(|e| {
+                        tracing::debug!(pid, "exec of a known file, not re-read: {e:#}");
+                    });
+                }
+                false => tracing::warn!(
+                    pid,
+                    exe_id,
+                    "kernel reported an exe id this agent does not know"
+                ),
+            }
+            return;
+        }
+        let t0 = Instant::now();
+        let res = self.attest(pid, Some(ev), None);
+        if let Err(e) = &res {
+            tracing::warn!(
+                pid,
+                "attesting a pending process failed; its connects stay denied: {e:#}"
+            );
+        }
+        if ev.flags & PROC_HELD != 0 {
+            // Held by the kernel at exec: let it go on. On failure it stays pending, so its
+            // connects are denied (fail closed) but it is not frozen forever.
+            if let Err(e) = resume(pid, ev.start_ns) {
+                tracing::warn!(pid, "could not resume a held process: {e:#}");
+            }
+        }
+        tracing::debug!(
+            pid,
+            us = t0.elapsed().as_micros() as u64,
+            ok = res.is_ok(),
+            "attested at exec"
+        );
+    }
+
+    fn on_event(&mut self, ev: &Event) {
+        match ev.kind {
+            EV_EXEC => self.on_exec(ev),
+            EV_FORK => {
+                if ev.flags & PROC_PENDING != 0 {
+                    let _ = self.attest(ev.tgid, Some(ev), None);
+                } else if let Some(parent) = self.procs.get(&ev.aux).cloned() {
+                    self.procs.insert(ev.tgid, parent);
+                }
+            }
+            EV_EXIT => {
+                self.procs.remove(&ev.tgid);
+            }
+            EV_CONNECT => self.report(ev),
+            _ => {}
+        }
+    }
+
+    fn identity_name(&self, ident: u32) -> Option<&str> {
+        let i = ident.checked_sub(1)? as usize;
+        self.policy
+            .identities
+            .get(i)
+            .map(|id| id.spiffe_id.as_str())
+    }
+
+    fn report(&self, ev: &Event) {
+        let t = self.procs.get(&ev.tgid);
+        let exe = t.and_then(|t| self.exes.get(&t.exe_id));
+        let dst: IpAddr = if ev.family == FAMILY_V6 {
+            IpAddr::from(ev.dst)
+        } else {
+            IpAddr::from([ev.dst[0], ev.dst[1], ev.dst[2], ev.dst[3]])
+        };
+        let rule = match ev.rule {
+            RULE_DEFAULT_DENY => "default deny (no egress entry matches)".to_string(),
+            RULE_UNATTESTED => "unattested".to_string(),
+            RULE_PENDING => "pending attestation".to_string(),
+            RULE_UNTRACKED => "untracked process".to_string(),
+            RULE_NO_CONFIG => "no policy loaded".to_string(),
+            r => self
+                .policy
+                .rules
+                .get(r as usize)
+                .map(|r| r.text.clone())
+                .unwrap_or_else(|| format!("rule {r}")),
+        };
+        let line = serde_json::json!({
+            "pid": ev.tgid,
+            "exe": exe.map(|e| e.path.as_str()),
+            "sha256": exe.map(|e| hex32(&e.sha256)),
+            "cgroup": t.map(|t| t.cgroup.as_str()),
+            "uid": ev.uid,
+            "identity": self.identity_name(ev.ident),
+            "verdict": match ev.verdict { VERDICT_ALLOW => "allow", VERDICT_AUDIT => "audit", _ => "deny" },
+            "dst": dst.to_string(),
+            "port": ev.port,
+            "protocol": match ev.proto { 6 => "tcp", 17 => "udp", _ => "other" },
+            "rule": rule,
+        });
+        println!("{line}");
+    }
+
+    /// Runs until SIGINT/SIGTERM.
+    pub async fn run(mut self, opts: &Options) -> Result<()> {
+        self.settle_pending();
+        let rb = self
+            .kernel
+            .events
+            .take()
+            .context("the event ring buffer is gone")?;
+        // SAFETY: the ring buffer owns its fd and lives inside the AsyncFd until it drops.
+        let mut rb = unsafe { AsyncFd::register(rb) }
+            .map_err(|e| anyhow::anyhow!("polling the event ring buffer: {e}"))?;
+        let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
+        let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+        tracing::info!("agent ready");
+        loop {
+            tokio::select! {
+                guard = rb.readable_mut() => {
+                    let mut guard = guard.context("waiting on the event ring buffer")?;
+                    let mut batch = Vec::new();
+                    {
+                        let ring = guard.get_inner_mut();
+                        while let Some(item) = ring.next() {
+                            if item.len() >= size_of::<Event>() {
+                                // SAFETY: the kernel writes whole `Event`s; read unaligned.
+                                batch.push(unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<Event>()) });
+                            }
+                        }
+                    }
+                    guard.clear_ready();
+                    for ev in &batch {
+                        self.on_event(ev);
+                    }
+                }
+                _ = tick.tick() => {
+                    // A held process whose event was lost must not stay frozen.
+                    self.settle_pending();
+                }
+                _ = term.recv() => break,
+                _ = int.recv() => break,
+            }
+        }
+        if opts.unpin_on_exit {
+            tracing::info!(pins = %self.kernel.pin_dir.display(), "removing pins: enforcement ends");
+            let dir = self.kernel.pin_dir.clone();
+            drop(self);
+            crate::kernel::uninstall(&dir)?;
+        } else {
+            tracing::info!("exiting; the pinned programs keep enforcing the policy in force");
+        }
+        Ok(())
+    }
+}
+
+fn tracked(f: &attest::Facts, exe_id: u32) -> Tracked {
+    Tracked {
+        exe_id,
+        cgroup: f.cgroup.clone(),
+        uid: f.uid,
+        gid: f.gid,
+    }
+}
+
+fn same_content_key(a: &ExeKey, b: &ExeKey) -> bool {
+    a.size == b.size
+        && a.mtime_sec == b.mtime_sec
+        && a.mtime_nsec == b.mtime_nsec
+        && a.ctime_sec == b.ctime_sec
+        && a.ctime_nsec == b.ctime_nsec
+}
+
+/// Exe ids a previous agent handed out (from `exes.log`), so a takeover never reuses one.
+fn read_exe_log(path: &Path) -> (HashMap<u32, Exe>, HashMap<ExeKey, u32>, u32) {
+    let mut exes = HashMap::new();
+    let mut next = 1;
+    if let Ok(text) = fs::read_to_string(path) {
+        for line in text.lines() {
+            let mut it = line.splitn(3, ' ');
+            let (Some(id), Some(sha), Some(p)) = (it.next(), it.next(), it.next()) else {
+                continue;
+            };
+            let (Ok(id), Ok(bytes)) = (id.parse::<u32>(), hex::decode(sha)) else {
+                continue;
+            };
+            let Ok(sha256) = <[u8; 32]>::try_from(bytes.as_slice()) else {
+                continue;
+            };
+            exes.insert(
+                id,
+                Exe {
+                    sha256,
+                    path: p.to_string(),
+                },
+            );
+            next = next.max(id + 1);
+        }
+    }
+    (exes, HashMap::new(), next)
+}
+
+/// Sends SIGCONT to a process we hold, through a pidfd so a reused pid is never signalled.
+fn resume(pid: u32, start_ns: u64) -> Result<()> {
+    // SAFETY: plain syscalls on integers we own.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::c_int, 0) };
+    if fd < 0 {
+        bail!("pidfd_open({pid}): {}", std::io::Error::last_os_error());
+    }
+    let fd = fd as libc::c_int;
+    let same = start_ns == 0
+        || fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|s| {
+                let rest = s.rsplit_once(')')?.1;
+                rest.split_whitespace().nth(19)?.parse::<u64>().ok()
+            })
+            .is_some_and(|t| t.abs_diff(attest::boot_ns_to_ticks(start_ns)) <= 1);
+    let r = if same {
+        // SAFETY: fd is a pidfd we opened.
+        unsafe {
+            libc::syscall(
+                libc::SYS_pidfd_send_signal,
+                fd,
+                libc::SIGCONT,
+                std::ptr::null::<u8>(),
+                0,
+            )
+        }
+    } else {
+        0
+    };
+    // SAFETY: closing our own fd.
+    unsafe { libc::close(fd) };
+    if r < 0 {
+        bail!(
+            "pidfd_send_signal({pid}, SIGCONT): {}",
+            std::io::Error::last_os_error()
+        );
+    }
+    Ok(())
+}
+
+/// Facts of a process as `ProcessFacts` for [`policy::resolve`].
+pub fn facts_of<'a>(f: &'a attest::Facts) -> ProcessFacts<'a> {
+    ProcessFacts {
+        sha256: Some(&f.sha256),
+        exe_path: Some(&f.exe_path),
+        cgroup: Some(&f.cgroup),
+        uid: f.uid,
+    }
+}

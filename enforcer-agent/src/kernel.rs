@@ -1,0 +1,418 @@
+//! The only module that knows the kernel object: loads it, pins and attaches its programs,
+//! and hands out typed map handles. Map and program names come from `enforcer-common`.
+
+use std::{
+    fs, io,
+    os::fd::AsFd as _,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, CgroupArray, HashMap, LpmTrie, MapData, PerCpuArray, RingBuf, lpm_trie::Key},
+    programs::{
+        CgroupAttachMode, CgroupSockAddr, RawTracePoint,
+        links::{FdLink, PinnedLink},
+    },
+};
+use enforcer_common::*;
+
+/// Errors of the kernel side, each naming what failed and what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum KernelError {
+    #[error(
+        "this agent was built without its kernel programs; build it with `cargo xtask build` (which sets ENFORCER_EBPF_OBJ)"
+    )]
+    NoObject,
+    #[error(
+        "could not create the pin folder {path}: {err}; is bpffs mounted there (mount -t bpf bpf /sys/fs/bpf)?"
+    )]
+    PinDir { path: PathBuf, err: io::Error },
+    #[error(
+        "{path} is not on a bpffs and mounting one there failed: {err}; mount it with `mount -t bpf bpf {path}`"
+    )]
+    NoBpffs { path: PathBuf, err: String },
+    #[error(
+        "loading the kernel programs failed: {0}; run as root on a kernel with BPF (5.10 or later)"
+    )]
+    Load(#[from] Box<aya::EbpfError>),
+    #[error(
+        "the kernel object has no {kind} named {name}; the agent and its kernel object do not match, rebuild with `cargo xtask build`"
+    )]
+    Missing {
+        kind: &'static str,
+        name: &'static str,
+    },
+    #[error("{what} failed: {detail}")]
+    Op { what: String, detail: String },
+    #[error(
+        "the pinned state under {path} was written by ABI version {found}, this agent speaks {ABI_VERSION}; remove it with `enforcer-agent uninstall --bpffs-dir {path}` first"
+    )]
+    AbiMismatch { path: PathBuf, found: u32 },
+}
+
+fn op<E: std::error::Error>(what: impl Into<String>) -> impl FnOnce(E) -> KernelError {
+    let what = what.into();
+    move |e| {
+        let mut detail = e.to_string();
+        let mut src = e.source();
+        while let Some(s) = src {
+            detail.push_str(": ");
+            detail.push_str(&s.to_string());
+            src = s.source();
+        }
+        KernelError::Op { what, detail }
+    }
+}
+
+#[cfg(enforcer_ebpf)]
+static OBJECT: &[u8] = aya::include_bytes_aligned!(env!("ENFORCER_EBPF_OBJ"));
+#[cfg(not(enforcer_ebpf))]
+static OBJECT: &[u8] = &[];
+
+/// The cgroup hooks and their program names.
+pub const HOOKS: [(&str, &str); 4] = [
+    ("connect4", PROG_CONNECT4),
+    ("connect6", PROG_CONNECT6),
+    ("sendmsg4", PROG_SENDMSG4),
+    ("sendmsg6", PROG_SENDMSG6),
+];
+const TRACEPOINTS: [(&str, &str); 3] = [
+    (PROG_FORK, TP_FORK),
+    (PROG_EXEC, TP_EXEC),
+    (PROG_EXIT, TP_EXIT),
+];
+
+/// Typed handles on every map.
+pub struct Maps {
+    pub procs: HashMap<MapData, u32, ProcState>,
+    pub exes: HashMap<MapData, ExeKey, u32>,
+    pub binclass: Array<MapData, u32>,
+    pub cgroups: HashMap<MapData, u64, CgroupValue>,
+    pub idmatch: HashMap<MapData, IdMatchKey, u32>,
+    pub rules: LpmTrie<MapData, RuleKeyData, RuleValue>,
+    pub config: Array<MapData, Config>,
+    pub offsets: Array<MapData, KernelOffsets>,
+    pub counters: PerCpuArray<MapData, u64>,
+    pub scopes: CgroupArray<MapData>,
+}
+
+/// The loaded object, its maps, and where its pins live.
+pub struct Kernel {
+    ebpf: Ebpf,
+    pub pin_dir: PathBuf,
+    pub maps: Maps,
+    pub events: Option<RingBuf<MapData>>,
+    /// True when pinned state of a previous agent was found and taken over.
+    pub took_over: bool,
+}
+
+fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, KernelError>
+where
+    T: TryFrom<aya::maps::Map>,
+    <T as TryFrom<aya::maps::Map>>::Error: std::error::Error,
+{
+    let map = ebpf
+        .take_map(name)
+        .ok_or(KernelError::Missing { kind: "map", name })?;
+    T::try_from(map).map_err(op(format!("opening map {name}")))
+}
+
+impl Kernel {
+    /// Loads the programs, reusing the maps pinned under `pin_dir` when a previous agent left
+    /// them (that is the takeover: the kernel state is never rebuilt from scratch).
+    pub fn load(pin_dir: &Path) -> Result<Self, KernelError> {
+        if OBJECT.is_empty() {
+            return Err(KernelError::NoObject);
+        }
+        ensure_bpffs(pin_dir)?;
+        fs::create_dir_all(pin_dir.join("links")).map_err(|err| KernelError::PinDir {
+            path: pin_dir.to_path_buf(),
+            err,
+        })?;
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(pin_dir)
+            .load(OBJECT)
+            .map_err(|e| KernelError::Load(Box::new(e)))?;
+        for (_, name) in HOOKS {
+            let prog: &mut CgroupSockAddr = program(&mut ebpf, name)?;
+            prog.load().map_err(op(format!("loading program {name}")))?;
+        }
+        for (name, _) in TRACEPOINTS {
+            let prog: &mut RawTracePoint = program(&mut ebpf, name)?;
+            prog.load().map_err(op(format!("loading program {name}")))?;
+        }
+        let maps = Maps {
+            procs: take(&mut ebpf, MAP_PROCS)?,
+            exes: take(&mut ebpf, MAP_EXES)?,
+            binclass: take(&mut ebpf, MAP_BINCLASS)?,
+            cgroups: take(&mut ebpf, MAP_CGROUPS)?,
+            idmatch: take(&mut ebpf, MAP_IDMATCH)?,
+            rules: take(&mut ebpf, MAP_RULES)?,
+            config: take(&mut ebpf, MAP_CONFIG)?,
+            offsets: take(&mut ebpf, MAP_OFFSETS)?,
+            counters: take(&mut ebpf, MAP_COUNTERS)?,
+            scopes: take(&mut ebpf, MAP_SCOPES)?,
+        };
+        let events = Some(take(&mut ebpf, MAP_EVENTS)?);
+        let mut k = Self {
+            ebpf,
+            pin_dir: pin_dir.to_path_buf(),
+            maps,
+            events,
+            took_over: false,
+        };
+        let cfg = k.config()?;
+        k.took_over = cfg.abi_version != 0;
+        if k.took_over && cfg.abi_version != ABI_VERSION {
+            return Err(KernelError::AbiMismatch {
+                path: pin_dir.to_path_buf(),
+                found: cfg.abi_version,
+            });
+        }
+        Ok(k)
+    }
+
+    pub fn config(&self) -> Result<Config, KernelError> {
+        self.maps
+            .config
+            .get(&0, 0)
+            .map_err(op(format!("reading map {MAP_CONFIG}")))
+    }
+
+    pub fn set_config(&mut self, cfg: &Config) -> Result<(), KernelError> {
+        self.maps
+            .config
+            .set(0, cfg, 0)
+            .map_err(op(format!("writing map {MAP_CONFIG}")))
+    }
+
+    pub fn set_offsets(&mut self, off: &KernelOffsets) -> Result<(), KernelError> {
+        self.maps
+            .offsets
+            .set(0, off, 0)
+            .map_err(op(format!("writing map {MAP_OFFSETS}")))
+    }
+
+    /// Attaches the process tracepoints, unless pinned links from a previous agent are in
+    /// place (they keep running and feed the same pinned maps).
+    pub fn attach_tracepoints(&mut self) -> Result<(), KernelError> {
+        for (name, tp) in TRACEPOINTS {
+            let pin = self.pin_dir.join("links").join(format!("tp_{tp}"));
+            if pin.exists() {
+                continue;
+            }
+            let prog: &mut RawTracePoint = program(&mut self.ebpf, name)?;
+            let id = prog
+                .attach(tp)
+                .map_err(op(format!("attaching {name} to raw tracepoint {tp}")))?;
+            let link: FdLink = prog
+                .take_link(id)
+                .map_err(op(format!("taking the link of {name}")))?
+                .into();
+            link.pin(&pin)
+                .map_err(op(format!("pinning {}", pin.display())))?;
+        }
+        Ok(())
+    }
+
+    fn cgroup_pin(&self, cgroup_id: u64, hook: &str) -> PathBuf {
+        self.pin_dir
+            .join("links")
+            .join(format!("cg_{cgroup_id}_{hook}"))
+    }
+
+    /// Attaches the four socket programs to a cgroup (bpf_link: other programs on the cgroup
+    /// keep running) and pins the links. Links pinned by a previous agent get this
+    /// agent's programs atomically (`BPF_LINK_UPDATE`): no instant without a program.
+    pub fn attach_cgroup(&mut self, dir: &Path, cgroup_id: u64) -> Result<(), KernelError> {
+        let cg = fs::File::open(dir).map_err(op(format!("opening cgroup {}", dir.display())))?;
+        for (hook, name) in HOOKS {
+            let pin = self.cgroup_pin(cgroup_id, hook);
+            let prog: &mut CgroupSockAddr = program(&mut self.ebpf, name)?;
+            let id = if pin.exists() {
+                let fd: FdLink = PinnedLink::from_pin(&pin)
+                    .map_err(op(format!("opening pinned link {}", pin.display())))?
+                    .into();
+                let link = fd.try_into().map_err(op(format!(
+                    "pinned link {} is not a cgroup link",
+                    pin.display()
+                )))?;
+                prog.attach_to_link(link)
+                    .map_err(op(format!("updating pinned link {}", pin.display())))?
+            } else {
+                // With bpf_link (5.7+) the kernel always multi-attaches and rejects flags:
+                // `Single` passes 0, and other programs on the cgroup keep running.
+                prog.attach(cg.as_fd(), CgroupAttachMode::Single)
+                    .map_err(op(format!("attaching {name} to {}", dir.display())))?
+            };
+            let link: FdLink = prog
+                .take_link(id)
+                .map_err(op(format!("taking the link of {name}")))?
+                .try_into()
+                .map_err(op(format!(
+                    "link of {name} is not a bpf_link (kernel older than 5.7?)"
+                )))?;
+            if !pin.exists() {
+                link.pin(&pin)
+                    .map_err(op(format!("pinning {}", pin.display())))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Cgroup ids that have pinned socket links.
+    pub fn attached_cgroups(&self) -> Vec<u64> {
+        let mut ids: Vec<u64> = fs::read_dir(self.pin_dir.join("links"))
+            .into_iter()
+            .flatten()
+            .filter_map(|e| e.ok())
+            .filter_map(|e| {
+                let n = e.file_name().to_string_lossy().into_owned();
+                n.strip_prefix("cg_")?.split('_').next()?.parse().ok()
+            })
+            .collect();
+        ids.sort_unstable();
+        ids.dedup();
+        ids
+    }
+
+    /// Detaches the socket programs from a cgroup by removing the pinned links.
+    pub fn detach_cgroup(&mut self, cgroup_id: u64) -> Result<(), KernelError> {
+        for (hook, _) in HOOKS {
+            let pin = self.cgroup_pin(cgroup_id, hook);
+            match fs::remove_file(&pin) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(op(format!("removing {}", pin.display()))(e)),
+            }
+        }
+        Ok(())
+    }
+
+    /// Sum of one per-CPU counter.
+    pub fn counter(&self, idx: u32) -> u64 {
+        self.maps
+            .counters
+            .get(&idx, 0)
+            .map(|v| v.iter().sum())
+            .unwrap_or(0)
+    }
+
+    /// Replaces every `ENF_RULES` entry of `generation` by `entries`.
+    pub fn write_rules(
+        &mut self,
+        generation: u32,
+        entries: &[(RuleKey, RuleValue)],
+    ) -> Result<(), KernelError> {
+        let stale: Vec<Key<RuleKeyData>> = self
+            .maps
+            .rules
+            .keys()
+            .filter_map(|k| k.ok())
+            .filter(|k| k.data().generation == generation)
+            .collect();
+        for k in stale {
+            self.maps
+                .rules
+                .remove(&k)
+                .map_err(op(format!("clearing map {MAP_RULES}")))?;
+        }
+        for (k, v) in entries {
+            let key = Key::new(k.prefix_len, k.data);
+            self.maps
+                .rules
+                .insert(&key, v, 0)
+                .map_err(op(format!("writing map {MAP_RULES}")))?;
+        }
+        Ok(())
+    }
+
+    /// Replaces every `ENF_IDMATCH` entry of `generation` by `entries`.
+    pub fn write_idmatch(
+        &mut self,
+        generation: u32,
+        entries: &[(IdMatchKey, u32)],
+    ) -> Result<(), KernelError> {
+        let stale: Vec<IdMatchKey> = self
+            .maps
+            .idmatch
+            .keys()
+            .filter_map(|k| k.ok())
+            .filter(|k| k.generation == generation && !entries.iter().any(|(e, _)| e == k))
+            .collect();
+        for k in stale {
+            self.maps
+                .idmatch
+                .remove(&k)
+                .map_err(op(format!("clearing map {MAP_IDMATCH}")))?;
+        }
+        for (k, v) in entries {
+            self.maps
+                .idmatch
+                .insert(k, v, 0)
+                .map_err(op(format!("writing map {MAP_IDMATCH}")))?;
+        }
+        Ok(())
+    }
+}
+
+fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, KernelError>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program>,
+{
+    let p = ebpf.program_mut(name).ok_or(KernelError::Missing {
+        kind: "program",
+        name,
+    })?;
+    p.try_into().map_err(|_| KernelError::Missing {
+        kind: "program of the right type",
+        name,
+    })
+}
+
+const BPFFS: &str = "/sys/fs/bpf";
+const BPF_FS_MAGIC: i64 = 0xcafe4a11;
+
+fn is_bpffs(path: &Path) -> bool {
+    nix::sys::statfs::statfs(path).is_ok_and(|s| s.filesystem_type().0 == BPF_FS_MAGIC)
+}
+
+/// Pins under /sys/fs/bpf need bpffs there; a fresh machine may not have it mounted.
+fn ensure_bpffs(pin_dir: &Path) -> Result<(), KernelError> {
+    let root = Path::new(BPFFS);
+    if !pin_dir.starts_with(root) || is_bpffs(root) {
+        return Ok(());
+    }
+    nix::mount::mount(
+        Some("bpf"),
+        root,
+        Some("bpf"),
+        nix::mount::MsFlags::empty(),
+        None::<&str>,
+    )
+    .map_err(|e| KernelError::NoBpffs {
+        path: root.to_path_buf(),
+        err: e.to_string(),
+    })?;
+    tracing::info!("mounted bpffs at {BPFFS}");
+    Ok(())
+}
+
+/// Removes every pin under `pin_dir` (links first, so programs detach), then the folder.
+pub fn uninstall(pin_dir: &Path) -> Result<(), KernelError> {
+    let links = pin_dir.join("links");
+    if let Ok(rd) = fs::read_dir(&links) {
+        for e in rd.flatten() {
+            fs::remove_file(e.path()).map_err(op(format!("removing {}", e.path().display())))?;
+        }
+        fs::remove_dir(&links).map_err(op(format!("removing {}", links.display())))?;
+    }
+    if let Ok(rd) = fs::read_dir(pin_dir) {
+        for e in rd.flatten() {
+            fs::remove_file(e.path()).map_err(op(format!("removing {}", e.path().display())))?;
+        }
+        fs::remove_dir(pin_dir).map_err(op(format!("removing {}", pin_dir.display())))?;
+    }
+    Ok(())
+}

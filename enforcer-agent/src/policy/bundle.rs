@@ -1,0 +1,497 @@
+//! The compiled policy bundle: protobuf (prost), recognised by its leading magic field.
+
+use sha2::{Digest, Sha256};
+
+use super::check::entries_overlap;
+use super::glob::glob_problem;
+use super::{
+    Action, Diagnostic, Identity, MatchEntry, Mode, Policy, PolicyError, Protocol, Rule, Severity,
+    check,
+};
+
+/// Field 1 of every bundle.
+const MAGIC: &[u8] = b"ENFORCER-POLICY";
+/// Version of the bundle format (field 2).
+pub const BUNDLE_FORMAT: u32 = 1;
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct BundleMsg {
+    #[prost(bytes = "vec", tag = "1")]
+    magic: Vec<u8>,
+    #[prost(uint32, tag = "2")]
+    format: u32,
+    #[prost(message, optional, tag = "3")]
+    policy: Option<PolicyMsg>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct PolicyMsg {
+    #[prost(string, tag = "1")]
+    trust_domain: String,
+    /// 1 enforce, 2 audit
+    #[prost(uint32, tag = "2")]
+    mode: u32,
+    /// 1 allow, 2 audit, 3 deny
+    #[prost(uint32, tag = "3")]
+    unattested: u32,
+    #[prost(string, repeated, tag = "4")]
+    scope: Vec<String>,
+    #[prost(bool, tag = "5")]
+    report_allow: bool,
+    #[prost(message, repeated, tag = "6")]
+    identities: Vec<IdentityMsg>,
+    #[prost(message, repeated, tag = "7")]
+    rules: Vec<RuleMsg>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct IdentityMsg {
+    #[prost(string, tag = "1")]
+    name: String,
+    #[prost(string, tag = "2")]
+    spiffe_id: String,
+    #[prost(message, repeated, tag = "3")]
+    matches: Vec<MatchMsg>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct MatchMsg {
+    #[prost(bytes = "vec", repeated, tag = "1")]
+    binary_sha256: Vec<Vec<u8>>,
+    #[prost(string, repeated, tag = "2")]
+    binary_path: Vec<String>,
+    #[prost(string, repeated, tag = "3")]
+    cgroup: Vec<String>,
+    #[prost(uint32, repeated, tag = "4")]
+    uid: Vec<u32>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct RuleMsg {
+    #[prost(uint32, tag = "1")]
+    ident: u32,
+    #[prost(bool, tag = "2")]
+    deny: bool,
+    #[prost(string, tag = "3")]
+    cidr: String,
+    #[prost(message, repeated, tag = "4")]
+    ports: Vec<PortRangeMsg>,
+    /// 1 tcp, 2 udp, 3 any
+    #[prost(uint32, tag = "5")]
+    protocol: u32,
+    #[prost(uint64, tag = "6")]
+    line: u64,
+    #[prost(string, tag = "7")]
+    text: String,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct PortRangeMsg {
+    #[prost(uint32, tag = "1")]
+    first: u32,
+    #[prost(uint32, tag = "2")]
+    last: u32,
+}
+
+/// The bytes every bundle starts with (field 1, length-delimited, holding [`MAGIC`]).
+fn magic_prefix() -> Vec<u8> {
+    let mut p = vec![0x0a, u8::try_from(MAGIC.len()).unwrap_or(0)];
+    p.extend_from_slice(MAGIC);
+    p
+}
+
+/// Is `bytes` a compiled bundle (by its magic)?
+pub fn is_bundle(bytes: &[u8]) -> bool {
+    bytes.starts_with(&magic_prefix())
+}
+
+/// The compiled protobuf bundle of a policy.
+pub fn encode_bundle(policy: &Policy) -> Vec<u8> {
+    let msg = BundleMsg {
+        magic: MAGIC.to_vec(),
+        format: BUNDLE_FORMAT,
+        policy: Some(PolicyMsg {
+            trust_domain: policy.trust_domain.clone(),
+            mode: match policy.mode {
+                Mode::Enforce => 1,
+                Mode::Audit => 2,
+            },
+            unattested: match policy.unattested {
+                Action::Allow => 1,
+                Action::Audit => 2,
+                Action::Deny => 3,
+            },
+            scope: policy.scope.clone(),
+            report_allow: policy.report_allow,
+            identities: policy
+                .identities
+                .iter()
+                .map(|i| IdentityMsg {
+                    name: i.name.clone(),
+                    spiffe_id: i.spiffe_id.clone(),
+                    matches: i
+                        .matches
+                        .iter()
+                        .map(|m| MatchMsg {
+                            binary_sha256: m.binary_sha256.iter().map(|h| h.to_vec()).collect(),
+                            binary_path: m.binary_path.clone(),
+                            cgroup: m.cgroup.clone(),
+                            uid: m.uid.clone(),
+                        })
+                        .collect(),
+                })
+                .collect(),
+            rules: policy
+                .rules
+                .iter()
+                .map(|r| RuleMsg {
+                    ident: r.ident,
+                    deny: r.deny,
+                    cidr: r.cidr.to_string(),
+                    ports: r
+                        .ports
+                        .iter()
+                        .map(|&(a, b)| PortRangeMsg {
+                            first: a.into(),
+                            last: b.into(),
+                        })
+                        .collect(),
+                    protocol: match r.protocol {
+                        Protocol::Tcp => 1,
+                        Protocol::Udp => 2,
+                        Protocol::Any => 3,
+                    },
+                    line: u64::try_from(r.line).unwrap_or(0),
+                    text: r.text.clone(),
+                })
+                .collect(),
+        }),
+    };
+    prost::Message::encode_to_vec(&msg)
+}
+
+/// sha256 hex of [`encode_bundle`]'s output: names a policy in status and events.
+pub fn policy_hash(policy: &Policy) -> String {
+    hex::encode(Sha256::digest(encode_bundle(policy)))
+}
+
+fn invalid<T>(msg: String) -> Result<T, PolicyError> {
+    Err(PolicyError::InvalidBundle(msg))
+}
+
+/// Decode a compiled bundle and validate it again.
+pub fn decode_bundle(bytes: &[u8]) -> Result<Policy, PolicyError> {
+    if !is_bundle(bytes) {
+        return Err(PolicyError::NotABundle);
+    }
+    let msg: BundleMsg = prost::Message::decode(bytes)
+        .map_err(|e: prost::DecodeError| PolicyError::Corrupt(e.to_string()))?;
+    if msg.format != BUNDLE_FORMAT {
+        return Err(PolicyError::BundleVersion {
+            found: msg.format,
+            expected: BUNDLE_FORMAT,
+        });
+    }
+    let Some(p) = msg.policy else {
+        return invalid("it holds no policy".into());
+    };
+    let mode = match p.mode {
+        1 => Mode::Enforce,
+        2 => Mode::Audit,
+        m => return invalid(format!("unknown mode {m}")),
+    };
+    let unattested = match p.unattested {
+        1 => Action::Allow,
+        2 => Action::Audit,
+        3 => Action::Deny,
+        a => return invalid(format!("unknown unattested action {a}")),
+    };
+    let mut identities = Vec::new();
+    for (i, id) in p.identities.into_iter().enumerate() {
+        let mut matches = Vec::new();
+        for (j, m) in id.matches.into_iter().enumerate() {
+            let mut hashes = Vec::new();
+            for h in m.binary_sha256 {
+                match <[u8; 32]>::try_from(h.as_slice()) {
+                    Ok(h) => hashes.push(h),
+                    Err(_) => {
+                        return invalid(format!(
+                            "identities[{i}].match[{j}] has a binarySha256 of {} bytes, not 32",
+                            h.len()
+                        ));
+                    }
+                }
+            }
+            matches.push(MatchEntry {
+                binary_sha256: hashes,
+                binary_path: m.binary_path,
+                cgroup: m.cgroup,
+                uid: m.uid,
+            });
+        }
+        identities.push(Identity {
+            name: id.name,
+            spiffe_id: id.spiffe_id,
+            matches,
+        });
+    }
+    let mut rules = Vec::new();
+    for (k, r) in p.rules.into_iter().enumerate() {
+        let Ok(cidr) = r.cidr.parse::<ipnet::IpNet>() else {
+            return invalid(format!("rules[{k}] has an invalid cidr {:?}", r.cidr));
+        };
+        let mut ports = Vec::new();
+        for pr in &r.ports {
+            match (u16::try_from(pr.first), u16::try_from(pr.last)) {
+                (Ok(a), Ok(b)) => ports.push((a, b)),
+                _ => {
+                    return invalid(format!(
+                        "rules[{k}] has port range {}-{} outside 1-65535",
+                        pr.first, pr.last
+                    ));
+                }
+            }
+        }
+        let protocol = match r.protocol {
+            1 => Protocol::Tcp,
+            2 => Protocol::Udp,
+            3 => Protocol::Any,
+            x => return invalid(format!("rules[{k}] has unknown protocol {x}")),
+        };
+        rules.push(Rule {
+            ident: r.ident,
+            deny: r.deny,
+            cidr,
+            ports,
+            protocol,
+            line: usize::try_from(r.line).unwrap_or(0),
+            text: r.text,
+        });
+    }
+    let policy = Policy {
+        trust_domain: p.trust_domain,
+        mode,
+        unattested,
+        scope: p.scope,
+        report_allow: p.report_allow,
+        identities,
+        rules,
+    };
+    validate(&policy).map_err(PolicyError::InvalidBundle)?;
+    Ok(policy)
+}
+
+/// The checks of [`check`] that apply to a decoded policy.
+fn validate(p: &Policy) -> Result<(), String> {
+    let td_ok = !p.trust_domain.is_empty()
+        && p.trust_domain
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '.' | '-' | '_'));
+    if !td_ok {
+        return Err(format!("trust domain {:?} is not valid", p.trust_domain));
+    }
+    if p.scope.is_empty() || p.scope.len() > enforcer_common::MAX_SCOPES as usize {
+        return Err(format!(
+            "scope has {} entries, 1 to {} are allowed",
+            p.scope.len(),
+            enforcer_common::MAX_SCOPES
+        ));
+    }
+    for s in &p.scope {
+        if !s.starts_with('/') || s.split('/').any(|x| x == ".." || x == ".") || s.contains('*') {
+            return Err(format!("scope entry {s:?} is not a cgroup path"));
+        }
+    }
+    let prefix = format!("spiffe://{}/", p.trust_domain);
+    for (i, id) in p.identities.iter().enumerate() {
+        if id.name.is_empty() || p.identities[..i].iter().any(|o| o.name == id.name) {
+            return Err(format!(
+                "identities[{i}] has an empty or duplicate name {:?}",
+                id.name
+            ));
+        }
+        if !id.spiffe_id.starts_with(&prefix) || id.spiffe_id.len() == prefix.len() {
+            return Err(format!(
+                "identities[{i}] has spiffeId {:?} outside trust domain {}",
+                id.spiffe_id, p.trust_domain
+            ));
+        }
+        if id.matches.is_empty() {
+            return Err(format!("identities[{i}] has no match entry"));
+        }
+        for (j, m) in id.matches.iter().enumerate() {
+            if *m == MatchEntry::default() {
+                return Err(format!("identities[{i}].match[{j}] is empty"));
+            }
+            if let Some(msg) = m.cgroup.iter().find_map(|g| glob_problem(g)) {
+                return Err(format!("identities[{i}].match[{j}]: {msg}"));
+            }
+            if m.binary_path.iter().any(|x| !x.starts_with('/')) {
+                return Err(format!(
+                    "identities[{i}].match[{j}] has a relative binaryPath"
+                ));
+            }
+            if m.uid.contains(&enforcer_common::ANY) {
+                return Err(format!(
+                    "identities[{i}].match[{j}] has uid {}",
+                    enforcer_common::ANY
+                ));
+            }
+            for (a, other) in p.identities[..i].iter().enumerate() {
+                if other
+                    .matches
+                    .iter()
+                    .any(|o| entries_overlap(o, m).is_some())
+                {
+                    return Err(format!(
+                        "identities[{i}] {:?} can match the same process as identities[{a}] {:?}",
+                        id.name, other.name
+                    ));
+                }
+            }
+        }
+    }
+    let n = p.identities.len();
+    for (k, r) in p.rules.iter().enumerate() {
+        if r.ident == 0 || usize::try_from(r.ident).map_or(true, |x| x > n) {
+            return Err(format!(
+                "rules[{k}] names identity number {}, but there are {n} identities",
+                r.ident
+            ));
+        }
+        if r.cidr.trunc() != r.cidr {
+            return Err(format!("rules[{k}] cidr {} has host bits set", r.cidr));
+        }
+        if let Some((a, b)) = r.ports.iter().find(|(a, b)| *a == 0 || a > b) {
+            return Err(format!("rules[{k}] has invalid port range {a}-{b}"));
+        }
+    }
+    Ok(())
+}
+
+/// Load a YAML policy or a compiled bundle (recognised by its magic). YAML errors come back
+/// as [`PolicyError::Invalid`] with every diagnostic rendered against `path_for_messages`.
+pub fn load(
+    path_for_messages: &str,
+    bytes: &[u8],
+) -> Result<(Policy, Vec<Diagnostic>), PolicyError> {
+    if is_bundle(bytes) {
+        return decode_bundle(bytes).map(|p| (p, Vec::new()));
+    }
+    let Ok(source) = std::str::from_utf8(bytes) else {
+        return Err(PolicyError::NotUtf8 {
+            file: path_for_messages.to_string(),
+        });
+    };
+    check(source).map_err(|diagnostics| {
+        let rendered = diagnostics
+            .iter()
+            .map(|d| d.render(path_for_messages))
+            .collect::<Vec<_>>()
+            .join("\n");
+        let errors = diagnostics
+            .iter()
+            .filter(|d| d.severity == Severity::Error)
+            .count();
+        PolicyError::Invalid {
+            rendered: format!("{rendered}\n{path_for_messages}: {errors} error(s); fix them and check again with `enforcer-agent policy check {path_for_messages}`"),
+            diagnostics,
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::DEFAULT_POLICY;
+    use crate::policy::check::tests::FULL;
+
+    fn full() -> Policy {
+        match check(FULL) {
+            Ok((p, _)) => p,
+            Err(d) => panic!("{d:?}"),
+        }
+    }
+
+    #[test]
+    fn roundtrip() -> Result<(), PolicyError> {
+        for p in [full(), load("d", DEFAULT_POLICY.as_bytes())?.0] {
+            let b = encode_bundle(&p);
+            assert!(is_bundle(&b));
+            assert_eq!(decode_bundle(&b)?, p);
+            assert_eq!(load("x", &b)?.0, p);
+            assert_eq!(policy_hash(&p), policy_hash(&decode_bundle(&b)?));
+            assert_eq!(policy_hash(&p).len(), 64);
+        }
+        assert_ne!(
+            policy_hash(&full()),
+            policy_hash(&load("d", DEFAULT_POLICY.as_bytes())?.0)
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn rejects_bad_bundles() {
+        let p = full();
+        let good = encode_bundle(&p);
+        assert!(matches!(
+            decode_bundle(b"apiVersion: x"),
+            Err(PolicyError::NotABundle)
+        ));
+        let truncated = &good[..good.len() - 3];
+        assert!(decode_bundle(truncated).is_err());
+        let mut bad = p.clone();
+        bad.rules[0].ident = 99;
+        let e = decode_bundle(&encode_bundle(&bad));
+        assert!(
+            matches!(e, Err(PolicyError::InvalidBundle(ref m)) if m.contains("identity number 99")),
+            "{e:?}"
+        );
+        let mut bad = p.clone();
+        bad.rules[0].ports = vec![(0, 5)];
+        assert!(matches!(
+            decode_bundle(&encode_bundle(&bad)),
+            Err(PolicyError::InvalidBundle(_))
+        ));
+        let mut msg: BundleMsg = match prost::Message::decode(good.as_slice()) {
+            Ok(m) => m,
+            Err(e) => panic!("{e}"),
+        };
+        msg.format = 7;
+        let e = decode_bundle(&prost::Message::encode_to_vec(&msg));
+        assert!(matches!(
+            e,
+            Err(PolicyError::BundleVersion {
+                found: 7,
+                expected: 1
+            })
+        ));
+        let mut bad = p;
+        bad.identities[1].name = bad.identities[0].name.clone();
+        assert!(decode_bundle(&encode_bundle(&bad)).is_err());
+    }
+
+    #[test]
+    fn load_yaml_errors_are_rendered() {
+        let e = load(
+            "bad.yaml",
+            b"apiVersion: enforcer/v2\nkind: Policy\ntrustDomain: x\n",
+        );
+        let Err(PolicyError::Invalid {
+            rendered,
+            diagnostics,
+        }) = e
+        else {
+            panic!("{e:?}");
+        };
+        assert_eq!(diagnostics.len(), 1);
+        assert!(
+            rendered.starts_with("bad.yaml:1:13: error: unknown apiVersion"),
+            "{rendered}"
+        );
+        assert!(matches!(
+            load("bin", &[0xff, 0xfe, 0x00]),
+            Err(PolicyError::NotUtf8 { .. })
+        ));
+    }
+}

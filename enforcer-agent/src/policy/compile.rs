@@ -1,0 +1,273 @@
+//! Rules -> `ENF_RULES` LPM entries, and the kernel's lookup mirrored in Rust.
+//!
+//! Layout: per (generation, identity, protocol, family, port) a group of CIDR prefixes. Port 0
+//! holds the entries that apply to every port; every port named by some entry gets its own
+//! group holding its entries plus copies of the port-0 ones. Deny precedence is compiled in:
+//! an allow whose prefix lies inside a deny prefix of its group is stored as a deny. The
+//! kernel looks up the real port, then port 0, and denies when nothing matches.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use enforcer_common::{
+    FAMILY_V4, FAMILY_V6, MAX_RULES, PROTO_TCP, PROTO_UDP, RULE_FIXED_BITS, RuleKey, RuleKeyData,
+    RuleValue, VERDICT_ALLOW, VERDICT_DENY,
+};
+use ipnet::IpNet;
+
+use super::{Policy, PolicyError, Protocol, Rule};
+
+/// Entries one generation may use: two generations share the map.
+const LIMIT: usize = MAX_RULES as usize / 2;
+
+struct Item<'a> {
+    id: u32,
+    rule: &'a Rule,
+    /// Inclusive ranges; empty = all ports.
+    ports: Vec<(u16, u16)>,
+}
+
+fn family_of(net: &IpNet) -> u8 {
+    match net {
+        IpNet::V4(_) => FAMILY_V4,
+        IpNet::V6(_) => FAMILY_V6,
+    }
+}
+
+fn proto_applies(p: Protocol, proto: u8) -> bool {
+    match p {
+        Protocol::Any => true,
+        Protocol::Tcp => proto == PROTO_TCP,
+        Protocol::Udp => proto == PROTO_UDP,
+    }
+}
+
+/// Ranges as given, or empty when they cover every port.
+fn normalized_ports(ports: &[(u16, u16)]) -> Vec<(u16, u16)> {
+    let mut sorted = ports.to_vec();
+    sorted.sort_unstable();
+    let mut merged: Vec<(u16, u16)> = Vec::new();
+    for (a, b) in sorted {
+        match merged.last_mut() {
+            Some(last) if a <= last.1.saturating_add(1) => last.1 = last.1.max(b),
+            _ => merged.push((a, b)),
+        }
+    }
+    if merged == [(1, u16::MAX)] {
+        Vec::new()
+    } else {
+        ports.to_vec()
+    }
+}
+
+fn key_of(generation: u32, ident: u32, proto: u8, port: u16, net: &IpNet) -> RuleKey {
+    let mut addr = [0u8; 16];
+    let (family, bits) = match net {
+        IpNet::V4(n) => {
+            addr[..4].copy_from_slice(&n.network().octets());
+            (FAMILY_V4, n.prefix_len())
+        }
+        IpNet::V6(n) => {
+            addr = n.network().octets();
+            (FAMILY_V6, n.prefix_len())
+        }
+    };
+    RuleKey {
+        prefix_len: RULE_FIXED_BITS + u32::from(bits),
+        data: RuleKeyData {
+            generation,
+            ident,
+            proto,
+            family,
+            port,
+            addr,
+        },
+    }
+}
+
+/// The LPM entries of `ENF_RULES` for one generation, sorted by key.
+pub fn rule_entries(
+    policy: &Policy,
+    generation: u32,
+) -> Result<Vec<(RuleKey, RuleValue)>, PolicyError> {
+    let mut out: Vec<(RuleKey, RuleValue)> = Vec::new();
+    // Group the rules by (ident, family); protocol is checked per proto below.
+    let mut groups: BTreeMap<(u32, u8), Vec<Item<'_>>> = BTreeMap::new();
+    for (i, rule) in policy.rules.iter().enumerate() {
+        let id = u32::try_from(i).map_err(|_| PolicyError::TooManyRules { limit: LIMIT })?;
+        groups
+            .entry((rule.ident, family_of(&rule.cidr)))
+            .or_default()
+            .push(Item {
+                id,
+                rule,
+                ports: normalized_ports(&rule.ports),
+            });
+    }
+    for ((ident, _family), items) in &groups {
+        for proto in [PROTO_TCP, PROTO_UDP] {
+            let items: Vec<&Item<'_>> = items
+                .iter()
+                .filter(|it| proto_applies(it.rule.protocol, proto))
+                .collect();
+            if items.is_empty() {
+                continue;
+            }
+            let all: Vec<&Item<'_>> = items
+                .iter()
+                .copied()
+                .filter(|it| it.ports.is_empty())
+                .collect();
+            // Bound the work before expanding ranges.
+            let mut refs = all.len();
+            for it in &items {
+                for &(a, b) in &it.ports {
+                    refs += usize::from(b - a) + 1 + all.len();
+                }
+            }
+            if out.len() + refs > LIMIT.saturating_mul(4) {
+                return Err(PolicyError::TooManyRules { limit: LIMIT });
+            }
+            let mut by_port: BTreeMap<u16, Vec<&Item<'_>>> = BTreeMap::new();
+            for it in &items {
+                for &(a, b) in &it.ports {
+                    for p in a..=b {
+                        let g = by_port.entry(p).or_default();
+                        if !g.iter().any(|x| x.id == it.id) {
+                            g.push(it);
+                        }
+                    }
+                }
+            }
+            emit_group(&mut out, generation, *ident, proto, 0, &all);
+            for (port, mut group) in by_port {
+                group.extend(all.iter().copied());
+                emit_group(&mut out, generation, *ident, proto, port, &group);
+            }
+            if out.len() > LIMIT {
+                return Err(PolicyError::TooManyRules { limit: LIMIT });
+            }
+        }
+    }
+    out.sort_by_key(|(k, _)| (k.data, k.prefix_len));
+    Ok(out)
+}
+
+fn emit_group(
+    out: &mut Vec<(RuleKey, RuleValue)>,
+    generation: u32,
+    ident: u32,
+    proto: u8,
+    port: u16,
+    items: &[&Item<'_>],
+) {
+    if items.is_empty() {
+        return;
+    }
+    let denies: Vec<&&Item<'_>> = items.iter().filter(|it| it.rule.deny).collect();
+    let mut entries: BTreeMap<(u32, [u8; 16]), (RuleKey, RuleValue)> = BTreeMap::new();
+    for it in items {
+        let value = if it.rule.deny {
+            RuleValue {
+                verdict: VERDICT_DENY,
+                rule: it.id,
+            }
+        } else if let Some(d) = denies.iter().find(|d| d.rule.cidr.contains(&it.rule.cidr)) {
+            RuleValue {
+                verdict: VERDICT_DENY,
+                rule: d.id,
+            }
+        } else {
+            RuleValue {
+                verdict: VERDICT_ALLOW,
+                rule: it.id,
+            }
+        };
+        let key = key_of(generation, ident, proto, port, &it.rule.cidr);
+        let rank = |v: &RuleValue| (v.verdict != VERDICT_DENY, v.rule);
+        entries
+            .entry((key.prefix_len, key.data.addr))
+            .and_modify(|(_, old)| {
+                if rank(&value) < rank(old) {
+                    *old = value;
+                }
+            })
+            .or_insert((key, value));
+    }
+    out.extend(entries.into_values());
+}
+
+/// Bytes of the key data as the kernel's LPM trie compares them.
+fn key_bytes(d: &RuleKeyData) -> [u8; 28] {
+    let mut b = [0u8; 28];
+    b[0..4].copy_from_slice(&d.generation.to_ne_bytes());
+    b[4..8].copy_from_slice(&d.ident.to_ne_bytes());
+    b[8] = d.proto;
+    b[9] = d.family;
+    b[10..12].copy_from_slice(&d.port.to_ne_bytes());
+    b[12..28].copy_from_slice(&d.addr);
+    b
+}
+
+fn prefix_eq(a: &[u8; 28], b: &[u8; 28], bits: u32) -> bool {
+    let bits = usize::try_from(bits).unwrap_or(usize::MAX).min(28 * 8);
+    let full = bits / 8;
+    if a[..full] != b[..full] {
+        return false;
+    }
+    let rest = bits % 8;
+    if rest == 0 {
+        return true;
+    }
+    let mask = 0xffu8 << (8 - rest);
+    (a[full] & mask) == (b[full] & mask)
+}
+
+fn lpm(entries: &[(RuleKey, RuleValue)], key: &RuleKey) -> Option<RuleValue> {
+    let kb = key_bytes(&key.data);
+    entries
+        .iter()
+        .filter(|(k, _)| {
+            k.prefix_len <= key.prefix_len && prefix_eq(&key_bytes(&k.data), &kb, k.prefix_len)
+        })
+        .max_by_key(|(k, _)| k.prefix_len)
+        .map(|(_, v)| *v)
+}
+
+/// The kernel's lookup, mirrored: longest-prefix match with the real port, then with port 0;
+/// `None` means no entry matched (default deny).
+pub fn kernel_verdict(
+    entries: &[(RuleKey, RuleValue)],
+    generation: u32,
+    ident: u32,
+    proto: u8,
+    addr: IpAddr,
+    port: u16,
+) -> Option<RuleValue> {
+    let mut a = [0u8; 16];
+    let (family, bits) = match addr {
+        IpAddr::V4(v4) => {
+            a[..4].copy_from_slice(&v4.octets());
+            (FAMILY_V4, 32)
+        }
+        IpAddr::V6(v6) => {
+            a = v6.octets();
+            (FAMILY_V6, 128)
+        }
+    };
+    let key = |port| RuleKey {
+        prefix_len: RULE_FIXED_BITS + bits,
+        data: RuleKeyData {
+            generation,
+            ident,
+            proto,
+            family,
+            port,
+            addr: a,
+        },
+    };
+    lpm(entries, &key(port)).or_else(|| lpm(entries, &key(0)))
+}
+
+#[cfg(test)]
+mod tests;

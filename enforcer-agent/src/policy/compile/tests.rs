@@ -1,0 +1,233 @@
+use std::net::IpAddr;
+
+use super::*;
+use crate::policy::{Action, Identity, MatchEntry, Mode, check};
+
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn below(&mut self, n: usize) -> usize {
+        usize::try_from(self.next() % u64::try_from(n.max(1)).unwrap_or(1)).unwrap_or(0)
+    }
+}
+
+const NETS: &[&str] = &[
+    "0.0.0.0/0",
+    "10.0.0.0/8",
+    "10.1.0.0/16",
+    "10.1.2.0/24",
+    "10.1.2.3/32",
+    "192.168.0.0/16",
+    "::/0",
+    "2001:db8::/32",
+    "2001:db8:1::/48",
+    "::1/128",
+];
+const ADDRS: &[&str] = &[
+    "10.1.2.3",
+    "10.1.2.4",
+    "10.1.9.9",
+    "10.9.9.9",
+    "192.168.1.1",
+    "8.8.8.8",
+    "2001:db8:1::5",
+    "2001:db8:2::1",
+    "::1",
+    "2001:dead::1",
+];
+const PORT_SETS: &[&[(u16, u16)]] = &[
+    &[],
+    &[(22, 22)],
+    &[(80, 80)],
+    &[(80, 90)],
+    &[(443, 443), (22, 22)],
+    &[(1, 65535)],
+    &[(85, 85)],
+];
+const PORTS: &[u16] = &[22, 80, 85, 91, 443, 1000];
+
+fn policy_with(rules: Vec<Rule>, idents: usize) -> Policy {
+    Policy {
+        trust_domain: "t".into(),
+        mode: Mode::Enforce,
+        unattested: Action::Deny,
+        scope: vec!["/".into()],
+        report_allow: false,
+        identities: (0..idents)
+            .map(|i| Identity {
+                name: format!("i{i}"),
+                spiffe_id: format!("spiffe://t/i{i}"),
+                matches: vec![MatchEntry {
+                    uid: vec![u32::try_from(i).unwrap_or(0)],
+                    ..MatchEntry::default()
+                }],
+            })
+            .collect(),
+        rules,
+    }
+}
+
+fn random_policy(r: &mut Rng) -> Policy {
+    let n = r.below(8);
+    let rules = (0..n)
+        .filter_map(|_| {
+            let cidr: IpNet = NETS[r.below(NETS.len())].parse().ok()?;
+            Some(Rule {
+                ident: 1 + u32::try_from(r.below(2)).unwrap_or(0),
+                deny: r.below(3) == 0,
+                cidr,
+                ports: PORT_SETS[r.below(PORT_SETS.len())].to_vec(),
+                protocol: [Protocol::Tcp, Protocol::Udp, Protocol::Any][r.below(3)],
+                line: 0,
+                text: String::new(),
+            })
+        })
+        .collect();
+    policy_with(rules, 2)
+}
+
+fn applies(rule: &Rule, ident: u32, proto: u8, addr: IpAddr, port: u16) -> bool {
+    rule.ident == ident
+        && proto_applies(rule.protocol, proto)
+        && rule.cidr.contains(&addr)
+        && (rule.ports.is_empty() || rule.ports.iter().any(|&(a, b)| (a..=b).contains(&port)))
+}
+
+/// SPEC semantics: allowed iff some egress entry allows and no deny entry matches.
+fn naive(p: &Policy, ident: u32, proto: u8, addr: IpAddr, port: u16) -> bool {
+    let m = |deny| {
+        p.rules
+            .iter()
+            .any(|r| r.deny == deny && applies(r, ident, proto, addr, port))
+    };
+    m(false) && !m(true)
+}
+
+#[test]
+fn kernel_lookup_equals_spec() -> Result<(), PolicyError> {
+    let mut r = Rng(0x2545_f491_4f6c_dd1d);
+    for _ in 0..400 {
+        let p = random_policy(&mut r);
+        let generation = u32::try_from(r.below(2)).unwrap_or(0);
+        let entries = rule_entries(&p, generation)?;
+        for e in &entries {
+            assert!(e.0.prefix_len >= RULE_FIXED_BITS);
+        }
+        for _ in 0..60 {
+            let ident = u32::try_from(r.below(4)).unwrap_or(0);
+            let proto = [PROTO_TCP, PROTO_UDP][r.below(2)];
+            let addr: IpAddr = ADDRS[r.below(ADDRS.len())]
+                .parse()
+                .map_err(|_| PolicyError::NotABundle)?;
+            let port = PORTS[r.below(PORTS.len())];
+            let v = kernel_verdict(&entries, generation, ident, proto, addr, port);
+            let kernel = v.is_some_and(|v| v.verdict == VERDICT_ALLOW);
+            assert_eq!(
+                kernel,
+                naive(&p, ident, proto, addr, port),
+                "{p:#?}\n{ident} {proto} {addr} {port} -> {v:?}"
+            );
+            if let Some(v) = v {
+                let rule = &p.rules[usize::try_from(v.rule).unwrap_or(usize::MAX)];
+                assert!(applies(rule, ident, proto, addr, port), "{v:?} {rule:?}");
+                assert_eq!(rule.deny, v.verdict == VERDICT_DENY, "{v:?} {rule:?}");
+            }
+            // The other generation sees nothing.
+            assert_eq!(
+                kernel_verdict(&entries, 1 - generation, ident, proto, addr, port),
+                None
+            );
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn example_policy_entries() -> Result<(), PolicyError> {
+    let p = match check(crate::policy::check::tests::FULL) {
+        Ok((p, _)) => p,
+        Err(d) => panic!("{d:?}"),
+    };
+    let e = rule_entries(&p, 0)?;
+    let v = |proto, a: &str, port| {
+        a.parse()
+            .ok()
+            .and_then(|a| kernel_verdict(&e, 0, 1, proto, a, port))
+            .map(|v| (v.verdict, v.rule))
+    };
+    assert_eq!(v(PROTO_TCP, "10.20.3.4", 5432), Some((VERDICT_ALLOW, 0)));
+    assert_eq!(v(PROTO_TCP, "10.20.3.4", 8050), Some((VERDICT_ALLOW, 0)));
+    assert_eq!(v(PROTO_TCP, "10.20.3.4", 8101), None);
+    assert_eq!(v(PROTO_UDP, "10.20.3.4", 5432), None);
+    assert_eq!(v(PROTO_UDP, "::1", 53), Some((VERDICT_ALLOW, 1)));
+    assert_eq!(v(PROTO_TCP, "169.254.169.254", 80), Some((VERDICT_DENY, 2)));
+    assert_eq!(v(PROTO_TCP, "10.20.3.4", 25), Some((VERDICT_DENY, 3)));
+    assert_eq!(v(PROTO_UDP, "2001:db8::1", 25), Some((VERDICT_DENY, 4)));
+    // A deny on a port and an allow on a range: every port of the range is a group.
+    assert!(e.iter().any(|(k, _)| k.data.port == 8100));
+    assert!(e.iter().all(|(k, _)| k.data.ident == 1));
+    Ok(())
+}
+
+#[test]
+fn key_layout() -> Result<(), PolicyError> {
+    let net: IpNet = "10.20.0.0/16"
+        .parse()
+        .map_err(|_| PolicyError::NotABundle)?;
+    let rule = Rule {
+        ident: 1,
+        deny: false,
+        cidr: net,
+        ports: vec![],
+        protocol: Protocol::Tcp,
+        line: 1,
+        text: String::new(),
+    };
+    let e = rule_entries(&policy_with(vec![rule], 1), 1)?;
+    assert_eq!(e.len(), 1);
+    let (k, v) = e[0];
+    assert_eq!(k.prefix_len, 96 + 16);
+    assert_eq!(k.data.generation, 1);
+    assert_eq!(
+        (k.data.proto, k.data.family, k.data.port),
+        (PROTO_TCP, FAMILY_V4, 0)
+    );
+    assert_eq!(k.data.addr[..4], [10, 20, 0, 0]);
+    assert!(k.data.addr[4..].iter().all(|b| *b == 0));
+    assert_eq!(
+        v,
+        RuleValue {
+            verdict: VERDICT_ALLOW,
+            rule: 0
+        }
+    );
+    Ok(())
+}
+
+#[test]
+fn too_many_rules() {
+    let rules = (0..40u8)
+        .filter_map(|i| {
+            Some(Rule {
+                ident: 1,
+                deny: false,
+                cidr: format!("10.{i}.0.0/16").parse().ok()?,
+                ports: vec![(1, 65000)],
+                protocol: Protocol::Any,
+                line: 0,
+                text: String::new(),
+            })
+        })
+        .collect();
+    let e = rule_entries(&policy_with(rules, 1), 0);
+    assert!(
+        matches!(e, Err(PolicyError::TooManyRules { .. })),
+        "{:?}",
+        e.map(|v| v.len())
+    );
+}

@@ -1,0 +1,534 @@
+//! Identity matching: which identity a process gets, directly from its facts ([`resolve`])
+//! and as the kernel does it from interned classes ([`Classes`]).
+
+use std::collections::{BTreeSet, HashMap};
+
+use enforcer_common::{ANY, BIN_NONE, CG_NONE, IdMatchKey};
+
+use super::glob::cgroup_glob_match;
+use super::{MatchEntry, Policy};
+
+/// Facts of one process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProcessFacts<'a> {
+    pub sha256: Option<&'a [u8; 32]>,
+    pub exe_path: Option<&'a str>,
+    /// Path relative to the cgroup2 root, e.g. `/system.slice/x.service`.
+    pub cgroup: Option<&'a str>,
+    pub uid: u32,
+}
+
+/// The identity a process gets, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Resolution {
+    /// Identity number (0 = none).
+    pub ident: u32,
+    /// e.g. `identities[0].match[1]: binarySha256 + cgroup`, or `no identity matched`.
+    pub reason: String,
+    /// Set when two identities matched with equal specificity (the lower number won).
+    pub tie: Option<String>,
+}
+
+/// What a selector is checked against; the cgroup as a predicate over the policy's globs so
+/// that classes (sets of matched globs) and real paths share one implementation.
+struct Probe<'a> {
+    sha256: Option<&'a [u8; 32]>,
+    exe_path: Option<&'a str>,
+    cgroup: &'a dyn Fn(&str) -> bool,
+    uid: u32,
+}
+
+fn holds(e: &MatchEntry, p: &Probe<'_>) -> bool {
+    (e.binary_sha256.is_empty() || p.sha256.is_some_and(|h| e.binary_sha256.contains(h)))
+        && (e.binary_path.is_empty()
+            || p.exe_path
+                .is_some_and(|x| e.binary_path.iter().any(|b| b == x)))
+        && (e.cgroup.is_empty() || e.cgroup.iter().any(|g| (p.cgroup)(g)))
+        && (e.uid.is_empty() || e.uid.contains(&p.uid))
+}
+
+/// (binary tier: hash 2, path 1, none 0; number of selectors). Higher is more specific.
+fn specificity(e: &MatchEntry) -> (u8, usize) {
+    let tier = if !e.binary_sha256.is_empty() {
+        2
+    } else if !e.binary_path.is_empty() {
+        1
+    } else {
+        0
+    };
+    let n = [
+        e.binary_sha256.is_empty(),
+        e.binary_path.is_empty(),
+        e.cgroup.is_empty(),
+        e.uid.is_empty(),
+    ]
+    .iter()
+    .filter(|empty| !**empty)
+    .count();
+    (tier, n)
+}
+
+fn selectors(e: &MatchEntry) -> String {
+    let mut s = Vec::new();
+    if !e.binary_sha256.is_empty() {
+        s.push("binarySha256");
+    }
+    if !e.binary_path.is_empty() {
+        s.push("binaryPath");
+    }
+    if !e.cgroup.is_empty() {
+        s.push("cgroup");
+    }
+    if !e.uid.is_empty() {
+        s.push("uid");
+    }
+    s.join(" + ")
+}
+
+fn ident_of(i: usize) -> u32 {
+    u32::try_from(i + 1).unwrap_or(u32::MAX)
+}
+
+fn resolve_probe(policy: &Policy, p: &Probe<'_>) -> Resolution {
+    // Best entry per identity: (specificity, identity index, entry index).
+    let mut best: Option<((u8, usize), usize, usize)> = None;
+    let mut tie: Option<(usize, usize)> = None;
+    for (i, id) in policy.identities.iter().enumerate() {
+        let mut mine: Option<((u8, usize), usize)> = None;
+        for (j, e) in id.matches.iter().enumerate() {
+            if holds(e, p) {
+                let s = specificity(e);
+                if mine.is_none_or(|(ms, _)| s > ms) {
+                    mine = Some((s, j));
+                }
+            }
+        }
+        let Some((s, j)) = mine else { continue };
+        match best {
+            None => best = Some((s, i, j)),
+            Some((bs, _, _)) if s > bs => {
+                best = Some((s, i, j));
+                tie = None;
+            }
+            Some((bs, bi, _)) if s == bs => {
+                if tie.is_none() {
+                    tie = Some((bi, i));
+                }
+            }
+            Some(_) => {}
+        }
+    }
+    let Some((_, i, j)) = best else {
+        return Resolution {
+            ident: 0,
+            reason: "no identity matched".into(),
+            tie: None,
+        };
+    };
+    let entry = &policy.identities[i].matches[j];
+    let tie = tie.map(|(a, b)| {
+        format!(
+            "identities[{a}] {:?} and identities[{b}] {:?} matched with equal specificity ({}); chose identities[{a}]",
+            policy.identities[a].name,
+            policy.identities[b].name,
+            selectors(entry)
+        )
+    });
+    Resolution {
+        ident: ident_of(i),
+        reason: format!("identities[{i}].match[{j}]: {}", selectors(entry)),
+        tie,
+    }
+}
+
+/// The identity of a process with these facts. An entry matches when every selector it has
+/// holds; a missing fact makes a selector on it fail. The most specific entry wins (a hash
+/// beats a path beats neither, then more selectors beat fewer); on equal specificity of two
+/// identities the lower identity number wins and `tie` says so.
+pub fn resolve(policy: &Policy, facts: &ProcessFacts<'_>) -> Resolution {
+    let cg = |g: &str| facts.cgroup.is_some_and(|c| cgroup_glob_match(g, c));
+    resolve_probe(
+        policy,
+        &Probe {
+            sha256: facts.sha256,
+            exe_path: facts.exe_path,
+            cgroup: &cg,
+            uid: facts.uid,
+        },
+    )
+}
+
+/// Interning tables of the kernel's binary and cgroup classes for one policy.
+#[derive(Debug, Clone)]
+pub struct Classes {
+    policy: Policy,
+    sha_atoms: Vec<[u8; 32]>,
+    path_atoms: Vec<String>,
+    globs: Vec<String>,
+    uid_atoms: Vec<u32>,
+    /// Class `k` (1-based) is `bins[k - 1]`.
+    bins: Vec<(Option<usize>, Option<usize>)>,
+    bin_index: HashMap<(Option<usize>, Option<usize>), u32>,
+    cgs: Vec<Vec<usize>>,
+    cg_index: HashMap<Vec<usize>, u32>,
+}
+
+fn class_number(len: usize) -> u32 {
+    u32::try_from(len).unwrap_or(u32::MAX)
+}
+
+impl Classes {
+    pub fn new(policy: &Policy) -> Self {
+        let mut sha = BTreeSet::new();
+        let mut path = BTreeSet::new();
+        let mut glob = BTreeSet::new();
+        let mut uid = BTreeSet::new();
+        for e in policy.identities.iter().flat_map(|i| &i.matches) {
+            sha.extend(e.binary_sha256.iter().copied());
+            path.extend(e.binary_path.iter().cloned());
+            glob.extend(e.cgroup.iter().cloned());
+            uid.extend(e.uid.iter().copied());
+        }
+        Classes {
+            policy: policy.clone(),
+            sha_atoms: sha.into_iter().collect(),
+            path_atoms: path.into_iter().collect(),
+            globs: glob.into_iter().collect(),
+            uid_atoms: uid.into_iter().filter(|u| *u != ANY).collect(),
+            bins: Vec::new(),
+            bin_index: HashMap::new(),
+            cgs: Vec::new(),
+            cg_index: HashMap::new(),
+        }
+    }
+
+    /// True when the policy has cgroup selectors (exec must classify the cgroup).
+    pub fn uses_cgroups(&self) -> bool {
+        !self.globs.is_empty()
+    }
+
+    /// Binary class of a file: interned from (which binarySha256 atom it matches, which
+    /// binaryPath atom it matches); [`BIN_NONE`] when it matches neither. Classes start at 1.
+    pub fn bin_class(&mut self, sha256: &[u8; 32], exe_path: Option<&str>) -> u32 {
+        let s = self.sha_atoms.binary_search(sha256).ok();
+        let p = exe_path.and_then(|x| self.path_atoms.iter().position(|a| a == x));
+        if s.is_none() && p.is_none() {
+            return BIN_NONE;
+        }
+        if let Some(c) = self.bin_index.get(&(s, p)) {
+            return *c;
+        }
+        self.bins.push((s, p));
+        let c = class_number(self.bins.len());
+        self.bin_index.insert((s, p), c);
+        c
+    }
+
+    /// Cgroup class: interned set of the policy's cgroup globs this path matches;
+    /// [`CG_NONE`] when none.
+    pub fn cg_class(&mut self, cgroup_path: &str) -> u32 {
+        let set: Vec<usize> = self
+            .globs
+            .iter()
+            .enumerate()
+            .filter(|(_, g)| cgroup_glob_match(g, cgroup_path))
+            .map(|(i, _)| i)
+            .collect();
+        if set.is_empty() {
+            return CG_NONE;
+        }
+        if let Some(c) = self.cg_index.get(&set) {
+            return *c;
+        }
+        self.cgs.push(set.clone());
+        let c = class_number(self.cgs.len());
+        self.cg_index.insert(set, c);
+        c
+    }
+
+    fn ident_for(
+        &self,
+        bin: Option<&(Option<usize>, Option<usize>)>,
+        cg: &[usize],
+        uid: u32,
+    ) -> u32 {
+        let (s, p) = bin.copied().unwrap_or((None, None));
+        let in_class = |g: &str| {
+            cg.iter()
+                .any(|i| self.globs.get(*i).is_some_and(|x| x == g))
+        };
+        let probe = Probe {
+            sha256: s.and_then(|i| self.sha_atoms.get(i)),
+            exe_path: p.and_then(|i| self.path_atoms.get(i)).map(String::as_str),
+            cgroup: &in_class,
+            uid,
+        };
+        resolve_probe(&self.policy, &probe).ident
+    }
+
+    /// Every `IdMatchKey -> identity` entry needed for all classes interned so far (class 0
+    /// included), consistent with [`resolve`] under the kernel's two lookups
+    /// `(gen, bin, cg, uid)` then `(gen, bin, cg, ANY)`: per (bin, cg) pair one `uid = ANY`
+    /// entry (what a uid named by no selector gets) plus one per uid atom of the policy whose
+    /// identity differs from it. Entries with identity 0 are omitted.
+    pub fn idmatch_entries(&self, generation: u32) -> Vec<(IdMatchKey, u32)> {
+        let mut out = Vec::new();
+        let none: Vec<usize> = Vec::new();
+        for bin in 0..=self.bins.len() {
+            let bin_rep = bin.checked_sub(1).and_then(|k| self.bins.get(k));
+            for cg in 0..=self.cgs.len() {
+                let cg_rep = cg
+                    .checked_sub(1)
+                    .and_then(|k| self.cgs.get(k))
+                    .unwrap_or(&none);
+                let key = |uid| IdMatchKey {
+                    generation,
+                    bin: class_number(bin),
+                    cg: class_number(cg),
+                    uid,
+                };
+                let any = self.ident_for(bin_rep, cg_rep, ANY);
+                if any != 0 {
+                    out.push((key(ANY), any));
+                }
+                for &u in &self.uid_atoms {
+                    let id = self.ident_for(bin_rep, cg_rep, u);
+                    if id != 0 && id != any {
+                        out.push((key(u), id));
+                    }
+                }
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::{Action, Identity, Mode};
+
+    pub(crate) struct Rng(u64);
+    impl Rng {
+        pub(crate) fn next(&mut self) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0
+        }
+        pub(crate) fn below(&mut self, n: usize) -> usize {
+            (self.next() % n.max(1) as u64) as usize
+        }
+        fn chance(&mut self, pct: u64) -> bool {
+            self.next() % 100 < pct
+        }
+    }
+
+    fn h(b: u8) -> [u8; 32] {
+        [b; 32]
+    }
+
+    const GLOBS: &[&str] = &["/a/**", "/a/b", "/*/c", "/**", "/b/*.service", "/a/b/**"];
+    const PATHS: &[&str] = &["/bin/x", "/bin/y", "/bin/z"];
+    const CGS: &[&str] = &[
+        "/",
+        "/a",
+        "/a/b",
+        "/a/c",
+        "/b/c",
+        "/b/x.service",
+        "/a/b/d",
+        "/z",
+    ];
+    const UIDS: &[u32] = &[0, 1000, 1001];
+
+    fn pick<T: Clone>(r: &mut Rng, pool: &[T]) -> Vec<T> {
+        let mut v: Vec<T> = Vec::new();
+        for x in pool {
+            if r.chance(35) {
+                v.push(x.clone());
+            }
+        }
+        if v.is_empty() {
+            v.push(pool[r.below(pool.len())].clone());
+        }
+        v
+    }
+
+    fn random_policy(r: &mut Rng) -> Policy {
+        let n = 1 + r.below(4);
+        let identities = (0..n)
+            .map(|i| Identity {
+                name: format!("id{i}"),
+                spiffe_id: format!("spiffe://t/id{i}"),
+                matches: (0..1 + r.below(3))
+                    .map(|_| {
+                        let mut e = MatchEntry::default();
+                        while e == MatchEntry::default() {
+                            if r.chance(40) {
+                                e.binary_sha256 = pick(r, &[h(1), h(2), h(3)]);
+                            }
+                            if r.chance(30) {
+                                e.binary_path =
+                                    pick(r, PATHS).iter().map(|s| s.to_string()).collect();
+                            }
+                            if r.chance(40) {
+                                e.cgroup = pick(r, GLOBS).iter().map(|s| s.to_string()).collect();
+                            }
+                            if r.chance(40) {
+                                e.uid = pick(r, UIDS);
+                            }
+                        }
+                        e
+                    })
+                    .collect(),
+            })
+            .collect();
+        Policy {
+            trust_domain: "t".into(),
+            mode: Mode::Enforce,
+            unattested: Action::Allow,
+            scope: vec!["/".into()],
+            report_allow: false,
+            identities,
+            rules: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn specificity_and_tie() {
+        let e = |sha: bool, path: bool, uid: bool| MatchEntry {
+            binary_sha256: if sha { vec![h(1)] } else { vec![] },
+            binary_path: if path { vec!["/x".into()] } else { vec![] },
+            cgroup: vec![],
+            uid: if uid { vec![7] } else { vec![] },
+        };
+        let mut p = random_policy(&mut Rng(5));
+        p.identities = vec![
+            Identity {
+                name: "a".into(),
+                spiffe_id: "spiffe://t/a".into(),
+                matches: vec![e(false, true, true)],
+            },
+            Identity {
+                name: "b".into(),
+                spiffe_id: "spiffe://t/b".into(),
+                matches: vec![e(true, false, false)],
+            },
+            Identity {
+                name: "c".into(),
+                spiffe_id: "spiffe://t/c".into(),
+                matches: vec![e(true, false, false)],
+            },
+        ];
+        let facts = ProcessFacts {
+            sha256: Some(&h(1)),
+            exe_path: Some("/x"),
+            cgroup: None,
+            uid: 7,
+        };
+        let r = resolve(&p, &facts);
+        assert_eq!(r.ident, 2);
+        assert_eq!(r.reason, "identities[1].match[0]: binarySha256");
+        assert!(r.tie.is_some());
+        let r = resolve(
+            &p,
+            &ProcessFacts {
+                sha256: None,
+                ..facts
+            },
+        );
+        assert_eq!((r.ident, r.tie), (1, None));
+        assert_eq!(r.reason, "identities[0].match[0]: binaryPath + uid");
+        let r = resolve(
+            &p,
+            &ProcessFacts {
+                sha256: None,
+                uid: 8,
+                ..facts
+            },
+        );
+        assert_eq!(r.ident, 0);
+        assert_eq!(r.reason, "no identity matched");
+    }
+
+    #[test]
+    fn classes_agree_with_resolve() {
+        let mut r = Rng(0x9e37_79b9_7f4a_7c15);
+        for _ in 0..300 {
+            let p = random_policy(&mut r);
+            let mut classes = Classes::new(&p);
+            let mut samples = Vec::new();
+            for _ in 0..40 {
+                let sha = h(1 + r.below(4) as u8);
+                let path = [
+                    Some("/bin/x"),
+                    Some("/bin/y"),
+                    Some("/bin/z"),
+                    Some("/other"),
+                    None,
+                ][r.below(5)];
+                let cg = CGS[r.below(CGS.len())];
+                let uid = [0, 1000, 1001, 5][r.below(4)];
+                let bin = classes.bin_class(&sha, path);
+                let cgc = classes.cg_class(cg);
+                samples.push((sha, path, cg, uid, bin, cgc));
+            }
+            for generation in [0, 1] {
+                let map: HashMap<IdMatchKey, u32> =
+                    classes.idmatch_entries(generation).into_iter().collect();
+                for (sha, path, cg, uid, bin, cgc) in &samples {
+                    let k = |uid| IdMatchKey {
+                        generation,
+                        bin: *bin,
+                        cg: *cgc,
+                        uid,
+                    };
+                    let kernel = map
+                        .get(&k(*uid))
+                        .or_else(|| map.get(&k(ANY)))
+                        .copied()
+                        .unwrap_or(0);
+                    let facts = ProcessFacts {
+                        sha256: Some(sha),
+                        exe_path: *path,
+                        cgroup: Some(cg),
+                        uid: *uid,
+                    };
+                    assert_eq!(kernel, resolve(&p, &facts).ident, "{p:?} {facts:?}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn class_numbers() {
+        let mut p = random_policy(&mut Rng(77));
+        p.identities[0].matches = vec![MatchEntry {
+            binary_sha256: vec![h(9)],
+            cgroup: vec!["/a/**".into()],
+            ..MatchEntry::default()
+        }];
+        p.identities.truncate(1);
+        let mut c = Classes::new(&p);
+        assert_eq!(c.bin_class(&h(200), None), BIN_NONE);
+        assert_eq!(c.bin_class(&h(9), Some("/x")), 1);
+        assert_eq!(c.bin_class(&h(9), None), 1);
+        assert_eq!(c.cg_class("/nowhere/at/all"), CG_NONE);
+        assert_eq!(c.cg_class("/a/b"), 1);
+        assert_eq!(c.cg_class("/a"), 1);
+        let e = c.idmatch_entries(1);
+        assert_eq!(
+            e,
+            vec![(
+                IdMatchKey {
+                    generation: 1,
+                    bin: 1,
+                    cg: 1,
+                    uid: ANY
+                },
+                1
+            )]
+        );
+    }
+}
