@@ -84,6 +84,19 @@ impl Agent {
         let offsets = btf::kernel_offsets().context(
             "reading kernel struct offsets from /sys/kernel/btf/vmlinux (a kernel with CONFIG_DEBUG_INFO_BTF is required)",
         )?;
+        // Everything about the policy that can be refused is refused before the kernel is
+        // touched: a rejected policy leaves no pin and no attachment behind.
+        scope_dirs(&opts.policy, &cg_mount)?;
+        policy::rule_entries(&opts.policy, 0).map_err(anyhow::Error::new)?;
+        let fresh = !opts.pin_dir.join(MAP_CONFIG).exists();
+        let started = Self::start_kernel(opts, cg_mount, offsets);
+        if started.is_err() && fresh {
+            let _ = crate::kernel::uninstall(&opts.pin_dir);
+        }
+        started
+    }
+
+    fn start_kernel(opts: &Options, cg_mount: PathBuf, offsets: KernelOffsets) -> Result<Self> {
         let mut kernel = Kernel::load(&opts.pin_dir)?;
         if kernel.took_over {
             tracing::info!(pins = %opts.pin_dir.display(), "taking over pinned kernel state; enforcement never stopped");
@@ -261,7 +274,11 @@ impl Agent {
                     // with what we hashed (overlayfs may report another dev/ino).
                     let key = match ev {
                         Some(ev) if same_content_key(&ev.exe, &facts.key) => ev.exe,
-                        _ => facts.key,
+                        Some(ev) => {
+                            tracing::debug!(pid, kernel = ?ev.exe, fstat = ?facts.key, "exec key differs from fstat");
+                            facts.key
+                        }
+                        None => facts.key,
                     };
                     self.kernel
                         .maps
@@ -587,6 +604,23 @@ impl Agent {
         }
         Ok(())
     }
+}
+
+/// The scope cgroups of a policy: (folder, cgroup id), each checked to exist.
+fn scope_dirs(policy: &Policy, cg_mount: &Path) -> Result<Vec<(PathBuf, u64)>> {
+    if policy.scope.len() > MAX_SCOPES as usize {
+        bail!("the policy has {} scopes; at most {MAX_SCOPES} are supported", policy.scope.len());
+    }
+    let mut out = Vec::new();
+    for s in &policy.scope {
+        let rel = s.trim_start_matches('/');
+        let dir = if rel.is_empty() { cg_mount.to_path_buf() } else { cg_mount.join(rel) };
+        let id = attest::cgroup_id(cg_mount, s).with_context(|| {
+            format!("scope {s}: no such cgroup under {}; create it or fix `scope`", cg_mount.display())
+        })?;
+        out.push((dir, id));
+    }
+    Ok(out)
 }
 
 fn tracked(f: &attest::Facts, exe_id: u32) -> Tracked {

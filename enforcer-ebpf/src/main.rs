@@ -51,6 +51,7 @@ static EVENTS: RingBuf = RingBuf::pinned(EVENTS_BYTES, 0);
 static SCOPES: CgroupArray = CgroupArray::pinned(MAX_SCOPES, 0);
 
 const SIGSTOP: u32 = 19;
+const NSEC_MASK: u32 = 0x3fff_ffff;
 const ALLOW: i32 = 1;
 const DENY: i32 = 0;
 
@@ -361,8 +362,10 @@ fn exe_key(o: &KernelOffsets, bprm: u64) -> Result<ExeKey, i32> {
             ino: read::<u64>(inode, o.inode_ino)?,
             size: read::<u64>(inode, o.inode_size)?,
             mtime_sec: read::<i64>(inode, o.inode_mtime_sec)?,
-            mtime_nsec: read::<u32>(inode, o.inode_mtime_nsec)?,
-            ctime_nsec: read::<u32>(inode, o.inode_ctime_nsec)?,
+            // Multigrain timestamps (6.13+) keep a "queried" flag in bit 31 of the ctime
+            // nanoseconds; nanoseconds never reach bit 30, so the mask only drops flags.
+            mtime_nsec: read::<u32>(inode, o.inode_mtime_nsec)? & NSEC_MASK,
+            ctime_nsec: read::<u32>(inode, o.inode_ctime_nsec)? & NSEC_MASK,
             ctime_sec: read::<i64>(inode, o.inode_ctime_sec)?,
         })
     }

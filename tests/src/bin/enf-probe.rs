@@ -1,0 +1,107 @@
+//! A tiny real binary the kernel tests run (and copy, and patch) as a workload.
+//!
+//! usage:
+//!   enf-probe tcp ADDR:PORT          connect() a TCP socket
+//!   enf-probe udp ADDR:PORT          connect() a UDP socket, then send
+//!   enf-probe sendto ADDR:PORT       sendto() on an unconnected UDP socket
+//!   enf-probe fork CMD...            fork; the child runs `enf-probe CMD...` without exec
+//!   enf-probe exec PATH ARGS...      exec PATH ARGS (to test re-attestation at exec)
+//!   enf-probe sleep SECS             sleep (a process to inspect)
+//! Exit status: 0 connected/sent, 13 EPERM (the kernel denied), 2 any other failure.
+//! With `v6only` as last argument, an AF_INET6 socket is used even for an IPv4-mapped address.
+
+use std::{
+    hint::black_box,
+    net::{SocketAddr, TcpStream, UdpSocket},
+    process::exit,
+    time::Duration,
+};
+
+/// Patched by tests to make a copy with one byte changed (a different sha256, same size).
+#[unsafe(no_mangle)]
+pub static ENF_PROBE_MARKER: [u8; 16] = *b"ENFPROBE-MARKER0";
+
+fn code(e: &std::io::Error) -> i32 {
+    if e.raw_os_error() == Some(libc::EPERM) { 13 } else { 2 }
+}
+
+fn run(args: &[String]) -> i32 {
+    black_box(&ENF_PROBE_MARKER);
+    let Some(cmd) = args.first() else {
+        eprintln!("enf-probe: missing command");
+        return 2;
+    };
+    let addr = || -> SocketAddr {
+        match args.get(1).and_then(|a| a.parse().ok()) {
+            Some(a) => a,
+            None => {
+                eprintln!("enf-probe: bad address {:?}", args.get(1));
+                exit(2)
+            }
+        }
+    };
+    match cmd.as_str() {
+        "tcp" => match TcpStream::connect_timeout(&addr(), Duration::from_secs(5)) {
+            Ok(_) => 0,
+            Err(e) => code(&e),
+        },
+        "udp" => {
+            let a = addr();
+            let bind: SocketAddr = if a.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }.parse().unwrap_or(a);
+            let s = match UdpSocket::bind(bind) {
+                Ok(s) => s,
+                Err(e) => return code(&e),
+            };
+            match s.connect(a).and_then(|()| s.send(b"x")) {
+                Ok(_) => 0,
+                Err(e) => code(&e),
+            }
+        }
+        "sendto" => {
+            let a = addr();
+            let bind: SocketAddr = if a.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }.parse().unwrap_or(a);
+            let s = match UdpSocket::bind(bind) {
+                Ok(s) => s,
+                Err(e) => return code(&e),
+            };
+            match s.send_to(b"x", a) {
+                Ok(_) => 0,
+                Err(e) => code(&e),
+            }
+        }
+        "fork" => {
+            // SAFETY: single-threaded program; the child only runs plain Rust then exits.
+            match unsafe { libc::fork() } {
+                -1 => 2,
+                0 => exit(run(&args[1..])),
+                child => {
+                    let mut status = 0;
+                    // SAFETY: waiting for our own child.
+                    unsafe { libc::waitpid(child, &mut status, 0) };
+                    if libc::WIFEXITED(status) { libc::WEXITSTATUS(status) } else { 2 }
+                }
+            }
+        }
+        "exec" => {
+            use std::os::unix::process::CommandExt as _;
+            let Some(path) = args.get(1) else { return 2 };
+            let e = std::process::Command::new(path).args(&args[2..]).exec();
+            eprintln!("enf-probe: exec {path}: {e}");
+            2
+        }
+        "sleep" => {
+            let secs = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(60);
+            std::thread::sleep(Duration::from_secs(secs));
+            0
+        }
+        other => {
+            eprintln!("enf-probe: unknown command {other}");
+            2
+        }
+    }
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    exit(run(&args));
+}

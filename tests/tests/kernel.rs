@@ -1,0 +1,356 @@
+//! Real-kernel tests: the real agent and kernel programs, cgroups created here, real binaries
+//! (copies of `enf-probe`) connecting to listeners on 127.0.0.1 and ::1 over TCP and UDP.
+//! Exit codes of the probe: 0 = connected/sent, 13 = EPERM from the kernel.
+
+use std::{fs, path::Path, time::Duration};
+
+use enforcer_tests::*;
+
+const PROBE_BIN: &str = env!("CARGO_BIN_EXE_enf-probe");
+const OK: i32 = 0;
+const EPERM: i32 = 13;
+
+/// A policy with identity `app` = the given hash, allowed to tcp4/udp6 listener ports.
+fn policy(scope: &str, mode: &str, unattested: &str, sha: &str, l: &Listeners) -> String {
+    format!(
+        r#"apiVersion: enforcer/v1
+kind: Policy
+trustDomain: test.example.org
+mode: {mode}
+unattested: {unattested}
+scope: ["{scope}"]
+identities:
+  - name: app
+    match:
+      - binarySha256: [{sha}]
+rules:
+  - identity: app
+    egress:
+      - to: {{cidr: 127.0.0.1/32, ports: [{tcp4}], protocol: tcp}}
+      - to: {{cidr: "::1/128", ports: [{tcp6}], protocol: tcp}}
+      - to: {{cidr: "::1/128", ports: [{udp6}], protocol: udp}}
+      - to: {{cidr: 127.0.0.0/8, ports: [{udp4}], protocol: udp}}
+    deny:
+      - to: {{cidr: 127.0.0.2/32}}
+"#,
+        tcp4 = l.tcp4.port(),
+        tcp6 = l.tcp6.port(),
+        udp6 = l.udp6.port(),
+        udp4 = l.udp4.port(),
+    )
+}
+
+struct Setup {
+    cg: TestCgroup,
+    l: Listeners,
+    dir: TempDir,
+    app: std::path::PathBuf,
+    other: std::path::PathBuf,
+}
+
+/// A cgroup, listeners, `app` (the allowed binary, settled so the kernel caches it) and
+/// `other` (the same binary with one byte changed).
+fn setup(tag: &str) -> Setup {
+    let cg = TestCgroup::new(tag);
+    let l = Listeners::new();
+    let dir = TempDir::new(tag);
+    let app = dir.path("app");
+    let other = dir.path("other");
+    copy_probe(Path::new(PROBE_BIN), &app, None);
+    copy_probe(Path::new(PROBE_BIN), &other, Some(b'1'));
+    Setup { cg, l, dir, app, other }
+}
+
+fn s(a: std::net::SocketAddr) -> String {
+    a.to_string()
+}
+
+#[test]
+fn enforce_tcp_udp_ipv4_ipv6() {
+    if !require_root("enforce_tcp_udp_ipv4_ipv6") {
+        return;
+    }
+    let st = setup("v4v6");
+    let sha = sha256_file(&st.app);
+    let agent = Agent::start(&policy(&st.cg.rel, "enforce", "deny", &sha, &st.l));
+    let l = &st.l;
+    let wrong_tcp4 = format!("127.0.0.1:{}", l.tcp6.port());
+    let mapped_ok = format!("[::ffff:127.0.0.1]:{}", l.tcp4.port());
+    let mapped_udp_ok = format!("[::ffff:127.0.0.1]:{}", l.udp4.port());
+    let mapped_bad = format!("[::ffff:127.0.0.1]:{}", l.tcp6.port());
+    let denied_host = format!("127.0.0.2:{}", l.udp4.port());
+    let cases: Vec<(&str, String, i32)> = vec![
+        ("tcp", s(l.tcp4), OK),
+        ("tcp", s(l.tcp6), OK),
+        ("tcp", wrong_tcp4, EPERM),
+        ("tcp", s(l.extra4), EPERM),
+        ("udp", s(l.udp6), OK),
+        ("sendto", s(l.udp6), OK),
+        ("udp", s(l.udp4), OK),
+        ("sendto", s(l.udp4), OK),
+        // protocol matters: the tcp4 port over udp is not allowed
+        ("sendto", format!("127.0.0.1:{}", l.tcp4.port()), EPERM),
+        // IPv4-mapped IPv6 is judged as the IPv4 address it carries
+        ("tcp", mapped_ok, OK),
+        ("tcp", mapped_bad, EPERM),
+        ("udp", mapped_udp_ok.clone(), OK),
+        ("sendto", mapped_udp_ok, OK),
+        // a deny entry wins over the 127.0.0.0/8 allow
+        ("sendto", denied_host, EPERM),
+    ];
+    for (cmd, addr, want) in &cases {
+        let got = run_in(&st.cg, &st.app, &[cmd, addr]);
+        assert_eq!(got, *want, "app {cmd} {addr}: got exit {got}, want {want}\n{}", agent.log());
+    }
+    // The same binary with one byte changed is unattested, and unattested is denied.
+    for (cmd, addr) in [("tcp", s(l.tcp4)), ("udp", s(l.udp6)), ("sendto", s(l.udp4))] {
+        let got = run_in(&st.cg, &st.other, &[cmd, &addr]);
+        assert_eq!(got, EPERM, "modified copy {cmd} {addr} must be denied\n{}", agent.log());
+    }
+    // Outside the scope nothing is enforced.
+    let outside = std::process::Command::new(&st.other)
+        .args(["tcp", &s(l.tcp4)])
+        .status()
+        .expect("running the probe outside the scope");
+    assert_eq!(outside.code(), Some(OK), "a process outside the scope must not be judged");
+    // Deny events name the identity and the rule.
+    std::thread::sleep(Duration::from_millis(300));
+    let evs = agent.events();
+    let deny = evs
+        .iter()
+        .find(|e| e["verdict"] == "deny" && e["identity"] == "spiffe://test.example.org/app")
+        .unwrap_or_else(|| panic!("no deny event for the app identity in {evs:?}"));
+    for key in ["pid", "exe", "sha256", "cgroup", "uid", "dst", "port", "protocol", "rule"] {
+        assert!(!deny[key].is_null(), "event key {key} missing in {deny}");
+    }
+    assert_eq!(deny["sha256"], sha.as_str());
+    assert!(
+        evs.iter().any(|e| e["verdict"] == "deny" && e["identity"].is_null() && e["rule"] == "unattested"),
+        "no unattested deny event in {evs:?}"
+    );
+}
+
+#[test]
+fn audit_mode_allows_and_reports() {
+    if !require_root("audit_mode_allows_and_reports") {
+        return;
+    }
+    let st = setup("audit");
+    let sha = sha256_file(&st.app);
+    let agent = Agent::start(&policy(&st.cg.rel, "audit", "deny", &sha, &st.l));
+    let bad = s(st.l.extra4);
+    assert_eq!(run_in(&st.cg, &st.app, &["tcp", &bad]), OK, "audit mode must not deny");
+    assert_eq!(run_in(&st.cg, &st.other, &["sendto", &s(st.l.udp4)]), OK, "audit mode must not deny unattested");
+    std::thread::sleep(Duration::from_millis(300));
+    let evs = agent.events();
+    assert!(
+        evs.iter().any(|e| e["verdict"] == "audit" && e["port"] == st.l.extra4.port() && e["protocol"] == "tcp"),
+        "no audit event for the would-be deny in {evs:?}"
+    );
+    assert!(
+        evs.iter().any(|e| e["verdict"] == "audit" && e["identity"].is_null() && e["protocol"] == "udp"),
+        "no audit event for the unattested sendto in {evs:?}"
+    );
+}
+
+/// 5a: identity from the very first connect after exec, for a file the kernel knows by inode
+/// (never held) and for a file never seen before (held at exec until attested).
+#[test]
+fn identity_in_force_at_first_connect_after_exec() {
+    if !require_root("identity_in_force_at_first_connect_after_exec") {
+        return;
+    }
+    let st = setup("exec");
+    let sha = sha256_file(&st.app);
+    let _agent = Agent::start(&policy(&st.cg.rel, "enforce", "deny", &sha, &st.l));
+    let tcp4 = s(st.l.tcp4);
+    // A file never seen before: a fresh copy with the allowed content, new inode.
+    let fresh = st.dir.path("fresh");
+    copy_probe(Path::new(PROBE_BIN), &fresh, None);
+    let (code, held) = wait_traced(spawn_in(&st.cg, &fresh, &["tcp", &tcp4]));
+    assert_eq!(code, OK, "a never-seen copy of the allowed binary must be allowed at its first connect");
+    assert!(held, "a never-seen binary must be held at exec until attested");
+    // A file the kernel knows: settle it, run it once (attested and cached by inode), then
+    // again: allowed with no hold at all, the kernel resolved it at exec.
+    let known = st.dir.path("known");
+    copy_probe(Path::new(PROBE_BIN), &known, None);
+    let_settle();
+    assert_eq!(run_in(&st.cg, &known, &["tcp", &tcp4]), OK);
+    for _ in 0..5 {
+        let (code, held) = wait_traced(spawn_in(&st.cg, &known, &["tcp", &tcp4]));
+        assert_eq!(code, OK, "a known binary must be allowed at its first connect");
+        assert!(!held, "a known binary must not be held: its identity is resolved in the kernel at exec");
+    }
+    // And the kernel denies a never-seen unattested binary from its first connect too.
+    let fresh_bad = st.dir.path("fresh-bad");
+    copy_probe(Path::new(PROBE_BIN), &fresh_bad, Some(b'7'));
+    assert_eq!(run_in(&st.cg, &fresh_bad, &["tcp", &tcp4]), EPERM);
+}
+
+/// 5c: a binary rewritten in place (same inode, same size) after attestation does not keep
+/// the old identity.
+#[test]
+fn rewritten_in_place_loses_identity() {
+    if !require_root("rewritten_in_place_loses_identity") {
+        return;
+    }
+    let st = setup("rewrite");
+    let sha = sha256_file(&st.app);
+    let _agent = Agent::start(&policy(&st.cg.rel, "enforce", "deny", &sha, &st.l));
+    let tcp4 = s(st.l.tcp4);
+    let target = st.dir.path("target");
+    copy_probe(Path::new(PROBE_BIN), &target, None);
+    let_settle();
+    assert_eq!(run_in(&st.cg, &target, &["tcp", &tcp4]), OK);
+    let (_, held) = wait_traced(spawn_in(&st.cg, &target, &["tcp", &tcp4]));
+    assert!(!held, "the settled file should be known to the kernel by now");
+    // Rewrite in place: same inode, same size, one byte different.
+    let ino_before = fs::metadata(&target).map(|m| std::os::unix::fs::MetadataExt::ino(&m)).expect("stat");
+    let new = fs::read(&st.other).expect("reading other");
+    {
+        use std::io::Write as _;
+        let mut f = fs::OpenOptions::new().write(true).open(&target).expect("open for rewrite");
+        f.write_all(&new).expect("rewrite");
+    }
+    let ino_after = fs::metadata(&target).map(|m| std::os::unix::fs::MetadataExt::ino(&m)).expect("stat");
+    assert_eq!(ino_before, ino_after, "the rewrite must keep the inode");
+    assert_eq!(run_in(&st.cg, &target, &["tcp", &tcp4]), EPERM, "rewritten file kept the old identity");
+    // Even once settled (cacheable again), the new content never gets the old identity.
+    let_settle();
+    assert_eq!(run_in(&st.cg, &target, &["tcp", &tcp4]), EPERM);
+    assert_eq!(run_in(&st.cg, &target, &["tcp", &tcp4]), EPERM);
+}
+
+/// 5d: a child keeps its parent's identity until it execs; exec re-attests; an exited
+/// process's kernel entry is gone at once.
+#[test]
+fn fork_inherits_exec_reattests_exit_removes() {
+    if !require_root("fork_inherits_exec_reattests_exit_removes") {
+        return;
+    }
+    let st = setup("fork");
+    let sha = sha256_file(&st.app);
+    let agent = Agent::start(&policy(&st.cg.rel, "enforce", "deny", &sha, &st.l));
+    let tcp4 = s(st.l.tcp4);
+    // forked child of app, no exec: app's identity
+    assert_eq!(run_in(&st.cg, &st.app, &["fork", "tcp", &tcp4]), OK, "a forked child keeps its parent's identity");
+    // app execs other: the new program is judged as itself (unattested -> deny)
+    let other = st.other.to_string_lossy().into_owned();
+    assert_eq!(run_in(&st.cg, &st.app, &["exec", &other, "tcp", &tcp4]), EPERM, "exec must re-attest");
+    // other execs app: gains app's identity
+    let app = st.app.to_string_lossy().into_owned();
+    assert_eq!(run_in(&st.cg, &st.other, &["exec", &app, "tcp", &tcp4]), OK, "exec of the allowed binary");
+    // A forked child of an unattested parent stays unattested.
+    assert_eq!(run_in(&st.cg, &st.other, &["fork", "tcp", &tcp4]), EPERM);
+    // exit removes the entry at once
+    let mut child = spawn_in(&st.cg, &st.app, &["sleep", "30"]);
+    let pid = child.id();
+    let t0 = std::time::Instant::now();
+    while kernel_proc(&agent.pin_dir, pid).is_none_or(|p| p.flags & enforcer_common::PROC_PENDING != 0) {
+        assert!(t0.elapsed() < Duration::from_secs(5), "no attested kernel entry for a live process");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    child.kill().expect("killing our probe");
+    child.wait().expect("reaping our probe");
+    assert!(kernel_proc(&agent.pin_dir, pid).is_none(), "the entry of an exited process must be gone at once");
+}
+
+/// 5e: kill -9 of the agent leaves enforcement in force (links are pinned); a never-seen
+/// binary started meanwhile is held, not let through; a restarted agent takes over.
+#[test]
+fn kill9_keeps_enforcement_and_restart_takes_over() {
+    if !require_root("kill9_keeps_enforcement_and_restart_takes_over") {
+        return;
+    }
+    let st = setup("kill9");
+    let sha = sha256_file(&st.app);
+    let mut agent = Agent::start(&policy(&st.cg.rel, "enforce", "deny", &sha, &st.l));
+    let tcp4 = s(st.l.tcp4);
+    let_settle();
+    assert_eq!(run_in(&st.cg, &st.app, &["tcp", &tcp4]), OK);
+    assert_eq!(run_in(&st.cg, &st.other, &["tcp", &tcp4]), EPERM);
+    agent.kill9();
+    // Still enforced with no agent at all.
+    assert_eq!(run_in(&st.cg, &st.other, &["tcp", &tcp4]), EPERM, "kill -9 of the agent must not lift a deny");
+    assert_eq!(run_in(&st.cg, &st.app, &["tcp", &tcp4]), OK, "a known binary keeps its identity without the agent");
+    // A never-seen binary is held (fail closed) until an agent attests it.
+    let fresh = st.dir.path("fresh");
+    copy_probe(Path::new(PROBE_BIN), &fresh, None);
+    let child = spawn_in(&st.cg, &fresh, &["tcp", &tcp4]);
+    let pid = child.id();
+    std::thread::sleep(Duration::from_millis(500));
+    let state = fs::read_to_string(format!("/proc/{pid}/stat")).expect("reading the held probe's stat");
+    let st_char = state.rsplit_once(')').map(|(_, r)| r.trim_start().chars().next()).flatten();
+    assert_eq!(st_char, Some('T'), "a never-seen binary must be held while the agent is down: {state}");
+    agent.spawn();
+    let (code, held) = wait_traced(child);
+    assert!(held);
+    assert_eq!(code, OK, "the restarted agent must attest and release the held process\n{}", agent.log());
+    assert!(agent.log().contains("taking over pinned kernel state"), "{}", agent.log());
+    assert_eq!(run_in(&st.cg, &st.other, &["tcp", &tcp4]), EPERM);
+    assert_eq!(run_in(&st.cg, &st.app, &["tcp", &tcp4]), OK);
+}
+
+/// 5f: bad input gets one clear sentence, changes nothing, never panics.
+#[test]
+fn bad_input_is_refused_clearly() {
+    let dir = TempDir::new("bad");
+    let bin = agent_bin();
+    let bad = dir.path("bad.yaml");
+    fs::write(
+        &bad,
+        "apiVersion: enforcer/v1\nkind: Policy\ntrustDomain: x.org\nbogus: 1\nrules:\n  - identity: nobody\n    egress:\n      - to: {cidr: 10.0.0.1/8, ports: [70000]}\n",
+    )
+    .expect("write");
+    let (code, _, err) = run_cmd(&bin, &["policy", "check", bad.to_str().expect("path")]);
+    assert_eq!(code, 1, "{err}");
+    let name = bad.display().to_string();
+    for (line, what) in [(4, "bogus"), (6, "nobody"), (8, "10.0.0.1/8"), (8, "70000")] {
+        assert!(
+            err.lines().any(|l| l.starts_with(&format!("{name}:{line}:")) && l.contains(what)),
+            "no FILE:{line}:COL diagnostic mentioning {what} in:\n{err}"
+        );
+    }
+    assert!(!err.contains("panicked"), "{err}");
+    // compile refuses the same file and writes nothing
+    let out = dir.path("out.bundle");
+    let (code, _, err) = run_cmd(&bin, &["policy", "compile", bad.to_str().expect("path"), "-o", out.to_str().expect("path")]);
+    assert_eq!(code, 1, "{err}");
+    assert!(!out.exists(), "a rejected policy must not produce a bundle");
+    // missing file, bad flag, bad pid
+    let (code, _, err) = run_cmd(&bin, &["policy", "check", "/nonexistent/p.yaml"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("/nonexistent/p.yaml") && err.lines().count() == 1, "{err}");
+    let (code, _, err) = run_cmd(&bin, &["run", "--no-such-flag"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    let (code, _, err) = run_cmd(&bin, &["attest", "--pid", "notanumber"]);
+    assert_eq!(code, 2, "{err}");
+    // a good policy compiles, and the bundle checks back through `run --policy` parsing
+    let good = dir.path("good.yaml");
+    fs::write(&good, "apiVersion: enforcer/v1\nkind: Policy\ntrustDomain: x.org\nmode: audit\n").expect("write");
+    let (code, _, err) = run_cmd(&bin, &["policy", "compile", good.to_str().expect("p"), "-o", out.to_str().expect("p")]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.exists());
+}
+
+/// A policy the agent refuses at start leaves nothing behind (no pins, no attachment).
+#[test]
+fn rejected_policy_changes_nothing() {
+    if !require_root("rejected_policy_changes_nothing") {
+        return;
+    }
+    let dir = TempDir::new("reject");
+    let p = dir.path("p.yaml");
+    fs::write(&p, "apiVersion: enforcer/v1\nkind: Policy\ntrustDomain: x.org\nscope: [\"/no-such-cgroup-enftest\"]\n").expect("w");
+    let pins = Path::new("/sys/fs/bpf").join(unique("rejected"));
+    let (code, _, err) = run_cmd(
+        &agent_bin(),
+        &["run", "--policy", p.to_str().expect("p"), "--bpffs-dir", pins.join("v1").to_str().expect("p"), "--state-dir", dir.path("s").to_str().expect("p")],
+    );
+    let left = pins.exists();
+    remove_pins(&pins);
+    assert!(!left, "a refused policy left pins under {}", pins.display());
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("no-such-cgroup-enftest"), "{err}");
+}
