@@ -30,6 +30,8 @@ pub struct Options {
     pub policy: Policy,
     /// Where the policy came from, for messages.
     pub policy_source: String,
+    /// The policy file, re-read on SIGHUP (none: the embedded default).
+    pub policy_path: Option<PathBuf>,
     /// bpffs folder for pins (default `/sys/fs/bpf/enforcer/v1`).
     pub pin_dir: PathBuf,
     /// Folder for the agent's own state (default `/run/enforcer`).
@@ -319,28 +321,7 @@ impl Agent {
         };
         // Everything that can be rejected is computed before the kernel is touched.
         let rules = policy::rule_entries(&policy, next).map_err(anyhow::Error::new)?;
-        let mut scope_dirs = Vec::new();
-        for s in &policy.scope {
-            let rel = s.trim_start_matches('/');
-            let dir = if rel.is_empty() {
-                self.cg_mount.clone()
-            } else {
-                self.cg_mount.join(rel)
-            };
-            let id = attest::cgroup_id(&self.cg_mount, s).with_context(|| {
-                format!(
-                    "scope {s}: no such cgroup under {}; create it or fix `scope`",
-                    self.cg_mount.display()
-                )
-            })?;
-            scope_dirs.push((dir, id));
-        }
-        if scope_dirs.len() > MAX_SCOPES as usize {
-            bail!(
-                "the policy has {} scopes; at most {MAX_SCOPES} are supported",
-                scope_dirs.len()
-            );
-        }
+        let scope_dirs = scope_dirs(&policy, &self.cg_mount)?;
         let mut classes = Classes::new(&policy);
         let bins: Vec<(u32, u32)> = self
             .exes
@@ -445,6 +426,30 @@ impl Agent {
                 ..Default::default()
             };
             self.on_exec(&ev);
+        }
+    }
+
+    /// SIGHUP: re-read the policy file and apply it, all or nothing.
+    fn reload(&mut self, opts: &Options) {
+        let Some(path) = &opts.policy_path else {
+            tracing::warn!("SIGHUP: running the embedded default policy, nothing to re-read");
+            return;
+        };
+        let name = path.display().to_string();
+        let loaded = fs::read(path)
+            .with_context(|| format!("reading {name}"))
+            .and_then(|b| policy::load(&name, &b).map_err(anyhow::Error::new));
+        let res = loaded.and_then(|(p, warnings)| {
+            for w in warnings {
+                tracing::warn!("{}", w.render(&name));
+            }
+            self.apply(p)
+        });
+        match res {
+            Ok(()) => tracing::info!(policy = %name, "policy reloaded"),
+            Err(e) => {
+                tracing::error!(policy = %name, "policy rejected; the policy in force is unchanged: {e:#}")
+            }
         }
     }
 
@@ -565,6 +570,7 @@ impl Agent {
             .map_err(|e| anyhow::anyhow!("polling the event ring buffer: {e}"))?;
         let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
         let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
+        let mut hup = signal(SignalKind::hangup()).context("installing SIGHUP handler")?;
         let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
         tracing::info!("agent ready");
         loop {
@@ -590,6 +596,7 @@ impl Agent {
                     // A held process whose event was lost must not stay frozen.
                     self.settle_pending();
                 }
+                _ = hup.recv() => self.reload(opts),
                 _ = term.recv() => break,
                 _ = int.recv() => break,
             }
@@ -609,14 +616,24 @@ impl Agent {
 /// The scope cgroups of a policy: (folder, cgroup id), each checked to exist.
 fn scope_dirs(policy: &Policy, cg_mount: &Path) -> Result<Vec<(PathBuf, u64)>> {
     if policy.scope.len() > MAX_SCOPES as usize {
-        bail!("the policy has {} scopes; at most {MAX_SCOPES} are supported", policy.scope.len());
+        bail!(
+            "the policy has {} scopes; at most {MAX_SCOPES} are supported",
+            policy.scope.len()
+        );
     }
     let mut out = Vec::new();
     for s in &policy.scope {
         let rel = s.trim_start_matches('/');
-        let dir = if rel.is_empty() { cg_mount.to_path_buf() } else { cg_mount.join(rel) };
+        let dir = if rel.is_empty() {
+            cg_mount.to_path_buf()
+        } else {
+            cg_mount.join(rel)
+        };
         let id = attest::cgroup_id(cg_mount, s).with_context(|| {
-            format!("scope {s}: no such cgroup under {}; create it or fix `scope`", cg_mount.display())
+            format!(
+                "scope {s}: no such cgroup under {}; create it or fix `scope`",
+                cg_mount.display()
+            )
         })?;
         out.push((dir, id));
     }

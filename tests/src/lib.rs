@@ -29,11 +29,13 @@ pub fn require_root(test: &str) -> bool {
 pub fn cgroup2_mount() -> PathBuf {
     let text = fs::read_to_string("/proc/self/mountinfo").expect("reading /proc/self/mountinfo");
     for line in text.lines() {
-        let Some((left, right)) = line.split_once(" - ") else { continue };
-        if right.split_whitespace().next() == Some("cgroup2") {
-            if let Some(mp) = left.split_whitespace().nth(4) {
-                return PathBuf::from(mp);
-            }
+        let Some((left, right)) = line.split_once(" - ") else {
+            continue;
+        };
+        if right.split_whitespace().next() == Some("cgroup2")
+            && let Some(mp) = left.split_whitespace().nth(4)
+        {
+            return PathBuf::from(mp);
         }
     }
     panic!("no cgroup2 mount in /proc/self/mountinfo: the kernel tests need cgroup v2");
@@ -59,7 +61,10 @@ impl TestCgroup {
         let name = unique(tag);
         let dir = mount.join(&name);
         fs::create_dir(&dir).unwrap_or_else(|e| panic!("creating cgroup {}: {e}", dir.display()));
-        Self { dir, rel: format!("/{name}") }
+        Self {
+            dir,
+            rel: format!("/{name}"),
+        }
     }
 }
 
@@ -103,19 +108,17 @@ impl Listeners {
             stop: stop.clone(),
         };
         for l in [t4, t6, x4] {
-            l.set_nonblocking(true).expect("nonblocking");
+            // Blocking accept: a polling accept loop makes every connect wait for it.
             let stop = stop.clone();
             std::thread::spawn(move || {
                 while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                    match l.accept() {
-                        Ok(_) => {}
-                        Err(_) => std::thread::sleep(Duration::from_millis(5)),
-                    }
+                    let _ = l.accept();
                 }
             });
         }
         for u in [u4, u6] {
-            u.set_read_timeout(Some(Duration::from_millis(50))).expect("timeout");
+            u.set_read_timeout(Some(Duration::from_millis(50)))
+                .expect("timeout");
             let stop = stop.clone();
             std::thread::spawn(move || {
                 let mut buf = [0u8; 64];
@@ -137,6 +140,10 @@ impl Default for Listeners {
 impl Drop for Listeners {
     fn drop(&mut self) {
         self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        // Wake the blocking accepts so their threads see `stop`.
+        for a in [self.tcp4, self.tcp6, self.extra4] {
+            let _ = std::net::TcpStream::connect_timeout(&a, Duration::from_millis(100));
+        }
     }
 }
 
@@ -146,7 +153,11 @@ pub fn agent_bin() -> PathBuf {
         return PathBuf::from(p);
     }
     let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release/enforcer-agent");
-    assert!(p.exists(), "no agent binary at {}: run the tests with `cargo xtask test`", p.display());
+    assert!(
+        p.exists(),
+        "no agent binary at {}: run the tests with `cargo xtask test`",
+        p.display()
+    );
     p
 }
 
@@ -198,10 +209,13 @@ pub fn let_settle() {
     std::thread::sleep(Duration::from_millis(2200));
 }
 
+/// How long a probe may take before the test kills it and fails (a held process that is
+/// never released must fail the test, not hang it).
+pub const PROBE_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// Runs `bin args...` inside `cg` (moved there before exec) and returns its exit code.
 pub fn run_in(cg: &TestCgroup, bin: &Path, args: &[&str]) -> i32 {
-    let status = spawn_in(cg, bin, args).wait().expect("waiting for the probe");
-    status.code().unwrap_or(-1)
+    wait_traced(spawn_in(cg, bin, args)).0
 }
 
 /// Spawns `bin args...` inside `cg`.
@@ -225,16 +239,30 @@ pub fn spawn_in(cg: &TestCgroup, bin: &Path, args: &[&str]) -> Child {
             Ok(())
         });
     }
-    c.spawn().unwrap_or_else(|e| panic!("spawning {} in {}: {e}", bin.display(), cg.rel))
+    c.spawn()
+        .unwrap_or_else(|e| panic!("spawning {} in {}: {e}", bin.display(), cg.rel))
 }
 
 /// Waits for a child and tells whether it was ever stopped (held by the kernel at exec).
+/// Kills it (it is ours) and panics after [`PROBE_TIMEOUT`].
 pub fn wait_traced(child: Child) -> (i32, bool) {
     use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
     let pid = nix::unistd::Pid::from_raw(child.id() as i32);
     let mut stopped = false;
+    let t0 = Instant::now();
     loop {
-        match waitpid(pid, Some(WaitPidFlag::WUNTRACED | WaitPidFlag::WCONTINUED)) {
+        if t0.elapsed() > PROBE_TIMEOUT {
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+            let _ = waitpid(pid, None);
+            panic!(
+                "probe {pid} did not finish within {PROBE_TIMEOUT:?} (held and never released?)"
+            );
+        }
+        match waitpid(
+            pid,
+            Some(WaitPidFlag::WUNTRACED | WaitPidFlag::WCONTINUED | WaitPidFlag::WNOHANG),
+        ) {
+            Ok(WaitStatus::StillAlive) => std::thread::sleep(Duration::from_millis(2)),
             Ok(WaitStatus::Exited(_, code)) => return (code, stopped),
             Ok(WaitStatus::Signaled(_, sig, _)) => panic!("probe killed by {sig}"),
             // A stop the kernel lifted before we looked is reported as Continued.
@@ -310,11 +338,24 @@ impl Agent {
         self.child = Some(child);
         let t0 = Instant::now();
         loop {
-            if self.stderr.lock().expect("lock").iter().any(|l| l.contains("agent ready")) {
+            if self
+                .stderr
+                .lock()
+                .expect("lock")
+                .iter()
+                .any(|l| l.contains("agent ready"))
+            {
                 return;
             }
-            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
-                panic!("the agent exited ({status}) before it was ready:\n{}", self.log());
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                panic!(
+                    "the agent exited ({status}) before it was ready:\n{}",
+                    self.log()
+                );
             }
             if t0.elapsed() > Duration::from_secs(60) {
                 panic!("the agent was not ready within 60 s:\n{}", self.log());
@@ -335,6 +376,38 @@ impl Agent {
             .iter()
             .filter_map(|l| serde_json::from_str(l).ok())
             .collect()
+    }
+
+    /// Replaces the policy file and sends SIGHUP (the agent re-reads it, all or nothing).
+    pub fn reload(&self, policy_yaml: &str) {
+        fs::write(&self.policy_path, policy_yaml).expect("writing the policy");
+        let pid = self.child.as_ref().expect("agent running").id();
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGHUP,
+        )
+        .expect("SIGHUP to the agent");
+    }
+
+    /// Waits until the agent's log has `n` lines containing `needle`.
+    pub fn wait_log(&self, needle: &str, n: usize) {
+        let t0 = Instant::now();
+        while self
+            .stderr
+            .lock()
+            .expect("lock")
+            .iter()
+            .filter(|l| l.contains(needle))
+            .count()
+            < n
+        {
+            assert!(
+                t0.elapsed() < Duration::from_secs(30),
+                "agent never logged {needle:?} x{n}:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 
     /// SIGKILL: the agent gets no chance to clean up; pins stay.
@@ -386,17 +459,34 @@ pub fn remove_pins(root: &Path) {
 
 /// Reads a process's entry in the pinned `ENF_PROCS` map, if any.
 pub fn kernel_proc(pin_dir: &Path, pid: u32) -> Option<enforcer_common::ProcState> {
-    let data = aya::maps::MapData::from_pin(pin_dir.join(enforcer_common::MAP_PROCS)).expect("opening pinned ENF_PROCS");
+    let data = aya::maps::MapData::from_pin(pin_dir.join(enforcer_common::MAP_PROCS))
+        .expect("opening pinned ENF_PROCS");
     let map: aya::maps::HashMap<_, u32, enforcer_common::ProcState> =
-        aya::maps::HashMap::try_from(aya::maps::Map::HashMap(data)).expect("ENF_PROCS is a hash map");
+        aya::maps::HashMap::try_from(aya::maps::Map::HashMap(data))
+            .expect("ENF_PROCS is a hash map");
     map.get(&pid, 0).ok()
+}
+
+/// Sum over CPUs of one pinned `ENF_COUNTERS` counter.
+pub fn kernel_counter(pin_dir: &Path, idx: u32) -> u64 {
+    let data = aya::maps::MapData::from_pin(pin_dir.join(enforcer_common::MAP_COUNTERS))
+        .expect("opening pinned ENF_COUNTERS");
+    let map: aya::maps::PerCpuArray<_, u64> =
+        aya::maps::PerCpuArray::try_from(aya::maps::Map::PerCpuArray(data))
+            .expect("ENF_COUNTERS is a per-CPU array");
+    map.get(&idx, 0).map(|v| v.iter().sum()).unwrap_or(0)
 }
 
 /// Runs a command and returns (exit code, stdout, stderr).
 pub fn run_cmd(bin: &Path, args: &[&str]) -> (i32, String, String) {
     let mut c = Command::new(bin);
-    c.args(args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
-    let mut child = c.spawn().unwrap_or_else(|e| panic!("spawning {}: {e}", bin.display()));
+    c.args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = c
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawning {}: {e}", bin.display()));
     let mut out = String::new();
     let mut err = String::new();
     if let Some(mut o) = child.stdout.take() {

@@ -58,7 +58,13 @@ fn setup(tag: &str) -> Setup {
     let other = dir.path("other");
     copy_probe(Path::new(PROBE_BIN), &app, None);
     copy_probe(Path::new(PROBE_BIN), &other, Some(b'1'));
-    Setup { cg, l, dir, app, other }
+    Setup {
+        cg,
+        l,
+        dir,
+        app,
+        other,
+    }
 }
 
 fn s(a: std::net::SocketAddr) -> String {
@@ -100,19 +106,37 @@ fn enforce_tcp_udp_ipv4_ipv6() {
     ];
     for (cmd, addr, want) in &cases {
         let got = run_in(&st.cg, &st.app, &[cmd, addr]);
-        assert_eq!(got, *want, "app {cmd} {addr}: got exit {got}, want {want}\n{}", agent.log());
+        assert_eq!(
+            got,
+            *want,
+            "app {cmd} {addr}: got exit {got}, want {want}\n{}",
+            agent.log()
+        );
     }
     // The same binary with one byte changed is unattested, and unattested is denied.
-    for (cmd, addr) in [("tcp", s(l.tcp4)), ("udp", s(l.udp6)), ("sendto", s(l.udp4))] {
+    for (cmd, addr) in [
+        ("tcp", s(l.tcp4)),
+        ("udp", s(l.udp6)),
+        ("sendto", s(l.udp4)),
+    ] {
         let got = run_in(&st.cg, &st.other, &[cmd, &addr]);
-        assert_eq!(got, EPERM, "modified copy {cmd} {addr} must be denied\n{}", agent.log());
+        assert_eq!(
+            got,
+            EPERM,
+            "modified copy {cmd} {addr} must be denied\n{}",
+            agent.log()
+        );
     }
     // Outside the scope nothing is enforced.
     let outside = std::process::Command::new(&st.other)
         .args(["tcp", &s(l.tcp4)])
         .status()
         .expect("running the probe outside the scope");
-    assert_eq!(outside.code(), Some(OK), "a process outside the scope must not be judged");
+    assert_eq!(
+        outside.code(),
+        Some(OK),
+        "a process outside the scope must not be judged"
+    );
     // Deny events name the identity and the rule.
     std::thread::sleep(Duration::from_millis(300));
     let evs = agent.events();
@@ -120,12 +144,16 @@ fn enforce_tcp_udp_ipv4_ipv6() {
         .iter()
         .find(|e| e["verdict"] == "deny" && e["identity"] == "spiffe://test.example.org/app")
         .unwrap_or_else(|| panic!("no deny event for the app identity in {evs:?}"));
-    for key in ["pid", "exe", "sha256", "cgroup", "uid", "dst", "port", "protocol", "rule"] {
+    for key in [
+        "pid", "exe", "sha256", "cgroup", "uid", "dst", "port", "protocol", "rule",
+    ] {
         assert!(!deny[key].is_null(), "event key {key} missing in {deny}");
     }
     assert_eq!(deny["sha256"], sha.as_str());
     assert!(
-        evs.iter().any(|e| e["verdict"] == "deny" && e["identity"].is_null() && e["rule"] == "unattested"),
+        evs.iter().any(|e| e["verdict"] == "deny"
+            && e["identity"].is_null()
+            && e["rule"] == "unattested"),
         "no unattested deny event in {evs:?}"
     );
 }
@@ -139,16 +167,27 @@ fn audit_mode_allows_and_reports() {
     let sha = sha256_file(&st.app);
     let agent = Agent::start(&policy(&st.cg.rel, "audit", "deny", &sha, &st.l));
     let bad = s(st.l.extra4);
-    assert_eq!(run_in(&st.cg, &st.app, &["tcp", &bad]), OK, "audit mode must not deny");
-    assert_eq!(run_in(&st.cg, &st.other, &["sendto", &s(st.l.udp4)]), OK, "audit mode must not deny unattested");
+    assert_eq!(
+        run_in(&st.cg, &st.app, &["tcp", &bad]),
+        OK,
+        "audit mode must not deny"
+    );
+    assert_eq!(
+        run_in(&st.cg, &st.other, &["sendto", &s(st.l.udp4)]),
+        OK,
+        "audit mode must not deny unattested"
+    );
     std::thread::sleep(Duration::from_millis(300));
     let evs = agent.events();
     assert!(
-        evs.iter().any(|e| e["verdict"] == "audit" && e["port"] == st.l.extra4.port() && e["protocol"] == "tcp"),
+        evs.iter().any(|e| e["verdict"] == "audit"
+            && e["port"] == st.l.extra4.port()
+            && e["protocol"] == "tcp"),
         "no audit event for the would-be deny in {evs:?}"
     );
     assert!(
-        evs.iter().any(|e| e["verdict"] == "audit" && e["identity"].is_null() && e["protocol"] == "udp"),
+        evs.iter()
+            .any(|e| e["verdict"] == "audit" && e["identity"].is_null() && e["protocol"] == "udp"),
         "no audit event for the unattested sendto in {evs:?}"
     );
 }
@@ -162,25 +201,42 @@ fn identity_in_force_at_first_connect_after_exec() {
     }
     let st = setup("exec");
     let sha = sha256_file(&st.app);
-    let _agent = Agent::start(&policy(&st.cg.rel, "enforce", "deny", &sha, &st.l));
+    let agent = Agent::start(&policy(&st.cg.rel, "enforce", "deny", &sha, &st.l));
+    let held = || kernel_counter(&agent.pin_dir, enforcer_common::CNT_HELD);
     let tcp4 = s(st.l.tcp4);
     // A file never seen before: a fresh copy with the allowed content, new inode.
     let fresh = st.dir.path("fresh");
     copy_probe(Path::new(PROBE_BIN), &fresh, None);
-    let (code, held) = wait_traced(spawn_in(&st.cg, &fresh, &["tcp", &tcp4]));
-    assert_eq!(code, OK, "a never-seen copy of the allowed binary must be allowed at its first connect");
-    assert!(held, "a never-seen binary must be held at exec until attested");
+    let before = held();
+    assert_eq!(
+        run_in(&st.cg, &fresh, &["tcp", &tcp4]),
+        OK,
+        "a never-seen copy of the allowed binary must be allowed at its first connect"
+    );
+    assert_eq!(
+        held() - before,
+        1,
+        "a never-seen binary must be held at exec until attested"
+    );
     // A file the kernel knows: settle it, run it once (attested and cached by inode), then
     // again: allowed with no hold at all, the kernel resolved it at exec.
     let known = st.dir.path("known");
     copy_probe(Path::new(PROBE_BIN), &known, None);
     let_settle();
     assert_eq!(run_in(&st.cg, &known, &["tcp", &tcp4]), OK);
+    let before = held();
     for _ in 0..5 {
-        let (code, held) = wait_traced(spawn_in(&st.cg, &known, &["tcp", &tcp4]));
-        assert_eq!(code, OK, "a known binary must be allowed at its first connect");
-        assert!(!held, "a known binary must not be held: its identity is resolved in the kernel at exec");
+        assert_eq!(
+            run_in(&st.cg, &known, &["tcp", &tcp4]),
+            OK,
+            "a known binary must be allowed at its first connect"
+        );
     }
+    assert_eq!(
+        held(),
+        before,
+        "a known binary must not be held: its identity is resolved in the kernel at exec"
+    );
     // And the kernel denies a never-seen unattested binary from its first connect too.
     let fresh_bad = st.dir.path("fresh-bad");
     copy_probe(Path::new(PROBE_BIN), &fresh_bad, Some(b'7'));
@@ -196,25 +252,41 @@ fn rewritten_in_place_loses_identity() {
     }
     let st = setup("rewrite");
     let sha = sha256_file(&st.app);
-    let _agent = Agent::start(&policy(&st.cg.rel, "enforce", "deny", &sha, &st.l));
+    let agent = Agent::start(&policy(&st.cg.rel, "enforce", "deny", &sha, &st.l));
     let tcp4 = s(st.l.tcp4);
     let target = st.dir.path("target");
     copy_probe(Path::new(PROBE_BIN), &target, None);
     let_settle();
     assert_eq!(run_in(&st.cg, &target, &["tcp", &tcp4]), OK);
-    let (_, held) = wait_traced(spawn_in(&st.cg, &target, &["tcp", &tcp4]));
-    assert!(!held, "the settled file should be known to the kernel by now");
+    let before = kernel_counter(&agent.pin_dir, enforcer_common::CNT_HELD);
+    assert_eq!(run_in(&st.cg, &target, &["tcp", &tcp4]), OK);
+    assert_eq!(
+        kernel_counter(&agent.pin_dir, enforcer_common::CNT_HELD),
+        before,
+        "the settled file should be known to the kernel by now"
+    );
     // Rewrite in place: same inode, same size, one byte different.
-    let ino_before = fs::metadata(&target).map(|m| std::os::unix::fs::MetadataExt::ino(&m)).expect("stat");
+    let ino_before = fs::metadata(&target)
+        .map(|m| std::os::unix::fs::MetadataExt::ino(&m))
+        .expect("stat");
     let new = fs::read(&st.other).expect("reading other");
     {
         use std::io::Write as _;
-        let mut f = fs::OpenOptions::new().write(true).open(&target).expect("open for rewrite");
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .open(&target)
+            .expect("open for rewrite");
         f.write_all(&new).expect("rewrite");
     }
-    let ino_after = fs::metadata(&target).map(|m| std::os::unix::fs::MetadataExt::ino(&m)).expect("stat");
+    let ino_after = fs::metadata(&target)
+        .map(|m| std::os::unix::fs::MetadataExt::ino(&m))
+        .expect("stat");
     assert_eq!(ino_before, ino_after, "the rewrite must keep the inode");
-    assert_eq!(run_in(&st.cg, &target, &["tcp", &tcp4]), EPERM, "rewritten file kept the old identity");
+    assert_eq!(
+        run_in(&st.cg, &target, &["tcp", &tcp4]),
+        EPERM,
+        "rewritten file kept the old identity"
+    );
     // Even once settled (cacheable again), the new content never gets the old identity.
     let_settle();
     assert_eq!(run_in(&st.cg, &target, &["tcp", &tcp4]), EPERM);
@@ -233,26 +305,46 @@ fn fork_inherits_exec_reattests_exit_removes() {
     let agent = Agent::start(&policy(&st.cg.rel, "enforce", "deny", &sha, &st.l));
     let tcp4 = s(st.l.tcp4);
     // forked child of app, no exec: app's identity
-    assert_eq!(run_in(&st.cg, &st.app, &["fork", "tcp", &tcp4]), OK, "a forked child keeps its parent's identity");
+    assert_eq!(
+        run_in(&st.cg, &st.app, &["fork", "tcp", &tcp4]),
+        OK,
+        "a forked child keeps its parent's identity"
+    );
     // app execs other: the new program is judged as itself (unattested -> deny)
     let other = st.other.to_string_lossy().into_owned();
-    assert_eq!(run_in(&st.cg, &st.app, &["exec", &other, "tcp", &tcp4]), EPERM, "exec must re-attest");
+    assert_eq!(
+        run_in(&st.cg, &st.app, &["exec", &other, "tcp", &tcp4]),
+        EPERM,
+        "exec must re-attest"
+    );
     // other execs app: gains app's identity
     let app = st.app.to_string_lossy().into_owned();
-    assert_eq!(run_in(&st.cg, &st.other, &["exec", &app, "tcp", &tcp4]), OK, "exec of the allowed binary");
+    assert_eq!(
+        run_in(&st.cg, &st.other, &["exec", &app, "tcp", &tcp4]),
+        OK,
+        "exec of the allowed binary"
+    );
     // A forked child of an unattested parent stays unattested.
     assert_eq!(run_in(&st.cg, &st.other, &["fork", "tcp", &tcp4]), EPERM);
     // exit removes the entry at once
     let mut child = spawn_in(&st.cg, &st.app, &["sleep", "30"]);
     let pid = child.id();
     let t0 = std::time::Instant::now();
-    while kernel_proc(&agent.pin_dir, pid).is_none_or(|p| p.flags & enforcer_common::PROC_PENDING != 0) {
-        assert!(t0.elapsed() < Duration::from_secs(5), "no attested kernel entry for a live process");
+    while kernel_proc(&agent.pin_dir, pid)
+        .is_none_or(|p| p.flags & enforcer_common::PROC_PENDING != 0)
+    {
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "no attested kernel entry for a live process"
+        );
         std::thread::sleep(Duration::from_millis(10));
     }
     child.kill().expect("killing our probe");
     child.wait().expect("reaping our probe");
-    assert!(kernel_proc(&agent.pin_dir, pid).is_none(), "the entry of an exited process must be gone at once");
+    assert!(
+        kernel_proc(&agent.pin_dir, pid).is_none(),
+        "the entry of an exited process must be gone at once"
+    );
 }
 
 /// 5e: kill -9 of the agent leaves enforcement in force (links are pinned); a never-seen
@@ -271,22 +363,45 @@ fn kill9_keeps_enforcement_and_restart_takes_over() {
     assert_eq!(run_in(&st.cg, &st.other, &["tcp", &tcp4]), EPERM);
     agent.kill9();
     // Still enforced with no agent at all.
-    assert_eq!(run_in(&st.cg, &st.other, &["tcp", &tcp4]), EPERM, "kill -9 of the agent must not lift a deny");
-    assert_eq!(run_in(&st.cg, &st.app, &["tcp", &tcp4]), OK, "a known binary keeps its identity without the agent");
+    assert_eq!(
+        run_in(&st.cg, &st.other, &["tcp", &tcp4]),
+        EPERM,
+        "kill -9 of the agent must not lift a deny"
+    );
+    assert_eq!(
+        run_in(&st.cg, &st.app, &["tcp", &tcp4]),
+        OK,
+        "a known binary keeps its identity without the agent"
+    );
     // A never-seen binary is held (fail closed) until an agent attests it.
     let fresh = st.dir.path("fresh");
     copy_probe(Path::new(PROBE_BIN), &fresh, None);
     let child = spawn_in(&st.cg, &fresh, &["tcp", &tcp4]);
     let pid = child.id();
     std::thread::sleep(Duration::from_millis(500));
-    let state = fs::read_to_string(format!("/proc/{pid}/stat")).expect("reading the held probe's stat");
-    let st_char = state.rsplit_once(')').map(|(_, r)| r.trim_start().chars().next()).flatten();
-    assert_eq!(st_char, Some('T'), "a never-seen binary must be held while the agent is down: {state}");
+    let state =
+        fs::read_to_string(format!("/proc/{pid}/stat")).expect("reading the held probe's stat");
+    let st_char = state
+        .rsplit_once(')')
+        .and_then(|(_, r)| r.trim_start().chars().next());
+    assert_eq!(
+        st_char,
+        Some('T'),
+        "a never-seen binary must be held while the agent is down: {state}"
+    );
     agent.spawn();
-    let (code, held) = wait_traced(child);
-    assert!(held);
-    assert_eq!(code, OK, "the restarted agent must attest and release the held process\n{}", agent.log());
-    assert!(agent.log().contains("taking over pinned kernel state"), "{}", agent.log());
+    let (code, _) = wait_traced(child);
+    assert_eq!(
+        code,
+        OK,
+        "the restarted agent must attest and release the held process\n{}",
+        agent.log()
+    );
+    assert!(
+        agent.log().contains("taking over pinned kernel state"),
+        "{}",
+        agent.log()
+    );
     assert_eq!(run_in(&st.cg, &st.other, &["tcp", &tcp4]), EPERM);
     assert_eq!(run_in(&st.cg, &st.app, &["tcp", &tcp4]), OK);
 }
@@ -307,20 +422,33 @@ fn bad_input_is_refused_clearly() {
     let name = bad.display().to_string();
     for (line, what) in [(4, "bogus"), (6, "nobody"), (8, "10.0.0.1/8"), (8, "70000")] {
         assert!(
-            err.lines().any(|l| l.starts_with(&format!("{name}:{line}:")) && l.contains(what)),
+            err.lines()
+                .any(|l| l.starts_with(&format!("{name}:{line}:")) && l.contains(what)),
             "no FILE:{line}:COL diagnostic mentioning {what} in:\n{err}"
         );
     }
     assert!(!err.contains("panicked"), "{err}");
     // compile refuses the same file and writes nothing
     let out = dir.path("out.bundle");
-    let (code, _, err) = run_cmd(&bin, &["policy", "compile", bad.to_str().expect("path"), "-o", out.to_str().expect("path")]);
+    let (code, _, err) = run_cmd(
+        &bin,
+        &[
+            "policy",
+            "compile",
+            bad.to_str().expect("path"),
+            "-o",
+            out.to_str().expect("path"),
+        ],
+    );
     assert_eq!(code, 1, "{err}");
     assert!(!out.exists(), "a rejected policy must not produce a bundle");
     // missing file, bad flag, bad pid
     let (code, _, err) = run_cmd(&bin, &["policy", "check", "/nonexistent/p.yaml"]);
     assert_eq!(code, 1);
-    assert!(err.contains("/nonexistent/p.yaml") && err.lines().count() == 1, "{err}");
+    assert!(
+        err.contains("/nonexistent/p.yaml") && err.lines().count() == 1,
+        "{err}"
+    );
     let (code, _, err) = run_cmd(&bin, &["run", "--no-such-flag"]);
     assert_eq!(code, 2, "{err}");
     assert!(!err.contains("panicked"), "{err}");
@@ -328,8 +456,21 @@ fn bad_input_is_refused_clearly() {
     assert_eq!(code, 2, "{err}");
     // a good policy compiles, and the bundle checks back through `run --policy` parsing
     let good = dir.path("good.yaml");
-    fs::write(&good, "apiVersion: enforcer/v1\nkind: Policy\ntrustDomain: x.org\nmode: audit\n").expect("write");
-    let (code, _, err) = run_cmd(&bin, &["policy", "compile", good.to_str().expect("p"), "-o", out.to_str().expect("p")]);
+    fs::write(
+        &good,
+        "apiVersion: enforcer/v1\nkind: Policy\ntrustDomain: x.org\nmode: audit\n",
+    )
+    .expect("write");
+    let (code, _, err) = run_cmd(
+        &bin,
+        &[
+            "policy",
+            "compile",
+            good.to_str().expect("p"),
+            "-o",
+            out.to_str().expect("p"),
+        ],
+    );
     assert_eq!(code, 0, "{err}");
     assert!(out.exists());
 }
@@ -346,11 +487,112 @@ fn rejected_policy_changes_nothing() {
     let pins = Path::new("/sys/fs/bpf").join(unique("rejected"));
     let (code, _, err) = run_cmd(
         &agent_bin(),
-        &["run", "--policy", p.to_str().expect("p"), "--bpffs-dir", pins.join("v1").to_str().expect("p"), "--state-dir", dir.path("s").to_str().expect("p")],
+        &[
+            "run",
+            "--policy",
+            p.to_str().expect("p"),
+            "--bpffs-dir",
+            pins.join("v1").to_str().expect("p"),
+            "--state-dir",
+            dir.path("s").to_str().expect("p"),
+        ],
     );
     let left = pins.exists();
     remove_pins(&pins);
     assert!(!left, "a refused policy left pins under {}", pins.display());
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("no-such-cgroup-enftest"), "{err}");
+}
+
+/// Two policies that give `app` and `other` the same verdicts but swap their identity
+/// numbers: a connect that saw the new identity numbers with the old rules (or the reverse)
+/// would be denied.
+fn swap_policy(scope: &str, app_sha: &str, other_sha: &str, port: u16, app_first: bool) -> String {
+    let app = format!("  - name: app\n    match:\n      - binarySha256: [{app_sha}]\n");
+    let other = format!("  - name: other\n    match:\n      - binarySha256: [{other_sha}]\n");
+    let ids = if app_first {
+        format!("{app}{other}")
+    } else {
+        format!("{other}{app}")
+    };
+    // Bulk, so writing a generation takes a while: a non-atomic apply would be seen.
+    let bulk: String = (0..3000)
+        .map(|i| {
+            format!(
+                "      - to: {{cidr: 10.{}.{}.0/24, ports: [9], protocol: udp}}\n",
+                i / 256,
+                i % 256
+            )
+        })
+        .collect();
+    format!(
+        "apiVersion: enforcer/v1\nkind: Policy\ntrustDomain: t.org\nmode: enforce\nunattested: deny\nscope: [\"{scope}\"]\nidentities:\n{ids}rules:\n  - identity: app\n    egress:\n      - to: {{cidr: 127.0.0.1/32, ports: [{port}], protocol: tcp}}\n{bulk}  - identity: other\n    deny:\n      - to: {{cidr: 127.0.0.1/32}}\n"
+    )
+}
+
+/// Applying a policy is atomic: connects running through many applies never see a mix of
+/// the old and the new policy; a rejected policy changes nothing.
+#[test]
+fn policy_apply_is_atomic_and_all_or_nothing() {
+    if !require_root("policy_apply_is_atomic_and_all_or_nothing") {
+        return;
+    }
+    let st = setup("apply");
+    let app_sha = sha256_file(&st.app);
+    let other_sha = sha256_file(&st.other);
+    let port = st.l.tcp4.port();
+    let p1 = swap_policy(&st.cg.rel, &app_sha, &other_sha, port, true);
+    let p2 = swap_policy(&st.cg.rel, &app_sha, &other_sha, port, false);
+    let agent = Agent::start(&p1);
+    let tcp4 = s(st.l.tcp4);
+    // One process connecting for 4 s while 20 applies swap the identity numbering under it.
+    let looper = spawn_in(&st.cg, &st.app, &["loop-for", "4000", "tcp", &tcp4]);
+    let mut looper = looper;
+    std::thread::sleep(Duration::from_millis(300));
+    for i in 0..20 {
+        agent.reload(if i % 2 == 0 { &p2 } else { &p1 });
+        agent.wait_log("policy reloaded", i + 1);
+    }
+    assert!(
+        looper.try_wait().expect("try_wait").is_none(),
+        "the connect loop ended before the applies did: the test proved nothing\n{}",
+        agent.log()
+    );
+    let (code, _) = wait_traced(looper);
+    assert_eq!(
+        code,
+        OK,
+        "a connect saw half of a policy during an apply\n{}",
+        agent.log()
+    );
+    assert_eq!(run_in(&st.cg, &st.other, &["tcp", &tcp4]), EPERM);
+    // A rejected policy (bad CIDR) leaves the policy in force untouched.
+    agent.reload("apiVersion: enforcer/v1\nkind: Policy\ntrustDomain: t.org\nrules:\n  - identity: app\n    egress:\n      - to: {cidr: 300.1.1.1/8}\n");
+    agent.wait_log("policy rejected", 1);
+    assert_eq!(
+        run_in(&st.cg, &st.app, &["tcp", &tcp4]),
+        OK,
+        "a rejected policy must change nothing"
+    );
+    assert_eq!(
+        run_in(&st.cg, &st.other, &["tcp", &tcp4]),
+        EPERM,
+        "a rejected policy must change nothing"
+    );
+    // A policy naming a missing scope cgroup is rejected too, nothing changes.
+    agent.reload(&swap_policy(
+        "/no-such-cgroup-enftest",
+        &app_sha,
+        &other_sha,
+        port,
+        true,
+    ));
+    agent.wait_log("policy rejected", 2);
+    assert_eq!(run_in(&st.cg, &st.other, &["tcp", &tcp4]), EPERM);
+    // A good new policy takes effect: now `other` may connect and `app` may not.
+    let p3 = swap_policy(&st.cg.rel, &other_sha, &app_sha, port, true);
+    agent.reload(&p3);
+    agent.wait_log("policy reloaded", 21);
+    assert_eq!(run_in(&st.cg, &st.other, &["tcp", &tcp4]), OK);
+    assert_eq!(run_in(&st.cg, &st.app, &["tcp", &tcp4]), EPERM);
 }

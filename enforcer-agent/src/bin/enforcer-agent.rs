@@ -215,6 +215,7 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
             let opts = daemon::Options {
                 policy: p,
                 policy_source: source,
+                policy_path: file.clone(),
                 pin_dir: bpffs_dir,
                 state_dir,
                 unpin_on_exit,

@@ -6,9 +6,10 @@
 //!   enf-probe sendto ADDR:PORT       sendto() on an unconnected UDP socket
 //!   enf-probe fork CMD...            fork; the child runs `enf-probe CMD...` without exec
 //!   enf-probe exec PATH ARGS...      exec PATH ARGS (to test re-attestation at exec)
+//!   enf-probe loop N CMD...          run CMD N times; 13 as soon as one is denied
+//!   enf-probe loop-for MS CMD...     run CMD for MS milliseconds; prints how many times
 //!   enf-probe sleep SECS             sleep (a process to inspect)
 //! Exit status: 0 connected/sent, 13 EPERM (the kernel denied), 2 any other failure.
-//! With `v6only` as last argument, an AF_INET6 socket is used even for an IPv4-mapped address.
 
 use std::{
     hint::black_box,
@@ -22,7 +23,11 @@ use std::{
 pub static ENF_PROBE_MARKER: [u8; 16] = *b"ENFPROBE-MARKER0";
 
 fn code(e: &std::io::Error) -> i32 {
-    if e.raw_os_error() == Some(libc::EPERM) { 13 } else { 2 }
+    if e.raw_os_error() == Some(libc::EPERM) {
+        13
+    } else {
+        2
+    }
 }
 
 fn run(args: &[String]) -> i32 {
@@ -47,7 +52,9 @@ fn run(args: &[String]) -> i32 {
         },
         "udp" => {
             let a = addr();
-            let bind: SocketAddr = if a.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }.parse().unwrap_or(a);
+            let bind: SocketAddr = if a.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }
+                .parse()
+                .unwrap_or(a);
             let s = match UdpSocket::bind(bind) {
                 Ok(s) => s,
                 Err(e) => return code(&e),
@@ -59,7 +66,9 @@ fn run(args: &[String]) -> i32 {
         }
         "sendto" => {
             let a = addr();
-            let bind: SocketAddr = if a.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }.parse().unwrap_or(a);
+            let bind: SocketAddr = if a.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }
+                .parse()
+                .unwrap_or(a);
             let s = match UdpSocket::bind(bind) {
                 Ok(s) => s,
                 Err(e) => return code(&e),
@@ -78,7 +87,11 @@ fn run(args: &[String]) -> i32 {
                     let mut status = 0;
                     // SAFETY: waiting for our own child.
                     unsafe { libc::waitpid(child, &mut status, 0) };
-                    if libc::WIFEXITED(status) { libc::WEXITSTATUS(status) } else { 2 }
+                    if libc::WIFEXITED(status) {
+                        libc::WEXITSTATUS(status)
+                    } else {
+                        2
+                    }
                 }
             }
         }
@@ -88,6 +101,39 @@ fn run(args: &[String]) -> i32 {
             let e = std::process::Command::new(path).args(&args[2..]).exec();
             eprintln!("enf-probe: exec {path}: {e}");
             2
+        }
+        "loop" => {
+            // loop N CMD...: run CMD N times in this process; 13 if any was denied.
+            let n: u32 = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(1);
+            let mut worst = 0;
+            for _ in 0..n {
+                match run(&args[2..]) {
+                    13 => return 13,
+                    0 => {}
+                    c => worst = c,
+                }
+            }
+            worst
+        }
+        "loop-for" => {
+            // loop-for MS CMD...: run CMD until MS milliseconds passed; prints the count.
+            let ms: u64 = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(1000);
+            let t0 = std::time::Instant::now();
+            let mut n = 0u64;
+            let mut worst = 0;
+            while t0.elapsed() < Duration::from_millis(ms) {
+                n += 1;
+                match run(&args[2..]) {
+                    13 => {
+                        println!("{n}");
+                        return 13;
+                    }
+                    0 => {}
+                    c => worst = c,
+                }
+            }
+            println!("{n}");
+            worst
         }
         "sleep" => {
             let secs = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(60);
