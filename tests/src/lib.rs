@@ -68,6 +68,18 @@ impl TestCgroup {
     }
 }
 
+impl TestCgroup {
+    /// A cgroup below this one (drop it before its parent).
+    pub fn child(&self, name: &str) -> Self {
+        let dir = self.dir.join(name);
+        fs::create_dir(&dir).unwrap_or_else(|e| panic!("creating cgroup {}: {e}", dir.display()));
+        Self {
+            dir,
+            rel: format!("{}/{name}", self.rel),
+        }
+    }
+}
+
 impl Drop for TestCgroup {
     fn drop(&mut self) {
         for _ in 0..50 {
@@ -220,6 +232,16 @@ pub fn run_in(cg: &TestCgroup, bin: &Path, args: &[&str]) -> i32 {
 
 /// Spawns `bin args...` inside `cg`.
 pub fn spawn_in(cg: &TestCgroup, bin: &Path, args: &[&str]) -> Child {
+    spawn_in_as(cg, bin, args, None)
+}
+
+/// Runs `bin args...` inside `cg` as `uid` (set before exec) and returns its exit code.
+pub fn run_in_as(cg: &TestCgroup, bin: &Path, args: &[&str], uid: u32) -> i32 {
+    wait_traced(spawn_in_as(cg, bin, args, Some(uid))).0
+}
+
+/// Spawns `bin args...` inside `cg`, optionally as another uid (and gid).
+pub fn spawn_in_as(cg: &TestCgroup, bin: &Path, args: &[&str], uid: Option<u32>) -> Child {
     let procs = cg.dir.join("cgroup.procs");
     let mut c = Command::new(bin);
     c.args(args).stdin(Stdio::null());
@@ -234,6 +256,11 @@ pub fn spawn_in(cg: &TestCgroup, bin: &Path, args: &[&str]) -> Child {
             let n = libc::write(fd, b"0".as_ptr().cast(), 1);
             libc::close(fd);
             if n != 1 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if let Some(uid) = uid
+                && (libc::setgid(uid) != 0 || libc::setuid(uid) != 0)
+            {
                 return Err(std::io::Error::last_os_error());
             }
             Ok(())

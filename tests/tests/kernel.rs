@@ -596,3 +596,62 @@ fn policy_apply_is_atomic_and_all_or_nothing() {
     assert_eq!(run_in(&st.cg, &st.other, &["tcp", &tcp4]), OK);
     assert_eq!(run_in(&st.cg, &st.app, &["tcp", &tcp4]), EPERM);
 }
+
+/// cgroup and uid selectors: the same binary is an identity only in the named cgroups (a
+/// cgroup created after the agent started included) and only as the named uid.
+#[test]
+fn cgroup_and_uid_selectors() {
+    if !require_root("cgroup_and_uid_selectors") {
+        return;
+    }
+    let st = setup("sel");
+    let cg_b = TestCgroup::new("sel-b");
+    let app_sha = sha256_file(&st.app);
+    let other_sha = sha256_file(&st.other);
+    let port = st.l.tcp4.port();
+    let a = &st.cg.rel;
+    let b = &cg_b.rel;
+    let yaml = format!(
+        "apiVersion: enforcer/v1\nkind: Policy\ntrustDomain: t.org\nmode: enforce\nunattested: deny\nscope: [\"{a}\", \"{b}\"]\nidentities:\n  - name: in-a\n    match:\n      - binarySha256: [{app_sha}]\n        cgroup: [\"{a}/**\"]\n  - name: as-1000\n    match:\n      - binarySha256: [{other_sha}]\n        uid: [1000]\nrules:\n  - identity: in-a\n    egress:\n      - to: {{cidr: 127.0.0.1/32, ports: [{port}], protocol: tcp}}\n  - identity: as-1000\n    egress:\n      - to: {{cidr: 127.0.0.1/32, ports: [{port}], protocol: tcp}}\n"
+    );
+    let agent = Agent::start(&yaml);
+    let tcp4 = s(st.l.tcp4);
+    assert_eq!(
+        run_in(&st.cg, &st.app, &["tcp", &tcp4]),
+        OK,
+        "app in its cgroup\n{}",
+        agent.log()
+    );
+    assert_eq!(
+        run_in(&cg_b, &st.app, &["tcp", &tcp4]),
+        EPERM,
+        "app outside its cgroup is unattested"
+    );
+    // A cgroup created after the agent started, below the allowed one.
+    let sub = st.cg.child("sub");
+    assert_eq!(
+        run_in(&sub, &st.app, &["tcp", &tcp4]),
+        OK,
+        "app in a new sub-cgroup of its cgroup\n{}",
+        agent.log()
+    );
+    assert_eq!(run_in(&sub, &st.other, &["tcp", &tcp4]), EPERM);
+    // uid selector
+    assert_eq!(
+        run_in_as(&cg_b, &st.other, &["tcp", &tcp4], 1000),
+        OK,
+        "other as uid 1000\n{}",
+        agent.log()
+    );
+    assert_eq!(
+        run_in(&cg_b, &st.other, &["tcp", &tcp4]),
+        EPERM,
+        "other as root is unattested"
+    );
+    assert_eq!(
+        run_in_as(&cg_b, &st.other, &["tcp", &tcp4], 1001),
+        EPERM,
+        "other as uid 1001 is unattested"
+    );
+    drop(sub);
+}
