@@ -10,7 +10,10 @@ fn readme_policy_checks() {
         Ok((p, warnings)) => {
             assert!(warnings.is_empty(), "README policy warns: {warnings:?}");
             assert_eq!(p.identities.len(), 1);
-            assert_eq!(p.identities[0].spiffe_id, "spiffe://prod.example.org/payments-api");
+            assert_eq!(
+                p.identities[0].spiffe_id,
+                "spiffe://prod.example.org/payments-api"
+            );
         }
         Err(d) => panic!("README policy does not check: {d:?}"),
     }

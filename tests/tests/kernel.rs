@@ -655,3 +655,35 @@ fn cgroup_and_uid_selectors() {
     );
     drop(sub);
 }
+
+/// Processes already running when the agent starts are attested too.
+#[test]
+fn processes_running_before_the_agent_are_attested() {
+    if !require_root("processes_running_before_the_agent_are_attested") {
+        return;
+    }
+    let st = setup("prior");
+    let sha = sha256_file(&st.app);
+    let tcp4 = s(st.l.tcp4);
+    // Started (and exec'd) before any agent: they connect once the agent is up.
+    let early_app = spawn_in(&st.cg, &st.app, &["after", "3000", "tcp", &tcp4]);
+    let early_other = spawn_in(&st.cg, &st.other, &["after", "3000", "tcp", &tcp4]);
+    let agent = Agent::start(&policy(&st.cg.rel, "enforce", "deny", &sha, &st.l));
+    assert!(
+        agent.log().contains("attested running processes"),
+        "{}",
+        agent.log()
+    );
+    let (app_code, _) = wait_traced(early_app);
+    let (other_code, _) = wait_traced(early_other);
+    assert_eq!(
+        app_code,
+        OK,
+        "a process started before the agent keeps its identity\n{}",
+        agent.log()
+    );
+    assert_eq!(
+        other_code, EPERM,
+        "an unattested process started before the agent is denied"
+    );
+}

@@ -8,6 +8,7 @@
 //!   enf-probe exec PATH ARGS...      exec PATH ARGS (to test re-attestation at exec)
 //!   enf-probe loop N CMD...          run CMD N times; 13 as soon as one is denied
 //!   enf-probe loop-for MS CMD...     run CMD for MS milliseconds; prints how many times
+//!   enf-probe after MS CMD...        sleep MS milliseconds, then run CMD
 //!   enf-probe sleep SECS             sleep (a process to inspect)
 //! Exit status: 0 connected/sent, 13 EPERM (the kernel denied), 2 any other failure.
 
@@ -134,6 +135,12 @@ fn run(args: &[String]) -> i32 {
             }
             println!("{n}");
             worst
+        }
+        "after" => {
+            // after MS CMD...: sleep MS milliseconds, then run CMD.
+            let ms: u64 = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(1000);
+            std::thread::sleep(Duration::from_millis(ms));
+            run(&args[2..])
         }
         "sleep" => {
             let secs = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(60);
