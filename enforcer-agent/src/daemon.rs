@@ -3,7 +3,7 @@
 //! One straight line: kernel event -> attestation -> identity -> maps -> verdict -> event.
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::{BTreeSet, HashMap, HashSet},
     fs,
     io::Write as _,
     net::IpAddr,
@@ -22,6 +22,7 @@ use crate::{
     attest::{self, HashCache},
     btf,
     kernel::Kernel,
+    listeners::{self, Listener},
     policy::{self, Classes, Policy, ProcessFacts},
 };
 
@@ -71,6 +72,10 @@ pub struct Agent {
     procs: HashMap<u32, Tracked>,
     idmatch_written: HashSet<(IdMatchKey, u32)>,
     scope_ids: Vec<u64>,
+    /// Rules as the kernel numbers them: the policy's, then those expanded from listeners.
+    rules_view: Vec<policy::Rule>,
+    /// Listeners of identities named in `to: {identity: X}` destinations, as last applied.
+    listeners: BTreeSet<(u32, Listener)>,
 }
 
 fn hex32(b: &[u8; 32]) -> String {
@@ -136,6 +141,8 @@ impl Agent {
             procs: HashMap::new(),
             idmatch_written: HashSet::new(),
             scope_ids: Vec::new(),
+            rules_view: Vec::new(),
+            listeners: BTreeSet::new(),
         };
         agent.kernel.attach_tracepoints()?;
         agent.scan_cgroups();
@@ -320,7 +327,9 @@ impl Agent {
             1 - self.active
         };
         // Everything that can be rejected is computed before the kernel is touched.
-        let rules = policy::rule_entries(&policy, next).map_err(anyhow::Error::new)?;
+        let found = self.find_listeners(&policy);
+        let expanded = listeners::expand(&policy, &found, &listeners::local_addresses());
+        let rules = policy::rule_entries(&expanded, next).map_err(anyhow::Error::new)?;
         let scope_dirs = scope_dirs(&policy, &self.cg_mount)?;
         let mut classes = Classes::new(&policy);
         let bins: Vec<(u32, u32)> = self
@@ -396,6 +405,8 @@ impl Agent {
         self.classes = classes;
         self.idmatch_written = idm.into_iter().collect();
         self.policy = policy;
+        self.rules_view = expanded.rules;
+        self.listeners = found;
         tracing::info!(
             generation = next,
             hash = %policy::policy_hash(&self.policy),
@@ -426,6 +437,59 @@ impl Agent {
                 ..Default::default()
             };
             self.on_exec(&ev);
+        }
+    }
+
+    /// Listeners of the identities that `to: {identity: X}` destinations of `policy` name.
+    fn find_listeners(&self, policy: &Policy) -> BTreeSet<(u32, Listener)> {
+        let targets: HashSet<u32> = policy
+            .rules
+            .iter()
+            .map(|r| r.to_ident)
+            .filter(|&i| i != 0)
+            .collect();
+        let mut out = BTreeSet::new();
+        if targets.is_empty() {
+            return out;
+        }
+        for (&pid, t) in &self.procs {
+            let Some(exe) = self.exes.get(&t.exe_id) else {
+                continue;
+            };
+            let facts = ProcessFacts {
+                sha256: Some(&exe.sha256),
+                exe_path: Some(&exe.path),
+                cgroup: Some(&t.cgroup),
+                uid: t.uid,
+            };
+            let ident = policy::resolve(policy, &facts).ident;
+            if targets.contains(&ident) {
+                out.extend(
+                    listeners::process_listeners(pid)
+                        .into_iter()
+                        .map(|l| (ident, l)),
+                );
+            }
+        }
+        out
+    }
+
+    /// Re-applies the policy when the listeners behind identity destinations changed.
+    fn refresh_listeners(&mut self) {
+        if !self.policy.rules.iter().any(|r| r.to_ident != 0) {
+            return;
+        }
+        if self.find_listeners(&self.policy) == self.listeners {
+            return;
+        }
+        match self.apply(self.policy.clone()) {
+            Ok(()) => tracing::info!(
+                listeners = self.listeners.len(),
+                "identity destinations updated"
+            ),
+            Err(e) => tracing::error!(
+                "updating identity destinations failed; the previous rules stay in force: {e:#}"
+            ),
         }
     }
 
@@ -535,8 +599,7 @@ impl Agent {
             RULE_UNTRACKED => "untracked process".to_string(),
             RULE_NO_CONFIG => "no policy loaded".to_string(),
             r => self
-                .policy
-                .rules
+                .rules_view
                 .get(r as usize)
                 .map(|r| r.text.clone())
                 .unwrap_or_else(|| format!("rule {r}")),
@@ -571,7 +634,7 @@ impl Agent {
         let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
         let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
         let mut hup = signal(SignalKind::hangup()).context("installing SIGHUP handler")?;
-        let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+        let mut tick = tokio::time::interval(std::time::Duration::from_millis(500));
         tracing::info!("agent ready");
         loop {
             tokio::select! {
@@ -595,6 +658,7 @@ impl Agent {
                 _ = tick.tick() => {
                     // A held process whose event was lost must not stay frozen.
                     self.settle_pending();
+                    self.refresh_listeners();
                 }
                 _ = hup.recv() => self.reload(opts),
                 _ = term.recv() => break,

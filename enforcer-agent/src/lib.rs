@@ -7,4 +7,5 @@ pub mod attest;
 pub mod btf;
 pub mod daemon;
 pub mod kernel;
+pub mod listeners;
 pub mod policy;

@@ -9,7 +9,7 @@ fn readme_policy_checks() {
     match enforcer_agent::policy::check(yaml) {
         Ok((p, warnings)) => {
             assert!(warnings.is_empty(), "README policy warns: {warnings:?}");
-            assert_eq!(p.identities.len(), 1);
+            assert_eq!(p.identities.len(), 2);
             assert_eq!(
                 p.identities[0].spiffe_id,
                 "spiffe://prod.example.org/payments-api"

@@ -687,3 +687,59 @@ fn processes_running_before_the_agent_are_attested() {
         "an unattested process started before the agent is denied"
     );
 }
+
+/// `to: {identity: db}`: allowed exactly where a process of identity db listens, for as long
+/// as it listens.
+#[test]
+fn identity_destination_follows_listeners() {
+    if !require_root("identity_destination_follows_listeners") {
+        return;
+    }
+    let st = setup("todb");
+    let db = st.dir.path("db");
+    copy_probe(Path::new(PROBE_BIN), &db, Some(b'2'));
+    let (app_sha, db_sha) = (sha256_file(&st.app), sha256_file(&db));
+    let yaml = format!(
+        "apiVersion: enforcer/v1\nkind: Policy\ntrustDomain: t.org\nmode: enforce\nunattested: deny\nscope: [\"{}\"]\nidentities:\n  - name: api\n    match:\n      - binarySha256: [{app_sha}]\n  - name: db\n    match:\n      - binarySha256: [{db_sha}]\nrules:\n  - identity: api\n    egress:\n      - to: {{identity: db, protocol: tcp}}\n",
+        st.cg.rel
+    );
+    let agent = Agent::start(&yaml);
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let dst = format!("127.0.0.1:{port}");
+    // Nothing of identity db listens yet: denied by the kernel.
+    assert_eq!(run_in(&st.cg, &st.app, &["tcp", &dst]), EPERM);
+    // db listens (outside the enforced scope; tracked node-wide).
+    let mut server = std::process::Command::new(&db)
+        .args(["listen", &dst, "30"])
+        .spawn()
+        .expect("starting the db probe");
+    agent.wait_log("identity destinations updated", 1);
+    assert_eq!(
+        run_in(&st.cg, &st.app, &["tcp", &dst]),
+        OK,
+        "api may reach db's listener\n{}",
+        agent.log()
+    );
+    assert_eq!(
+        run_in(&st.cg, &st.other, &["tcp", &dst]),
+        EPERM,
+        "an unattested process may not"
+    );
+    assert_eq!(
+        run_in(&st.cg, &st.app, &["tcp", &s(st.l.extra4)]),
+        EPERM,
+        "a listener that is not db's"
+    );
+    // db stops listening: the rule goes away (EPERM, not a refused connection).
+    server.kill().expect("stopping our db probe");
+    server.wait().expect("reaping our db probe");
+    agent.wait_log("identity destinations updated", 2);
+    assert_eq!(
+        run_in(&st.cg, &st.app, &["tcp", &dst]),
+        EPERM,
+        "db is gone: nothing to allow"
+    );
+}

@@ -31,9 +31,9 @@ enum Cmd {
         /// Policy file: YAML or a compiled bundle.
         #[arg(long)]
         policy: Option<PathBuf>,
-        /// Unix socket of the agent's API.
-        #[arg(long, default_value = "/run/enforcer/api.sock")]
-        api_socket: PathBuf,
+        /// Unix socket of the agent's API (not served yet: the API comes next).
+        #[arg(long)]
+        api_socket: Option<PathBuf>,
         /// bpffs folder for the pinned programs, links and maps.
         #[arg(long, default_value = DEFAULT_PIN_DIR)]
         bpffs_dir: PathBuf,
@@ -178,7 +178,7 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
         }
         Cmd::Run {
             policy: file,
-            api_socket: _,
+            api_socket,
             bpffs_dir,
             state_dir,
             unpin_on_exit,
@@ -207,6 +207,12 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
                     (p, "the embedded default policy".to_string())
                 }
             };
+            if let Some(sock) = &api_socket {
+                tracing::warn!(
+                    socket = %sock.display(),
+                    "the API socket is not served yet by this version; decisions are printed on stdout"
+                );
+            }
             if !nix::unistd::geteuid().is_root() {
                 bail!(
                     "`run` needs root: it loads BPF programs and attaches them to cgroups; run it with sudo"

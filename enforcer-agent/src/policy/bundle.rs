@@ -83,6 +83,9 @@ struct RuleMsg {
     line: u64,
     #[prost(string, tag = "7")]
     text: String,
+    /// Identity number of a `to: {identity: X}` destination (0: `cidr` applies).
+    #[prost(uint32, tag = "8")]
+    to_ident: u32,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
@@ -146,6 +149,7 @@ pub fn encode_bundle(policy: &Policy) -> Vec<u8> {
                 .iter()
                 .map(|r| RuleMsg {
                     ident: r.ident,
+                    to_ident: r.to_ident,
                     deny: r.deny,
                     cidr: r.cidr.to_string(),
                     ports: r
@@ -258,10 +262,18 @@ pub fn decode_bundle(bytes: &[u8]) -> Result<Policy, PolicyError> {
             3 => Protocol::Any,
             x => return invalid(format!("rules[{k}] has unknown protocol {x}")),
         };
+        if r.to_ident as usize > identities.len() {
+            return invalid(format!(
+                "rules[{k}] names destination identity {} of {}",
+                r.to_ident,
+                identities.len()
+            ));
+        }
         rules.push(Rule {
             ident: r.ident,
             deny: r.deny,
             cidr,
+            to_ident: r.to_ident,
             ports,
             protocol,
             line: usize::try_from(r.line).unwrap_or(0),

@@ -696,6 +696,7 @@ impl Checker {
                                         deny,
                                         text: format!("{label}: {}", d.describe()),
                                         cidr: d.cidr,
+                                        to_ident: d.to_ident,
                                         ports: d.ports.clone(),
                                         protocol: d.protocol,
                                         line: e.line,
@@ -800,11 +801,16 @@ impl Checker {
             }
             let name = self.string(n, "identity", "`identity: payments-db`")?;
             self.known_identity(n, &name, names)?;
-            self.warn(
-                n,
-                "identity destinations are not enforced yet; this entry allows nothing".into(),
-            );
-            return ok.then(Vec::new);
+            let to_ident = *names.get(&name)?;
+            return ok.then(|| {
+                vec![Dest {
+                    cidr: IpNet::V4(Ipv4Net::default()),
+                    to_ident,
+                    ports,
+                    protocol,
+                    to_name: Some(name),
+                }]
+            });
         }
         if !ok {
             return None;
@@ -814,8 +820,10 @@ impl Checker {
                 .into_iter()
                 .map(|cidr| Dest {
                     cidr,
+                    to_ident: 0,
                     ports: ports.clone(),
                     protocol,
+                    to_name: None,
                 })
                 .collect(),
         )
@@ -972,8 +980,10 @@ struct CheckedIdentity {
 
 struct Dest {
     cidr: IpNet,
+    to_ident: u32,
     ports: Vec<(u16, u16)>,
     protocol: Protocol,
+    to_name: Option<String>,
 }
 
 impl Dest {
@@ -983,7 +993,10 @@ impl Dest {
         } else {
             format!("ports {}", format_ports(&self.ports))
         };
-        format!("{} {} {ports}", self.protocol.as_str(), self.cidr)
+        match &self.to_name {
+            Some(name) => format!("{} identity {name} {ports}", self.protocol.as_str()),
+            None => format!("{} {} {ports}", self.protocol.as_str(), self.cidr),
+        }
     }
 }
 

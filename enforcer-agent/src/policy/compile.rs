@@ -94,6 +94,11 @@ pub fn rule_entries(
     // Group the rules by (ident, family); protocol is checked per proto below.
     let mut groups: BTreeMap<(u32, u8), Vec<Item<'_>>> = BTreeMap::new();
     for (i, rule) in policy.rules.iter().enumerate() {
+        if rule.to_ident != 0 {
+            // Identity destinations are expanded by the agent into cidr rules for the
+            // current listeners of that identity (see `daemon`).
+            continue;
+        }
         let id = u32::try_from(i).map_err(|_| PolicyError::TooManyRules { limit: LIMIT })?;
         groups
             .entry((rule.ident, family_of(&rule.cidr)))

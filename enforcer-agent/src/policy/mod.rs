@@ -145,7 +145,11 @@ pub struct Rule {
     /// Identity number (index into `identities` + 1).
     pub ident: u32,
     pub deny: bool,
+    /// Destination prefix; unused when `to_ident` is set.
     pub cidr: ipnet::IpNet,
+    /// `to: {identity: X}`: identity number of X (0 = a `cidr` destination). The agent turns
+    /// these into concrete rules for the addresses and ports where processes of X listen.
+    pub to_ident: u32,
     /// Inclusive port ranges; empty = all ports.
     pub ports: Vec<(u16, u16)>,
     pub protocol: Protocol,

@@ -8,6 +8,7 @@
 //!   enf-probe exec PATH ARGS...      exec PATH ARGS (to test re-attestation at exec)
 //!   enf-probe loop N CMD...          run CMD N times; 13 as soon as one is denied
 //!   enf-probe loop-for MS CMD...     run CMD for MS milliseconds; prints how many times
+//!   enf-probe listen ADDR:PORT SECS  a TCP listener, accepting for SECS seconds
 //!   enf-probe after MS CMD...        sleep MS milliseconds, then run CMD
 //!   enf-probe sleep SECS             sleep (a process to inspect)
 //! Exit status: 0 connected/sent, 13 EPERM (the kernel denied), 2 any other failure.
@@ -135,6 +136,22 @@ fn run(args: &[String]) -> i32 {
             }
             println!("{n}");
             worst
+        }
+        "listen" => {
+            // listen ADDR:PORT SECS: a TCP listener that accepts for SECS seconds.
+            let secs: u64 = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(30);
+            let l = match std::net::TcpListener::bind(addr()) {
+                Ok(l) => l,
+                Err(e) => return code(&e),
+            };
+            let _ = l.set_nonblocking(true);
+            let t0 = std::time::Instant::now();
+            while t0.elapsed() < Duration::from_secs(secs) {
+                if l.accept().is_err() {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            }
+            0
         }
         "after" => {
             // after MS CMD...: sleep MS milliseconds, then run CMD.

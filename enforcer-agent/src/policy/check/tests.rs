@@ -69,7 +69,7 @@ fn full_example() {
         vec!["/system.slice/payments.service", "/kubepods.slice/**"]
     );
     assert_eq!(p.identities[0].matches[0].uid, vec![1000]);
-    assert_eq!(p.rules.len(), 5);
+    assert_eq!(p.rules.len(), 6);
     let r = &p.rules[0];
     assert_eq!(
         r.text,
@@ -78,13 +78,18 @@ fn full_example() {
     assert_eq!((r.ident, r.deny, r.line), (1, false, 20));
     assert_eq!(r.ports, vec![(5432, 5432), (8000, 8100)]);
     assert_eq!(p.rules[1].protocol, Protocol::Udp);
-    assert!(p.rules[2].deny);
-    assert_eq!(p.rules[2].protocol, Protocol::Any);
-    assert_eq!(p.rules[3].cidr.to_string(), "0.0.0.0/0");
-    assert_eq!(p.rules[4].cidr.to_string(), "::/0");
-    assert_eq!(p.rules[4].text, "payments-api deny[1]: any ::/0 ports 25");
-    assert_eq!(w.len(), 1, "{w:?}");
-    assert!(has(&w, 22, 24, Severity::Warning, "not enforced yet"));
+    // `to: {identity: payments-db}`: a rule the agent expands from live listeners.
+    assert_eq!((p.rules[2].to_ident, p.rules[2].deny), (2, false));
+    assert_eq!(
+        p.rules[2].text,
+        "payments-api egress[2]: any identity payments-db all ports"
+    );
+    assert!(p.rules[3].deny);
+    assert_eq!(p.rules[3].protocol, Protocol::Any);
+    assert_eq!(p.rules[4].cidr.to_string(), "0.0.0.0/0");
+    assert_eq!(p.rules[5].cidr.to_string(), "::/0");
+    assert_eq!(p.rules[5].text, "payments-api deny[1]: any ::/0 ports 25");
+    assert!(w.is_empty(), "{w:?}");
 }
 
 #[test]

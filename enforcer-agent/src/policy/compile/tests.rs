@@ -78,6 +78,7 @@ fn random_policy(r: &mut Rng) -> Policy {
         .filter_map(|_| {
             let cidr: IpNet = NETS[r.below(NETS.len())].parse().ok()?;
             Some(Rule {
+                to_ident: 0,
                 ident: 1 + u32::try_from(r.below(2)).unwrap_or(0),
                 deny: r.below(3) == 0,
                 cidr,
@@ -165,9 +166,10 @@ fn example_policy_entries() -> Result<(), PolicyError> {
     assert_eq!(v(PROTO_TCP, "10.20.3.4", 8101), None);
     assert_eq!(v(PROTO_UDP, "10.20.3.4", 5432), None);
     assert_eq!(v(PROTO_UDP, "::1", 53), Some((VERDICT_ALLOW, 1)));
-    assert_eq!(v(PROTO_TCP, "169.254.169.254", 80), Some((VERDICT_DENY, 2)));
-    assert_eq!(v(PROTO_TCP, "10.20.3.4", 25), Some((VERDICT_DENY, 3)));
-    assert_eq!(v(PROTO_UDP, "2001:db8::1", 25), Some((VERDICT_DENY, 4)));
+    // rules[2] is the identity destination: expanded by the agent, no entry here.
+    assert_eq!(v(PROTO_TCP, "169.254.169.254", 80), Some((VERDICT_DENY, 3)));
+    assert_eq!(v(PROTO_TCP, "10.20.3.4", 25), Some((VERDICT_DENY, 4)));
+    assert_eq!(v(PROTO_UDP, "2001:db8::1", 25), Some((VERDICT_DENY, 5)));
     // A deny on a port and an allow on a range: every port of the range is a group.
     assert!(e.iter().any(|(k, _)| k.data.port == 8100));
     assert!(e.iter().all(|(k, _)| k.data.ident == 1));
@@ -180,6 +182,7 @@ fn key_layout() -> Result<(), PolicyError> {
         .parse()
         .map_err(|_| PolicyError::NotABundle)?;
     let rule = Rule {
+        to_ident: 0,
         ident: 1,
         deny: false,
         cidr: net,
@@ -214,6 +217,7 @@ fn too_many_rules() {
     let rules = (0..40u8)
         .filter_map(|i| {
             Some(Rule {
+                to_ident: 0,
                 ident: 1,
                 deny: false,
                 cidr: format!("10.{i}.0.0/16").parse().ok()?,
