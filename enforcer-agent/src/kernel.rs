@@ -414,5 +414,9 @@ pub fn uninstall(pin_dir: &Path) -> Result<(), KernelError> {
         }
         fs::remove_dir(pin_dir).map_err(op(format!("removing {}", pin_dir.display())))?;
     }
+    // The versioned folder's parent (`enforcer/`) goes too once empty.
+    if let Some(parent) = pin_dir.parent() {
+        let _ = fs::remove_dir(parent);
+    }
     Ok(())
 }

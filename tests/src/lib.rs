@@ -244,7 +244,7 @@ pub fn run_in_as(cg: &TestCgroup, bin: &Path, args: &[&str], uid: u32) -> i32 {
 pub fn spawn_in_as(cg: &TestCgroup, bin: &Path, args: &[&str], uid: Option<u32>) -> Child {
     let procs = cg.dir.join("cgroup.procs");
     let mut c = Command::new(bin);
-    c.args(args).stdin(Stdio::null());
+    c.args(args).stdin(Stdio::null()).stdout(Stdio::null());
     // SAFETY: only async-signal-safe calls (open/write/close) between fork and exec.
     unsafe {
         let path = std::ffi::CString::new(procs.as_os_str().as_encoded_bytes()).expect("path");
