@@ -6,7 +6,6 @@ use std::{
     collections::{BTreeSet, HashMap, HashSet},
     fs,
     io::Write as _,
-    net::IpAddr,
     path::{Path, PathBuf},
     time::Instant,
 };
@@ -37,15 +36,17 @@ pub struct Options {
     pub pin_dir: PathBuf,
     /// Folder for the agent's own state (default `/run/enforcer`).
     pub state_dir: PathBuf,
+    /// Unix socket of the API (default `/run/enforcer/api.sock`).
+    pub api_socket: PathBuf,
     /// Remove pins (and so detach everything) on a clean exit. Default: enforcement stays.
     pub unpin_on_exit: bool,
 }
 
 /// One executable the agent hashed, by its `exe_id`.
 #[derive(Clone, Debug)]
-struct Exe {
-    sha256: [u8; 32],
-    path: String,
+pub(crate) struct Exe {
+    pub(crate) sha256: [u8; 32],
+    pub(crate) path: String,
 }
 
 /// One process the agent tracks.
@@ -58,27 +59,33 @@ pub struct Tracked {
 }
 
 pub struct Agent {
-    kernel: Kernel,
-    cg_mount: PathBuf,
-    cache: HashCache,
-    policy: Policy,
-    classes: Classes,
-    active: u32,
-    exes: HashMap<u32, Exe>,
-    exe_by_key: HashMap<ExeKey, u32>,
-    next_exe: u32,
-    exe_log: fs::File,
-    cgroups: HashMap<u64, String>,
-    procs: HashMap<u32, Tracked>,
-    idmatch_written: HashSet<(IdMatchKey, u32)>,
-    scope_ids: Vec<u64>,
+    pub(crate) kernel: Kernel,
+    pub(crate) cg_mount: PathBuf,
+    pub(crate) cache: HashCache,
+    pub(crate) policy: Policy,
+    pub(crate) classes: Classes,
+    pub(crate) active: u32,
+    pub(crate) exes: HashMap<u32, Exe>,
+    pub(crate) exe_by_key: HashMap<ExeKey, u32>,
+    pub(crate) next_exe: u32,
+    pub(crate) exe_log: fs::File,
+    pub(crate) cgroups: HashMap<u64, String>,
+    pub(crate) procs: HashMap<u32, Tracked>,
+    pub(crate) idmatch_written: HashSet<(IdMatchKey, u32)>,
+    pub(crate) scope_ids: Vec<u64>,
     /// Rules as the kernel numbers them: the policy's, then those expanded from listeners.
-    rules_view: Vec<policy::Rule>,
+    pub(crate) rules_view: Vec<policy::Rule>,
     /// Listeners of identities named in `to: {identity: X}` destinations, as last applied.
-    listeners: BTreeSet<(u32, Listener)>,
+    pub(crate) listeners: BTreeSet<(u32, Listener)>,
+    /// Where the policy in force came from.
+    pub(crate) policy_source: String,
+    /// What the agent found of the kernel at start.
+    pub(crate) features: Vec<String>,
+    /// API side: recent decisions, `events --follow` clients, unattested traffic.
+    pub(crate) feed: crate::server::Feed,
 }
 
-fn hex32(b: &[u8; 32]) -> String {
+pub(crate) fn hex32(b: &[u8; 32]) -> String {
     hex::encode(b)
 }
 
@@ -143,8 +150,19 @@ impl Agent {
             scope_ids: Vec::new(),
             rules_view: Vec::new(),
             listeners: BTreeSet::new(),
+            policy_source: opts.policy_source.clone(),
+            features: Vec::new(),
+            feed: crate::server::Feed::default(),
         };
         agent.kernel.attach_tracepoints()?;
+        agent.features = vec![
+            format!("cgroup2 at {}", agent.cg_mount.display()),
+            "BTF struct offsets (exec-time identity)".into(),
+            "ring buffer events".into(),
+            "cgroup sock_addr connect4/connect6/sendmsg4/sendmsg6 (bpf_link)".into(),
+            "raw tracepoints sched_process_fork/exec/exit".into(),
+            format!("pins under {}", opts.pin_dir.display()),
+        ];
         agent.scan_cgroups();
         let t0 = Instant::now();
         let n = agent.scan_processes();
@@ -319,6 +337,11 @@ impl Agent {
 
     /// Applies a policy atomically: fill the inactive generation, then flip `active`.
     pub fn apply(&mut self, policy: Policy) -> Result<()> {
+        self.apply_from(policy, None)
+    }
+
+    /// [`Agent::apply`], recording where the policy came from.
+    pub fn apply_from(&mut self, policy: Policy, source: Option<String>) -> Result<()> {
         let t0 = Instant::now();
         let cfg = self.kernel.config()?;
         let next = if cfg.generations[self.active as usize].loaded == 0 {
@@ -376,7 +399,7 @@ impl Agent {
             },
             uses_cgroups: u32::from(classes.uses_cgroups()),
             report_allow: u32::from(policy.report_allow),
-            _pad0: 0,
+            report_unattested: 1,
         };
         self.kernel.set_config(&cfg)?;
         // Attach to new scopes before the flip (they judge with the policy in force).
@@ -407,6 +430,10 @@ impl Agent {
         self.policy = policy;
         self.rules_view = expanded.rules;
         self.listeners = found;
+        self.sync_report_allow();
+        if let Some(src) = source {
+            self.policy_source = src;
+        }
         tracing::info!(
             generation = next,
             hash = %policy::policy_hash(&self.policy),
@@ -507,7 +534,7 @@ impl Agent {
             for w in warnings {
                 tracing::warn!("{}", w.render(&name));
             }
-            self.apply(p)
+            self.apply_from(p, Some(name.clone()))
         });
         match res {
             Ok(()) => tracing::info!(policy = %name, "policy reloaded"),
@@ -576,7 +603,7 @@ impl Agent {
         }
     }
 
-    fn identity_name(&self, ident: u32) -> Option<&str> {
+    pub(crate) fn identity_name(&self, ident: u32) -> Option<&str> {
         let i = ident.checked_sub(1)? as usize;
         self.policy
             .identities
@@ -584,40 +611,17 @@ impl Agent {
             .map(|id| id.spiffe_id.as_str())
     }
 
-    fn report(&self, ev: &Event) {
-        let t = self.procs.get(&ev.tgid);
-        let exe = t.and_then(|t| self.exes.get(&t.exe_id));
-        let dst: IpAddr = if ev.family == FAMILY_V6 {
-            IpAddr::from(ev.dst)
-        } else {
-            IpAddr::from([ev.dst[0], ev.dst[1], ev.dst[2], ev.dst[3]])
-        };
-        let rule = match ev.rule {
-            RULE_DEFAULT_DENY => "default deny (no egress entry matches)".to_string(),
-            RULE_UNATTESTED => "unattested".to_string(),
-            RULE_PENDING => "pending attestation".to_string(),
-            RULE_UNTRACKED => "untracked process".to_string(),
-            RULE_NO_CONFIG => "no policy loaded".to_string(),
-            r => self
-                .rules_view
-                .get(r as usize)
-                .map(|r| r.text.clone())
-                .unwrap_or_else(|| format!("rule {r}")),
-        };
-        let line = serde_json::json!({
-            "pid": ev.tgid,
-            "exe": exe.map(|e| e.path.as_str()),
-            "sha256": exe.map(|e| hex32(&e.sha256)),
-            "cgroup": t.map(|t| t.cgroup.as_str()),
-            "uid": ev.uid,
-            "identity": self.identity_name(ev.ident),
-            "verdict": match ev.verdict { VERDICT_ALLOW => "allow", VERDICT_AUDIT => "audit", _ => "deny" },
-            "dst": dst.to_string(),
-            "port": ev.port,
-            "protocol": match ev.proto { 6 => "tcp", 17 => "udp", _ => "other" },
-            "rule": rule,
-        });
-        println!("{line}");
+    fn report(&mut self, ev: &Event) {
+        let d = self.decision(ev);
+        match serde_json::to_string(&d) {
+            Ok(line) => println!("{line}"),
+            Err(e) => tracing::warn!("encoding an event: {e}"),
+        }
+        let followers = self.feed.followers();
+        self.feed.push(d, ev.ident == IDENT_NONE);
+        if self.feed.followers() != followers {
+            self.sync_report_allow();
+        }
     }
 
     /// Runs until SIGINT/SIGTERM.
@@ -635,7 +639,8 @@ impl Agent {
         let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
         let mut hup = signal(SignalKind::hangup()).context("installing SIGHUP handler")?;
         let mut tick = tokio::time::interval(std::time::Duration::from_millis(500));
-        tracing::info!("agent ready");
+        let api = crate::server::bind(&opts.api_socket)?;
+        tracing::info!(api = %opts.api_socket.display(), "agent ready");
         loop {
             tokio::select! {
                 guard = rb.readable_mut() => {
@@ -660,11 +665,16 @@ impl Agent {
                     self.settle_pending();
                     self.refresh_listeners();
                 }
+                conn = api.accept() => match conn {
+                    Ok((stream, _)) => self.serve(stream).await,
+                    Err(e) => tracing::warn!("API accept: {e}"),
+                },
                 _ = hup.recv() => self.reload(opts),
                 _ = term.recv() => break,
                 _ = int.recv() => break,
             }
         }
+        let _ = fs::remove_file(&opts.api_socket);
         if opts.unpin_on_exit {
             tracing::info!(pins = %self.kernel.pin_dir.display(), "removing pins: enforcement ends");
             let dir = self.kernel.pin_dir.clone();

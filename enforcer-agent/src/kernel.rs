@@ -357,6 +357,222 @@ impl Kernel {
     }
 }
 
+/// What the kernel decides for one (process, destination): the verdict, the identity number
+/// and the rule id. Mirrors the `enf_*` socket programs step by step, reading the same maps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Judgement {
+    pub verdict: u32,
+    pub ident: u32,
+    pub rule: u32,
+}
+
+impl Kernel {
+    pub fn judge(
+        &self,
+        pid: u32,
+        dst: std::net::IpAddr,
+        port: u16,
+        proto: u8,
+    ) -> Result<Judgement, KernelError> {
+        let deny = |rule| Judgement {
+            verdict: VERDICT_DENY,
+            ident: IDENT_NONE,
+            rule,
+        };
+        let cfg = self.config()?;
+        let generation = cfg.active & 1;
+        let g = cfg.generations[generation as usize];
+        let mut j = if g.loaded == 0 {
+            deny(RULE_NO_CONFIG)
+        } else {
+            match self.maps.procs.get(&pid, 0) {
+                Err(_) => deny(RULE_UNTRACKED),
+                Ok(p) if p.flags & PROC_PENDING != 0 => deny(RULE_PENDING),
+                Ok(p) => {
+                    let ident = self.identity(&g, generation, &p);
+                    if ident == IDENT_NONE {
+                        let verdict = match g.unattested {
+                            ACTION_ALLOW => VERDICT_ALLOW,
+                            ACTION_AUDIT => VERDICT_AUDIT,
+                            _ => VERDICT_DENY,
+                        };
+                        Judgement {
+                            verdict,
+                            ident,
+                            rule: RULE_UNATTESTED,
+                        }
+                    } else {
+                        let (family, addr) = match dst {
+                            std::net::IpAddr::V4(a) => (FAMILY_V4, a.octets()),
+                            std::net::IpAddr::V6(a) => match a.to_ipv4_mapped() {
+                                Some(v4) => (FAMILY_V4, v4.octets()),
+                                None => {
+                                    let mut data = RuleKeyData {
+                                        generation,
+                                        ident,
+                                        proto,
+                                        family: FAMILY_V6,
+                                        port,
+                                        addr: a.octets(),
+                                    };
+                                    let v = self.lookup_rule(&mut data, 128);
+                                    return Ok(self.finish(
+                                        &g,
+                                        Judgement {
+                                            verdict: v.verdict,
+                                            ident,
+                                            rule: v.rule,
+                                        },
+                                    ));
+                                }
+                            },
+                        };
+                        let mut a16 = [0u8; 16];
+                        a16[..4].copy_from_slice(&addr);
+                        let mut data = RuleKeyData {
+                            generation,
+                            ident,
+                            proto,
+                            family,
+                            port,
+                            addr: a16,
+                        };
+                        let v = self.lookup_rule(&mut data, 32);
+                        Judgement {
+                            verdict: v.verdict,
+                            ident,
+                            rule: v.rule,
+                        }
+                    }
+                }
+            }
+        };
+        if g.loaded == 0 && g.mode == MODE_AUDIT {
+            j.verdict = VERDICT_ALLOW;
+        }
+        Ok(self.finish(&g, j))
+    }
+
+    fn finish(&self, g: &GenConfig, mut j: Judgement) -> Judgement {
+        if j.verdict == VERDICT_DENY && g.loaded != 0 && g.mode != MODE_ENFORCE {
+            j.verdict = VERDICT_AUDIT;
+        }
+        j
+    }
+
+    fn identity(&self, g: &GenConfig, generation: u32, p: &ProcState) -> u32 {
+        let bin = self
+            .maps
+            .binclass
+            .get(&(generation * MAX_EXES + (p.exe_id & (MAX_EXES - 1))), 0)
+            .unwrap_or(BIN_NONE);
+        let cg = if g.uses_cgroups == 0 {
+            CG_NONE
+        } else {
+            self.maps
+                .cgroups
+                .get(&p.cgroup_id, 0)
+                .map(|c| c.class[generation as usize])
+                .unwrap_or(CG_NONE)
+        };
+        let mut k = IdMatchKey {
+            generation,
+            bin,
+            cg,
+            uid: p.uid,
+        };
+        if let Ok(id) = self.maps.idmatch.get(&k, 0) {
+            return id;
+        }
+        k.uid = ANY;
+        self.maps.idmatch.get(&k, 0).unwrap_or(IDENT_NONE)
+    }
+
+    fn lookup_rule(&self, data: &mut RuleKeyData, addr_bits: u32) -> RuleValue {
+        let bits = RULE_FIXED_BITS + addr_bits;
+        if let Ok(v) = self.maps.rules.get(&Key::new(bits, *data), 0) {
+            return v;
+        }
+        data.port = 0;
+        if let Ok(v) = self.maps.rules.get(&Key::new(bits, *data), 0) {
+            return v;
+        }
+        RuleValue {
+            verdict: VERDICT_DENY,
+            rule: RULE_DEFAULT_DENY,
+        }
+    }
+
+    /// Number of entries of each map, with its capacity.
+    pub fn fill(&self) -> Vec<(&'static str, u64, u64)> {
+        let n = |it: usize| it as u64;
+        vec![
+            (
+                MAP_PROCS,
+                n(self.maps.procs.keys().count()),
+                MAX_PROCS.into(),
+            ),
+            (MAP_EXES, n(self.maps.exes.keys().count()), MAX_EXES.into()),
+            (
+                MAP_CGROUPS,
+                n(self.maps.cgroups.keys().count()),
+                MAX_CGROUPS.into(),
+            ),
+            (
+                MAP_IDMATCH,
+                n(self.maps.idmatch.keys().count()),
+                MAX_IDMATCH.into(),
+            ),
+            (
+                MAP_RULES,
+                n(self.maps.rules.keys().count()),
+                MAX_RULES.into(),
+            ),
+        ]
+    }
+
+    /// The `ENF_RULES` entries of one generation, as the kernel holds them.
+    pub fn rules_of(&self, generation: u32) -> Vec<(RuleKey, RuleValue)> {
+        self.maps
+            .rules
+            .iter()
+            .filter_map(|r| r.ok())
+            .filter(|(k, _)| k.data().generation == generation)
+            .map(|(k, v)| {
+                (
+                    RuleKey {
+                        prefix_len: k.prefix_len(),
+                        data: k.data(),
+                    },
+                    v,
+                )
+            })
+            .collect()
+    }
+
+    /// The `ENF_IDMATCH` entries of one generation.
+    pub fn idmatch_of(&self, generation: u32) -> Vec<(IdMatchKey, u32)> {
+        self.maps
+            .idmatch
+            .iter()
+            .filter_map(|r| r.ok())
+            .filter(|(k, _)| k.generation == generation)
+            .collect()
+    }
+
+    /// Pinned links: (link file name, program).
+    pub fn links(&self) -> Vec<String> {
+        let mut v: Vec<String> = fs::read_dir(self.pin_dir.join("links"))
+            .into_iter()
+            .flatten()
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    }
+}
+
 fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, KernelError>
 where
     &'a mut T: TryFrom<&'a mut aya::programs::Program>,

@@ -3,9 +3,13 @@
 //! Data path: kernel event -> [`attest`] -> [`policy`] (identity) -> [`kernel`] (maps) ->
 //! verdict -> event, driven by [`daemon`].
 
+pub mod api;
 pub mod attest;
 pub mod btf;
+pub mod client;
 pub mod daemon;
 pub mod kernel;
 pub mod listeners;
+pub mod metrics;
 pub mod policy;
+pub mod server;

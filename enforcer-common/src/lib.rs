@@ -190,7 +190,8 @@ pub struct GenConfig {
     pub uses_cgroups: u32,
     /// 1 to report allowed decisions too (the default audit policy does).
     pub report_allow: u32,
-    pub _pad0: u32,
+    /// 1 to report every decision about a process with no identity (coverage report).
+    pub report_unattested: u32,
 }
 const _: () = assert!(core::mem::size_of::<GenConfig>() == 24);
 
@@ -265,7 +266,7 @@ pub const RULE_FIXED_BITS: u32 = 96;
 
 /// Full LPM key as the kernel sees it (`struct bpf_lpm_trie_key` + data).
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default, PartialOrd, Ord)]
 pub struct RuleKey {
     pub prefix_len: u32,
     pub data: RuleKeyData,

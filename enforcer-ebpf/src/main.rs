@@ -214,7 +214,10 @@ fn try_sock_addr(ctx: &SockAddrContext, hook: u32) -> i32 {
         VERDICT_AUDIT => CNT_AUDIT,
         _ => CNT_DENY,
     });
-    if verdict != VERDICT_ALLOW || g.report_allow != 0 {
+    if verdict != VERDICT_ALLOW
+        || g.report_allow != 0
+        || (ident == IDENT_NONE && g.report_unattested != 0)
+    {
         report_connect(pid, hook, ident, verdict, decision.rule, flags, &dst);
     }
     if verdict == VERDICT_DENY { DENY } else { ALLOW }

@@ -343,6 +343,8 @@ impl Agent {
             .arg(&self.pin_dir)
             .arg("--state-dir")
             .arg(&self.state_dir.0)
+            .arg("--api-socket")
+            .arg(self.api_socket())
             .arg("--unpin-on-exit")
             .env("ENFORCER_LOG", "enforcer_agent=debug")
             .stdout(Stdio::piped())
@@ -389,6 +391,30 @@ impl Agent {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// This agent's API socket.
+    pub fn api_socket(&self) -> PathBuf {
+        self.state_dir.path("api.sock")
+    }
+
+    /// Runs `enforcer-agent ARGS --api-socket <this agent's>`: (exit code, stdout, stderr).
+    pub fn cli(&self, args: &[&str]) -> (i32, String, String) {
+        let sock = self.api_socket();
+        let mut all: Vec<&str> = args.to_vec();
+        all.push("--api-socket");
+        all.push(sock.to_str().expect("socket path"));
+        run_cmd(&agent_bin(), &all)
+    }
+
+    /// `cli` with `--json`, parsed; panics with the output when it fails.
+    pub fn cli_json(&self, args: &[&str]) -> serde_json::Value {
+        let mut all = args.to_vec();
+        all.push("--json");
+        let (code, out, err) = self.cli(&all);
+        assert_eq!(code, 0, "enforcer-agent {args:?} failed: {err}");
+        serde_json::from_str(&out)
+            .unwrap_or_else(|e| panic!("enforcer-agent {args:?}: not JSON ({e}): {out}"))
     }
 
     pub fn log(&self) -> String {

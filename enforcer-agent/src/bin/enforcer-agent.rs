@@ -9,7 +9,8 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use clap::{Parser, Subcommand};
 use enforcer_agent::{
-    attest, daemon,
+    api::{self, reply, request},
+    attest, client, daemon,
     policy::{self, Severity},
 };
 
@@ -20,6 +21,9 @@ use enforcer_agent::{
     about = "eBPF workload identity enforcer: node agent and CLI"
 )]
 struct Cli {
+    /// Unix socket of the agent's API (root-only): served by `run`, used by the other commands.
+    #[arg(long, global = true, default_value = api::DEFAULT_SOCKET)]
+    api_socket: PathBuf,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -31,9 +35,6 @@ enum Cmd {
         /// Policy file: YAML or a compiled bundle.
         #[arg(long)]
         policy: Option<PathBuf>,
-        /// Unix socket of the agent's API (not served yet: the API comes next).
-        #[arg(long)]
-        api_socket: Option<PathBuf>,
         /// bpffs folder for the pinned programs, links and maps.
         #[arg(long, default_value = DEFAULT_PIN_DIR)]
         bpffs_dir: PathBuf,
@@ -45,7 +46,39 @@ enum Cmd {
         #[arg(long)]
         unpin_on_exit: bool,
     },
-    /// Policy files: check and compile.
+    /// Kernel features, attachments, map fill, policy in force (and drift), counters, coverage.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Every process the agent tracks: pid, exe, sha256, cgroup, uid, identity or none.
+    Identities {
+        #[arg(long)]
+        json: bool,
+    },
+    /// The verdict the kernel would give a connect of PID to ADDR:PORT, and the rule behind it.
+    Explain {
+        #[arg(long)]
+        pid: u32,
+        /// ADDR:PORT, e.g. 10.0.0.5:5432 or [::1]:53
+        #[arg(long)]
+        to: std::net::SocketAddr,
+        #[arg(long, value_parser = ["tcp", "udp"], default_value = "tcp")]
+        protocol: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Decisions as they happen (deny and audit; --all for allows too).
+    Events {
+        #[arg(long)]
+        follow: bool,
+        #[arg(long)]
+        all: bool,
+        /// One JSON object a line.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Policy files: check, compile, apply.
     Policy {
         #[command(subcommand)]
         cmd: PolicyCmd,
@@ -74,6 +107,8 @@ enum PolicyCmd {
         #[arg(short = 'o', long = "output")]
         out: PathBuf,
     },
+    /// Hand a policy (YAML or bundle) to the running agent: all or nothing.
+    Apply { file: PathBuf },
 }
 
 const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/enforcer/v1";
@@ -99,7 +134,129 @@ fn read(path: &Path) -> Result<Vec<u8>> {
 }
 
 fn real_main(cli: Cli) -> Result<ExitCode> {
+    let socket = cli.api_socket;
     match cli.cmd {
+        Cmd::Status { json } => {
+            let reply::Kind::Status(s) =
+                client::call(&socket, request::Kind::Status(api::StatusRequest {}))?
+            else {
+                bail!(
+                    "the agent answered `status` with something else; is it the same version as this CLI?"
+                );
+            };
+            if json {
+                println!("{}", serde_json::to_string_pretty(&s)?);
+            } else {
+                print_status(&s);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Identities { json } => {
+            let reply::Kind::Identities(ids) = client::call(
+                &socket,
+                request::Kind::Identities(api::IdentitiesRequest {}),
+            )?
+            else {
+                bail!(
+                    "the agent answered `identities` with something else; is it the same version as this CLI?"
+                );
+            };
+            if json {
+                println!("{}", serde_json::to_string_pretty(&ids.processes)?);
+            } else {
+                println!(
+                    "{:>7}  {:<40}  {:<12}  {:>5}  {:<30}  exe",
+                    "PID", "IDENTITY", "SHA256", "UID", "CGROUP"
+                );
+                for p in &ids.processes {
+                    println!(
+                        "{:>7}  {:<40}  {:<12}  {:>5}  {:<30}  {}{}",
+                        p.pid,
+                        p.identity.as_deref().unwrap_or("-"),
+                        p.sha256
+                            .as_deref()
+                            .map(|s| &s[..12.min(s.len())])
+                            .unwrap_or("-"),
+                        p.uid,
+                        p.cgroup.as_deref().unwrap_or("-"),
+                        p.exe.as_deref().unwrap_or("-"),
+                        if p.pending { "  (pending)" } else { "" }
+                    );
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Explain {
+            pid,
+            to,
+            protocol,
+            json,
+        } => {
+            let req = api::ExplainRequest {
+                pid,
+                dst: to.ip().to_string(),
+                port: to.port().into(),
+                protocol,
+            };
+            let reply::Kind::Explain(d) = client::call(&socket, request::Kind::Explain(req))?
+            else {
+                bail!(
+                    "the agent answered `explain` with something else; is it the same version as this CLI?"
+                );
+            };
+            if json {
+                println!("{}", serde_json::to_string_pretty(&d)?);
+            } else {
+                println!("{}", describe(&d));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Events { follow, all, json } => {
+            let req = api::Request {
+                kind: Some(request::Kind::Events(api::EventsRequest { follow, all })),
+            };
+            let mut c = client::Call::send(&socket, &req)?;
+            c.read_timeout(if follow {
+                None
+            } else {
+                Some(std::time::Duration::from_secs(60))
+            });
+            while let Some(kind) = c.next()? {
+                if let reply::Kind::Event(d) = kind {
+                    if json {
+                        println!("{}", serde_json::to_string(&d)?);
+                    } else {
+                        println!("{}", describe(&d));
+                    }
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Policy {
+            cmd: PolicyCmd::Apply { file },
+        } => {
+            let name = file.display().to_string();
+            let bytes = read(&file)?;
+            // Check locally first: errors come with their FILE:LINE:COL, and nothing is sent.
+            let (_, warnings) = policy::load(&name, &bytes).map_err(anyhow::Error::new)?;
+            for w in &warnings {
+                eprintln!("{}", w.render(&name));
+            }
+            let req = api::ApplyRequest {
+                policy: bytes,
+                name: name.clone(),
+            };
+            let reply::Kind::Apply(a) = client::call(&socket, request::Kind::Apply(req))? else {
+                bail!(
+                    "the agent answered `policy apply` with something else; is it the same version as this CLI?"
+                );
+            };
+            eprintln!(
+                "{name}: applied (generation {}, sha256 {})",
+                a.generation, a.policy_hash
+            );
+            Ok(ExitCode::SUCCESS)
+        }
         Cmd::Policy {
             cmd: PolicyCmd::Check { file },
         } => {
@@ -178,7 +335,7 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
         }
         Cmd::Run {
             policy: file,
-            api_socket,
+
             bpffs_dir,
             state_dir,
             unpin_on_exit,
@@ -207,12 +364,6 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
                     (p, "the embedded default policy".to_string())
                 }
             };
-            if let Some(sock) = &api_socket {
-                tracing::warn!(
-                    socket = %sock.display(),
-                    "the API socket is not served yet by this version; decisions are printed on stdout"
-                );
-            }
             if !nix::unistd::geteuid().is_root() {
                 bail!(
                     "`run` needs root: it loads BPF programs and attaches them to cgroups; run it with sudo"
@@ -224,6 +375,7 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
                 policy_path: file.clone(),
                 pin_dir: bpffs_dir,
                 state_dir,
+                api_socket: socket,
                 unpin_on_exit,
             };
             let rt = tokio::runtime::Builder::new_current_thread()
@@ -236,5 +388,70 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
             })?;
             Ok(ExitCode::SUCCESS)
         }
+    }
+}
+
+fn describe(d: &api::Decision) -> String {
+    format!(
+        "{}: pid {} ({}, identity {}) -> {}:{}/{} by {}",
+        d.verdict,
+        d.pid,
+        d.exe.as_deref().unwrap_or("exe unknown"),
+        d.identity.as_deref().unwrap_or("none"),
+        if d.dst.contains(':') {
+            format!("[{}]", d.dst)
+        } else {
+            d.dst.clone()
+        },
+        d.port,
+        d.protocol,
+        d.rule
+    )
+}
+
+fn print_status(s: &api::Status) {
+    println!(
+        "policy: {} (sha256 {}), mode {}, generation {}",
+        s.policy_source, s.policy_hash, s.mode, s.generation
+    );
+    if s.drift.is_empty() {
+        println!("kernel maps: in sync with the compiled policy");
+    } else {
+        println!("kernel maps: DRIFT from the compiled policy:");
+        for d in &s.drift {
+            println!("  {d}");
+        }
+    }
+    println!("kernel features:");
+    for f in &s.kernel_features {
+        println!("  {f}");
+    }
+    println!("attached:");
+    for a in &s.attached {
+        println!("  {:<40} {}", a.program, a.target);
+    }
+    println!("maps:");
+    for m in &s.maps {
+        println!("  {:<14} {:>9} / {}", m.name, m.entries, m.capacity);
+    }
+    println!("counters:");
+    for c in &s.counters {
+        println!("  {:<20} {}", c.name, c.value);
+    }
+    println!(
+        "connections with no identity (last {} s):",
+        s.uncovered_window_secs
+    );
+    if s.uncovered.is_empty() {
+        println!("  none");
+    }
+    for u in &s.uncovered {
+        println!(
+            "  {:>6}  {}  {}  {}",
+            u.connects,
+            u.exe,
+            u.cgroup,
+            u.destinations.join(", ")
+        );
     }
 }

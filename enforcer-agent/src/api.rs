@@ -1,0 +1,325 @@
+//! The agent's API: protobuf messages (prost) over a unix socket, each frame a 4-byte
+//! big-endian length then the message. One request per connection; `events --follow` keeps
+//! the connection and receives one `Reply` per decision.
+
+use std::io::{Read, Write};
+
+use serde::Serialize;
+
+/// Default API socket.
+pub const DEFAULT_SOCKET: &str = "/run/enforcer/api.sock";
+/// Largest frame accepted either way (a compiled 1M-rule bundle fits).
+pub const MAX_FRAME: u32 = 256 << 20;
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Request {
+    #[prost(oneof = "request::Kind", tags = "1, 2, 3, 4, 5")]
+    pub kind: Option<request::Kind>,
+}
+
+pub mod request {
+    #[derive(Clone, PartialEq, prost::Oneof)]
+    pub enum Kind {
+        #[prost(message, tag = "1")]
+        Status(super::StatusRequest),
+        #[prost(message, tag = "2")]
+        Identities(super::IdentitiesRequest),
+        #[prost(message, tag = "3")]
+        Explain(super::ExplainRequest),
+        #[prost(message, tag = "4")]
+        Events(super::EventsRequest),
+        #[prost(message, tag = "5")]
+        Apply(super::ApplyRequest),
+    }
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct StatusRequest {}
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct IdentitiesRequest {}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ExplainRequest {
+    #[prost(uint32, tag = "1")]
+    pub pid: u32,
+    /// Destination address (IPv4 or IPv6 text).
+    #[prost(string, tag = "2")]
+    pub dst: String,
+    #[prost(uint32, tag = "3")]
+    pub port: u32,
+    /// "tcp" or "udp".
+    #[prost(string, tag = "4")]
+    pub protocol: String,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct EventsRequest {
+    #[prost(bool, tag = "1")]
+    pub follow: bool,
+    /// Include allowed decisions.
+    #[prost(bool, tag = "2")]
+    pub all: bool,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ApplyRequest {
+    /// A YAML policy or a compiled bundle.
+    #[prost(bytes = "vec", tag = "1")]
+    pub policy: Vec<u8>,
+    /// File name for messages.
+    #[prost(string, tag = "2")]
+    pub name: String,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Reply {
+    #[prost(oneof = "reply::Kind", tags = "1, 2, 3, 4, 5, 6")]
+    pub kind: Option<reply::Kind>,
+}
+
+pub mod reply {
+    #[derive(Clone, PartialEq, prost::Oneof)]
+    pub enum Kind {
+        #[prost(string, tag = "1")]
+        Error(String),
+        #[prost(message, tag = "2")]
+        Status(super::Status),
+        #[prost(message, tag = "3")]
+        Identities(super::Identities),
+        #[prost(message, tag = "4")]
+        Explain(super::Decision),
+        #[prost(message, tag = "5")]
+        Event(super::Decision),
+        #[prost(message, tag = "6")]
+        Apply(super::Applied),
+    }
+}
+
+/// One decision: an event, or what `explain` says the kernel would decide.
+#[derive(Clone, PartialEq, prost::Message, Serialize)]
+pub struct Decision {
+    #[prost(uint32, tag = "1")]
+    pub pid: u32,
+    #[prost(string, optional, tag = "2")]
+    pub exe: Option<String>,
+    #[prost(string, optional, tag = "3")]
+    pub sha256: Option<String>,
+    #[prost(string, optional, tag = "4")]
+    pub cgroup: Option<String>,
+    #[prost(uint32, tag = "5")]
+    pub uid: u32,
+    /// SPIFFE ID, or none.
+    #[prost(string, optional, tag = "6")]
+    pub identity: Option<String>,
+    /// allow | deny | audit
+    #[prost(string, tag = "7")]
+    pub verdict: String,
+    #[prost(string, tag = "8")]
+    pub dst: String,
+    #[prost(uint32, tag = "9")]
+    pub port: u32,
+    #[prost(string, tag = "10")]
+    pub protocol: String,
+    /// The policy entry that decided, or why none did.
+    #[prost(string, tag = "11")]
+    pub rule: String,
+    /// Kernel time of the decision (boot clock, ns); 0 for explain.
+    #[prost(uint64, tag = "12")]
+    pub time_ns: u64,
+}
+
+#[derive(Clone, PartialEq, prost::Message, Serialize)]
+pub struct Process {
+    #[prost(uint32, tag = "1")]
+    pub pid: u32,
+    #[prost(string, optional, tag = "2")]
+    pub exe: Option<String>,
+    #[prost(string, optional, tag = "3")]
+    pub sha256: Option<String>,
+    #[prost(string, optional, tag = "4")]
+    pub cgroup: Option<String>,
+    #[prost(uint32, tag = "5")]
+    pub uid: u32,
+    #[prost(uint32, tag = "6")]
+    pub gid: u32,
+    #[prost(string, optional, tag = "7")]
+    pub identity: Option<String>,
+    /// Why this identity (or none).
+    #[prost(string, tag = "8")]
+    pub reason: String,
+    /// Not attested yet (exec of a never-seen file).
+    #[prost(bool, tag = "9")]
+    pub pending: bool,
+}
+
+#[derive(Clone, PartialEq, prost::Message, Serialize)]
+pub struct Identities {
+    #[prost(message, repeated, tag = "1")]
+    pub processes: Vec<Process>,
+}
+
+#[derive(Clone, PartialEq, prost::Message, Serialize)]
+pub struct NamedCount {
+    #[prost(string, tag = "1")]
+    pub name: String,
+    #[prost(uint64, tag = "2")]
+    pub value: u64,
+}
+
+#[derive(Clone, PartialEq, prost::Message, Serialize)]
+pub struct MapFill {
+    #[prost(string, tag = "1")]
+    pub name: String,
+    #[prost(uint64, tag = "2")]
+    pub entries: u64,
+    #[prost(uint64, tag = "3")]
+    pub capacity: u64,
+}
+
+#[derive(Clone, PartialEq, prost::Message, Serialize)]
+pub struct Attachment {
+    #[prost(string, tag = "1")]
+    pub program: String,
+    /// cgroup path or tracepoint name
+    #[prost(string, tag = "2")]
+    pub target: String,
+}
+
+/// Connections by processes with no identity, grouped by binary and cgroup.
+#[derive(Clone, PartialEq, prost::Message, Serialize)]
+pub struct Uncovered {
+    #[prost(string, tag = "1")]
+    pub exe: String,
+    #[prost(string, tag = "2")]
+    pub sha256: String,
+    #[prost(string, tag = "3")]
+    pub cgroup: String,
+    #[prost(uint64, tag = "4")]
+    pub connects: u64,
+    #[prost(string, repeated, tag = "5")]
+    pub destinations: Vec<String>,
+}
+
+#[derive(Clone, PartialEq, prost::Message, Serialize)]
+pub struct Status {
+    #[prost(string, repeated, tag = "1")]
+    pub kernel_features: Vec<String>,
+    #[prost(message, repeated, tag = "2")]
+    pub attached: Vec<Attachment>,
+    #[prost(message, repeated, tag = "3")]
+    pub maps: Vec<MapFill>,
+    #[prost(string, tag = "4")]
+    pub policy_source: String,
+    #[prost(string, tag = "5")]
+    pub policy_hash: String,
+    #[prost(string, tag = "6")]
+    pub mode: String,
+    #[prost(uint32, tag = "7")]
+    pub generation: u32,
+    #[prost(message, repeated, tag = "8")]
+    pub counters: Vec<NamedCount>,
+    /// Differences between the kernel maps and the compiled policy (empty: in sync).
+    #[prost(string, repeated, tag = "9")]
+    pub drift: Vec<String>,
+    #[prost(message, repeated, tag = "10")]
+    pub uncovered: Vec<Uncovered>,
+    #[prost(uint64, tag = "11")]
+    pub uncovered_window_secs: u64,
+    #[prost(uint64, tag = "12")]
+    pub events_lost: u64,
+}
+
+#[derive(Clone, PartialEq, prost::Message, Serialize)]
+pub struct Applied {
+    #[prost(string, tag = "1")]
+    pub policy_hash: String,
+    #[prost(uint32, tag = "2")]
+    pub generation: u32,
+    #[prost(string, repeated, tag = "3")]
+    pub warnings: Vec<String>,
+}
+
+/// Errors of the API transport.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("the API frame is {0} bytes, more than the {MAX_FRAME} allowed")]
+    TooLarge(u32),
+    #[error("the API message does not decode: {0}")]
+    Decode(#[from] prost::DecodeError),
+    #[error("API connection: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Writes one frame (blocking).
+pub fn write_frame(w: &mut impl Write, msg: &impl prost::Message) -> Result<(), ApiError> {
+    let bytes = msg.encode_to_vec();
+    let len = u32::try_from(bytes.len()).map_err(|_| ApiError::TooLarge(u32::MAX))?;
+    if len > MAX_FRAME {
+        return Err(ApiError::TooLarge(len));
+    }
+    w.write_all(&len.to_be_bytes())?;
+    w.write_all(&bytes)?;
+    w.flush()?;
+    Ok(())
+}
+
+/// Reads one frame (blocking); `Ok(None)` at a clean end of stream.
+pub fn read_frame<M: prost::Message + Default>(r: &mut impl Read) -> Result<Option<M>, ApiError> {
+    let mut len = [0u8; 4];
+    match r.read_exact(&mut len) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e.into()),
+    }
+    let len = u32::from_be_bytes(len);
+    if len > MAX_FRAME {
+        return Err(ApiError::TooLarge(len));
+    }
+    let mut buf = vec![0u8; len as usize];
+    r.read_exact(&mut buf)?;
+    Ok(Some(M::decode(buf.as_slice())?))
+}
+
+/// Encodes one frame into bytes (for non-blocking writers).
+pub fn frame(msg: &impl prost::Message) -> Vec<u8> {
+    let bytes = msg.encode_to_vec();
+    let mut out = Vec::with_capacity(bytes.len() + 4);
+    out.extend_from_slice(&(bytes.len() as u32).to_be_bytes());
+    out.extend_from_slice(&bytes);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_roundtrip_and_reject_garbage() {
+        let req = Request {
+            kind: Some(request::Kind::Explain(ExplainRequest {
+                pid: 7,
+                dst: "::1".into(),
+                port: 53,
+                protocol: "udp".into(),
+            })),
+        };
+        let mut buf = Vec::new();
+        write_frame(&mut buf, &req).expect("write");
+        assert_eq!(buf, frame(&req));
+        let back: Option<Request> = read_frame(&mut buf.as_slice()).expect("read");
+        assert_eq!(back, Some(req));
+        let empty: Option<Request> = read_frame(&mut [].as_slice()).expect("eof");
+        assert_eq!(empty, None);
+        let huge = (MAX_FRAME + 1).to_be_bytes();
+        assert!(matches!(
+            read_frame::<Request>(&mut huge.as_slice()),
+            Err(ApiError::TooLarge(_))
+        ));
+        let mut bad = 3u32.to_be_bytes().to_vec();
+        bad.extend_from_slice(&[0xff, 0xff, 0xff]);
+        assert!(matches!(
+            read_frame::<Request>(&mut bad.as_slice()),
+            Err(ApiError::Decode(_))
+        ));
+    }
+}

@@ -1,0 +1,470 @@
+//! Real-kernel tests of the operator interface: the API socket and the CLI of SPEC.md, with a
+//! real agent and real processes.
+
+use std::{fs, path::Path, time::Duration};
+
+use enforcer_tests::*;
+
+const PROBE_BIN: &str = env!("CARGO_BIN_EXE_enf-probe");
+const OK: i32 = 0;
+const EPERM: i32 = 13;
+
+struct World {
+    cg: TestCgroup,
+    out: TestCgroup,
+    l: Listeners,
+    dir: TempDir,
+    app: std::path::PathBuf,
+    other: std::path::PathBuf,
+    agent: Agent,
+}
+
+/// Scope = `cg`; `out` is a cgroup outside the scope. `app` may reach tcp4 and udp6 (and
+/// 127.0.0.0/8 udp4 port), 127.0.0.2 denied; `other` is unattested (audit in cgroup? no:
+/// `unattested: deny`).
+fn world(tag: &str, mode: &str) -> World {
+    let cg = TestCgroup::new(tag);
+    let out = TestCgroup::new(&format!("{tag}-out"));
+    let l = Listeners::new();
+    let dir = TempDir::new(tag);
+    let app = dir.path("app");
+    let other = dir.path("other");
+    copy_probe(Path::new(PROBE_BIN), &app, None);
+    copy_probe(Path::new(PROBE_BIN), &other, Some(b'1'));
+    let yaml = format!(
+        "apiVersion: enforcer/v1\nkind: Policy\ntrustDomain: t.org\nmode: {mode}\nunattested: deny\nscope: [\"{}\"]\nidentities:\n  - name: app\n    match:\n      - binarySha256: [{}]\nrules:\n  - identity: app\n    egress:\n      - to: {{cidr: 127.0.0.1/32, ports: [{}], protocol: tcp}}\n      - to: {{cidr: \"::1/128\", ports: [{}], protocol: udp}}\n      - to: {{cidr: 127.0.0.0/8, ports: [{}], protocol: udp}}\n    deny:\n      - to: {{cidr: 127.0.0.2/32}}\n",
+        cg.rel,
+        sha256_file(&app),
+        l.tcp4.port(),
+        l.udp6.port(),
+        l.udp4.port()
+    );
+    let agent = Agent::start(&yaml);
+    World {
+        cg,
+        out,
+        l,
+        dir,
+        app,
+        other,
+        agent,
+    }
+}
+
+/// A small deterministic generator (no external crate, reproducible from the seed printed).
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn pick<'a, T>(&mut self, v: &'a [T]) -> &'a T {
+        &v[(self.next() % v.len() as u64) as usize]
+    }
+}
+
+/// `explain` gives the verdict the kernel gives: many random (process, destination, port,
+/// protocol) cases, each a real connect compared with `explain` for the same pid.
+#[test]
+fn explain_agrees_with_the_kernel() {
+    if !require_root("explain_agrees_with_the_kernel") {
+        return;
+    }
+    let w = world("explain", "enforce");
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(1)
+        | 1;
+    eprintln!("explain_agrees_with_the_kernel: seed {seed}");
+    let mut rng = Rng(seed);
+    let l = &w.l;
+    let dsts: Vec<std::net::SocketAddr> = vec![
+        l.tcp4,
+        l.tcp6,
+        l.udp4,
+        l.udp6,
+        l.extra4,
+        format!("127.0.0.2:{}", l.udp4.port())
+            .parse()
+            .expect("addr"),
+        format!("[::ffff:127.0.0.1]:{}", l.tcp4.port())
+            .parse()
+            .expect("addr"),
+        format!("[::ffff:127.0.0.1]:{}", l.udp4.port())
+            .parse()
+            .expect("addr"),
+        format!("127.0.0.1:{}", l.udp6.port())
+            .parse()
+            .expect("addr"),
+    ];
+    let bins = [w.app.clone(), w.other.clone()];
+    let cgs = [&w.cg, &w.out];
+    let cmds = ["tcp", "udp", "sendto"];
+    let mut cases = 0;
+    let mut mismatches = Vec::new();
+    for _batch in 0..8 {
+        // Spawn a batch that waits, explain each pid, then let them connect.
+        let mut batch = Vec::new();
+        for _ in 0..15 {
+            let bin = rng.pick(&bins).clone();
+            let cg = *rng.pick(&cgs);
+            let dst = *rng.pick(&dsts);
+            let cmd = *rng.pick(&cmds);
+            let child = spawn_in(cg, &bin, &["after", "1500", cmd, &dst.to_string()]);
+            batch.push((child, bin, cg.rel.clone(), dst, cmd));
+        }
+        std::thread::sleep(Duration::from_millis(300));
+        let mut explained = Vec::new();
+        for (child, ..) in &batch {
+            let proto = "tcp";
+            let _ = proto;
+            explained.push(child.id());
+        }
+        let mut verdicts = Vec::new();
+        for (child, _, _, dst, cmd) in &batch {
+            let proto = if *cmd == "tcp" { "tcp" } else { "udp" };
+            let pid = child.id().to_string();
+            let d = w.agent.cli_json(&[
+                "explain",
+                "--pid",
+                &pid,
+                "--to",
+                &dst.to_string(),
+                "--protocol",
+                proto,
+            ]);
+            verdicts.push(d);
+        }
+        for ((child, bin, cg, dst, cmd), d) in batch.into_iter().zip(verdicts) {
+            let (code, _) = wait_traced(child);
+            let kernel = if code == EPERM { "deny" } else { "allow" };
+            let explain = match d["verdict"].as_str() {
+                Some("deny") => "deny",
+                Some(_) => "allow",
+                None => panic!("explain gave no verdict: {d}"),
+            };
+            cases += 1;
+            if kernel != explain {
+                mismatches.push(format!(
+                    "{} in {cg} {cmd} {dst}: kernel {kernel} (exit {code}), explain {d}",
+                    bin.display()
+                ));
+            }
+        }
+    }
+    assert!(cases >= 100, "only {cases} cases");
+    assert!(
+        mismatches.is_empty(),
+        "{} of {cases} mismatches (seed {seed}):\n{}",
+        mismatches.len(),
+        mismatches.join("\n")
+    );
+    eprintln!("explain_agrees_with_the_kernel: {cases} cases, 0 mismatches");
+}
+
+/// status, identities, attest, events: JSON with the keys SPEC.md names, read back from the
+/// kernel; a hand edit of a map is reported as drift; unattested traffic is listed.
+#[test]
+fn status_identities_events_json() {
+    if !require_root("status_identities_events_json") {
+        return;
+    }
+    let w = world("status", "enforce");
+    let tcp4 = w.l.tcp4.to_string();
+    assert_eq!(run_in(&w.cg, &w.app, &["tcp", &tcp4]), OK);
+    assert_eq!(run_in(&w.cg, &w.other, &["tcp", &tcp4]), EPERM);
+    std::thread::sleep(Duration::from_millis(300));
+
+    let s = w.agent.cli_json(&["status"]);
+    assert_eq!(s["mode"], "enforce", "{s}");
+    assert!(
+        s["policy_hash"].as_str().is_some_and(|h| h.len() == 64),
+        "{s}"
+    );
+    assert!(
+        s["drift"].as_array().is_some_and(|d| d.is_empty()),
+        "fresh state must not drift: {s}"
+    );
+    let counter = |name: &str| {
+        s["counters"]
+            .as_array()
+            .and_then(|c| c.iter().find(|c| c["name"] == name))
+            .map(|c| c["value"].as_u64().unwrap_or(0))
+    };
+    assert!(counter("denied").is_some_and(|n| n >= 1), "{s}");
+    assert!(counter("allowed").is_some_and(|n| n >= 1), "{s}");
+    let attached: Vec<String> = s["attached"]
+        .as_array()
+        .expect("attached")
+        .iter()
+        .map(|a| format!("{} {}", a["program"], a["target"]))
+        .collect();
+    assert!(
+        attached
+            .iter()
+            .any(|a| a.contains("cgroup/connect4") && a.contains(&w.cg.rel)),
+        "{attached:?}"
+    );
+    assert!(
+        attached.iter().any(|a| a.contains("sched_process_exec")),
+        "{attached:?}"
+    );
+    let procs = s["maps"]
+        .as_array()
+        .and_then(|m| m.iter().find(|m| m["name"] == "ENF_PROCS"))
+        .expect("ENF_PROCS fill");
+    assert!(
+        procs["entries"].as_u64().is_some_and(|n| n > 0)
+            && procs["capacity"].as_u64().is_some_and(|n| n > 0)
+    );
+    let unc = s["uncovered"].as_array().expect("uncovered");
+    assert!(
+        unc.iter()
+            .any(|u| u["exe"].as_str().is_some_and(|e| e.ends_with("/other"))),
+        "unattested traffic not listed: {s}"
+    );
+
+    // identities lists a live process with its identity; attest --json gives the same facts.
+    let mut sleeper = spawn_in(&w.cg, &w.app, &["sleep", "20"]);
+    std::thread::sleep(Duration::from_millis(300));
+    let ids = w.agent.cli_json(&["identities"]);
+    let me = ids
+        .as_array()
+        .and_then(|a| a.iter().find(|p| p["pid"] == sleeper.id()))
+        .unwrap_or_else(|| panic!("pid {} not in identities: {ids}", sleeper.id()));
+    assert_eq!(me["identity"], "spiffe://t.org/app");
+    for key in ["pid", "exe", "sha256", "cgroup", "uid"] {
+        assert!(!me[key].is_null(), "identities lacks {key}: {me}");
+    }
+    assert_eq!(me["sha256"].as_str(), Some(sha256_file(&w.app).as_str()));
+    let (code, out, err) = run_cmd(
+        &agent_bin(),
+        &["attest", "--pid", &sleeper.id().to_string(), "--json"],
+    );
+    assert_eq!(code, 0, "{err}");
+    let a: serde_json::Value = serde_json::from_str(&out).expect("attest --json");
+    assert_eq!(a["sha256"], me["sha256"]);
+    assert_eq!(a["cgroup"], w.cg.rel.as_str());
+    sleeper.kill().expect("kill our sleeper");
+    sleeper.wait().expect("reap");
+
+    // events: the past deny, with the SPEC keys
+    let (code, out, err) = w.agent.cli(&["events", "--json"]);
+    assert_eq!(code, 0, "{err}");
+    let evs: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("event JSON line"))
+        .collect();
+    let deny = evs
+        .iter()
+        .find(|e| e["verdict"] == "deny")
+        .unwrap_or_else(|| panic!("no deny in {out}"));
+    for key in [
+        "pid", "exe", "sha256", "cgroup", "uid", "identity", "verdict", "dst", "port", "protocol",
+        "rule",
+    ] {
+        assert!(deny.get(key).is_some(), "event lacks {key}: {deny}");
+    }
+    assert!(
+        evs.iter().all(|e| e["verdict"] != "allow"),
+        "allows only with --all: {out}"
+    );
+    // events --follow sees a new decision live
+    let sock = w.agent.api_socket();
+    let mut follow = std::process::Command::new(agent_bin())
+        .args([
+            "events",
+            "--follow",
+            "--json",
+            "--api-socket",
+            sock.to_str().expect("p"),
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("events --follow");
+    std::thread::sleep(Duration::from_millis(300));
+    let denied_dst = format!("127.0.0.2:{}", w.l.udp4.port());
+    assert_eq!(run_in(&w.cg, &w.app, &["sendto", &denied_dst]), EPERM);
+    let line = first_line_with(&mut follow, "127.0.0.2");
+    let e: serde_json::Value = serde_json::from_str(&line).expect("JSON");
+    assert_eq!(e["verdict"], "deny");
+    assert_eq!(e["identity"], "spiffe://t.org/app");
+    // --all: allowed decisions too, while such a client listens.
+    let mut follow_all = std::process::Command::new(agent_bin())
+        .args([
+            "events",
+            "--follow",
+            "--all",
+            "--json",
+            "--api-socket",
+            sock.to_str().expect("p"),
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("events --follow --all");
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(run_in(&w.cg, &w.app, &["udp", &w.l.udp6.to_string()]), OK);
+    let line = first_line_with(&mut follow_all, &format!("\"port\":{}", w.l.udp6.port()));
+    let e: serde_json::Value = serde_json::from_str(&line).expect("JSON");
+    assert_eq!(e["verdict"], "allow");
+
+    // Someone edits a kernel map by hand: status reports drift.
+    edit_rules_map_by_hand(&w.agent.pin_dir);
+    let s = w.agent.cli_json(&["status"]);
+    let drift = s["drift"].as_array().expect("drift");
+    assert!(
+        drift
+            .iter()
+            .any(|d| d.as_str().is_some_and(|d| d.contains("ENF_RULES"))),
+        "hand edit not reported: {s}"
+    );
+}
+
+/// The first stdout line of a streaming child containing `needle` (10 s at most); the child
+/// is ended.
+fn first_line_with(child: &mut std::process::Child, needle: &str) -> String {
+    let stdout = child.stdout.take().expect("stdout");
+    let needle = needle.to_string();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead as _;
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if line.contains(&needle) {
+                let _ = tx.send(line);
+                return;
+            }
+        }
+    });
+    let got = rx.recv_timeout(Duration::from_secs(10));
+    let _ = child.kill();
+    let _ = child.wait();
+    got.expect("the streaming command did not show the expected decision within 10 s")
+}
+
+/// Inserts a rule entry the policy does not have into the active generation.
+fn edit_rules_map_by_hand(pin_dir: &Path) {
+    use aya::maps::{Array, LpmTrie, Map, MapData, lpm_trie::Key};
+    use enforcer_common::*;
+    let cfg: Array<_, Config> = Array::try_from(Map::Array(
+        MapData::from_pin(pin_dir.join(MAP_CONFIG)).expect("pin"),
+    ))
+    .expect("config");
+    let active = cfg.get(&0, 0).expect("config").active;
+    let mut rules: LpmTrie<_, RuleKeyData, RuleValue> = LpmTrie::try_from(Map::LpmTrie(
+        MapData::from_pin(pin_dir.join(MAP_RULES)).expect("pin"),
+    ))
+    .expect("rules");
+    let data = RuleKeyData {
+        generation: active,
+        ident: 1,
+        proto: PROTO_TCP,
+        family: FAMILY_V4,
+        port: 4444,
+        addr: [10, 9, 9, 9, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+    };
+    rules
+        .insert(
+            &Key::new(RULE_FIXED_BITS + 32, data),
+            &RuleValue {
+                verdict: VERDICT_ALLOW,
+                rule: 0,
+            },
+            0,
+        )
+        .expect("hand edit");
+}
+
+/// `policy apply` through the API: all or nothing, with clear errors; commands say when the
+/// agent is not running; bad API messages get an error and change nothing.
+#[test]
+fn policy_apply_and_bad_requests() {
+    if !require_root("policy_apply_and_bad_requests") {
+        return;
+    }
+    let w = world("apiapply", "enforce");
+    let tcp4 = w.l.tcp4.to_string();
+    assert_eq!(run_in(&w.cg, &w.other, &["tcp", &tcp4]), EPERM);
+    let before = w.agent.cli_json(&["status"])["policy_hash"].clone();
+
+    // A bad policy: refused with FILE:LINE:COL, nothing changes.
+    let bad = w.dir.path("bad.yaml");
+    fs::write(
+        &bad,
+        "apiVersion: enforcer/v1\nkind: Policy\ntrustDomain: t.org\nmode: sometimes\n",
+    )
+    .expect("w");
+    let (code, _, err) = w.agent.cli(&["policy", "apply", bad.to_str().expect("p")]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains(&format!("{}:4:", bad.display())), "{err}");
+    assert_eq!(w.agent.cli_json(&["status"])["policy_hash"], before);
+    // A policy valid on its own that the agent cannot apply (scope missing): refused, unchanged.
+    let noscope = w.dir.path("noscope.yaml");
+    fs::write(&noscope, "apiVersion: enforcer/v1\nkind: Policy\ntrustDomain: t.org\nscope: [\"/no-such-cgroup-enftest\"]\n").expect("w");
+    let (code, _, err) = w
+        .agent
+        .cli(&["policy", "apply", noscope.to_str().expect("p")]);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("no-such-cgroup-enftest") && err.contains("unchanged"),
+        "{err}"
+    );
+    assert_eq!(w.agent.cli_json(&["status"])["policy_hash"], before);
+    assert_eq!(run_in(&w.cg, &w.other, &["tcp", &tcp4]), EPERM);
+
+    // A good one (unattested: allow) takes effect at once.
+    let good = w.dir.path("good.yaml");
+    fs::write(&good, format!("apiVersion: enforcer/v1\nkind: Policy\ntrustDomain: t.org\nmode: enforce\nunattested: allow\nscope: [\"{}\"]\n", w.cg.rel)).expect("w");
+    let (code, _, err) = w.agent.cli(&["policy", "apply", good.to_str().expect("p")]);
+    assert_eq!(code, 0, "{err}");
+    assert_ne!(w.agent.cli_json(&["status"])["policy_hash"], before);
+    assert_eq!(run_in(&w.cg, &w.other, &["tcp", &tcp4]), OK);
+
+    // Garbage on the API socket: an error answer, and the agent keeps serving.
+    {
+        use std::io::{Read as _, Write as _};
+        let mut s = std::os::unix::net::UnixStream::connect(w.agent.api_socket()).expect("connect");
+        s.write_all(&[0, 0, 0, 3, 0xff, 0xff, 0xff])
+            .expect("write garbage");
+        let mut buf = Vec::new();
+        s.set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        let _ = s.read_to_end(&mut buf);
+        assert!(
+            String::from_utf8_lossy(&buf).contains("bad API request"),
+            "{:?}",
+            String::from_utf8_lossy(&buf)
+        );
+    }
+    assert_eq!(w.agent.cli_json(&["status"])["mode"], "enforce");
+
+    // Bad flags and bad values: one clear sentence, no panic.
+    let (code, _, err) = w
+        .agent
+        .cli(&["explain", "--pid", "1", "--to", "not-an-address"]);
+    assert_eq!(code, 2, "{err}");
+    let (code, _, err) = w
+        .agent
+        .cli(&["explain", "--pid", "999999999", "--to", "127.0.0.1:80"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("999999999") && !err.contains("panicked"),
+        "{err}"
+    );
+
+    // The agent not running: one sentence saying so.
+    let (code, _, err) = run_cmd(
+        &agent_bin(),
+        &["status", "--api-socket", "/nonexistent/enftest.sock"],
+    );
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("not running") && err.lines().count() == 1,
+        "{err}"
+    );
+}
