@@ -43,7 +43,7 @@ impl Call {
     }
 
     /// The next reply; `Ok(None)` when the agent closed the stream.
-    pub fn next(&mut self) -> Result<Option<reply::Kind>, ClientError> {
+    pub fn next_reply(&mut self) -> Result<Option<reply::Kind>, ClientError> {
         let r: Option<api::Reply> =
             api::read_frame(&mut self.stream).map_err(|err| ClientError::Transport {
                 path: self.path.clone(),
@@ -65,5 +65,5 @@ impl Call {
 pub fn call(socket: &Path, req: api::request::Kind) -> Result<reply::Kind, ClientError> {
     let mut c = Call::send(socket, &api::Request { kind: Some(req) })?;
     c.read_timeout(Some(Duration::from_secs(60)));
-    c.next()?.ok_or(ClientError::NoAnswer)
+    c.next_reply()?.ok_or(ClientError::NoAnswer)
 }

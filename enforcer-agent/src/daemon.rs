@@ -40,6 +40,8 @@ pub struct Options {
     pub api_socket: PathBuf,
     /// Remove pins (and so detach everything) on a clean exit. Default: enforcement stays.
     pub unpin_on_exit: bool,
+    /// Serve Prometheus metrics on this address (opt-in).
+    pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
 /// One executable the agent hashed, by its `exe_id`.
@@ -83,6 +85,16 @@ pub struct Agent {
     pub(crate) features: Vec<String>,
     /// API side: recent decisions, `events --follow` clients, unattested traffic.
     pub(crate) feed: crate::server::Feed,
+    pub(crate) metrics: crate::metrics::Metrics,
+    /// sha256 of the policy file as last read (file watch).
+    policy_fingerprint: Option<[u8; 32]>,
+    last_fill: Instant,
+}
+
+/// sha256 of a file's content (None when unreadable).
+fn fingerprint(path: &Path) -> Option<[u8; 32]> {
+    use sha2::Digest as _;
+    fs::read(path).ok().map(|b| sha2::Sha256::digest(&b).into())
 }
 
 pub(crate) fn hex32(b: &[u8; 32]) -> String {
@@ -153,6 +165,9 @@ impl Agent {
             policy_source: opts.policy_source.clone(),
             features: Vec::new(),
             feed: crate::server::Feed::default(),
+            metrics: crate::metrics::Metrics::new(),
+            policy_fingerprint: None,
+            last_fill: Instant::now(),
         };
         agent.kernel.attach_tracepoints()?;
         agent.features = vec![
@@ -520,6 +535,30 @@ impl Agent {
         }
     }
 
+    /// A policy file that changed on disk (a mounted ConfigMap changes by a symlink swap) is
+    /// applied like SIGHUP: all or nothing, with a log line either way.
+    fn watch_policy_file(&mut self, opts: &Options) {
+        let Some(path) = &opts.policy_path else {
+            return;
+        };
+        let now = fingerprint(path);
+        if now.is_some() && now != self.policy_fingerprint {
+            tracing::info!(policy = %path.display(), "the policy file changed on disk; applying it");
+            self.reload(opts);
+        }
+    }
+
+    fn update_metrics(&mut self) {
+        self.metrics
+            .set_lost_events(self.kernel.counter(CNT_EVENTS_LOST));
+        if self.last_fill.elapsed() >= std::time::Duration::from_secs(10) {
+            self.last_fill = Instant::now();
+            for (name, entries, cap) in self.kernel.fill() {
+                self.metrics.set_map_fill(name, entries, cap);
+            }
+        }
+    }
+
     /// SIGHUP: re-read the policy file and apply it, all or nothing.
     fn reload(&mut self, opts: &Options) {
         let Some(path) = &opts.policy_path else {
@@ -527,9 +566,24 @@ impl Agent {
             return;
         };
         let name = path.display().to_string();
-        let loaded = fs::read(path)
-            .with_context(|| format!("reading {name}"))
-            .and_then(|b| policy::load(&name, &b).map_err(anyhow::Error::new));
+        let bytes = match fs::read(path) {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::error!(policy = %name, "policy rejected; the policy in force is unchanged: cannot read it: {e}");
+                return;
+            }
+        };
+        // One apply per distinct content, whether SIGHUP or the file watch saw it first.
+        let print: [u8; 32] = {
+            use sha2::Digest as _;
+            sha2::Sha256::digest(&bytes).into()
+        };
+        if self.policy_fingerprint == Some(print) {
+            tracing::info!(policy = %name, "the policy file is unchanged; nothing to apply");
+            return;
+        }
+        self.policy_fingerprint = Some(print);
+        let loaded = policy::load(&name, &bytes).map_err(anyhow::Error::new);
         let res = loaded.and_then(|(p, warnings)| {
             for w in warnings {
                 tracing::warn!("{}", w.render(&name));
@@ -577,6 +631,14 @@ impl Agent {
                 tracing::warn!(pid, "could not resume a held process: {e:#}");
             }
         }
+        if res.is_ok()
+            && let Ok(now) = nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME)
+        {
+            // From the kernel's exec event to the identity in the maps.
+            let now_ns = now.tv_sec() as u64 * 1_000_000_000 + now.tv_nsec() as u64;
+            self.metrics
+                .observe_attestation(now_ns.saturating_sub(ev.ktime_ns) as f64 / 1e9);
+        }
         tracing::debug!(
             pid,
             us = t0.elapsed().as_micros() as u64,
@@ -613,6 +675,8 @@ impl Agent {
 
     fn report(&mut self, ev: &Event) {
         let d = self.decision(ev);
+        self.metrics
+            .decision(d.identity.as_deref().unwrap_or("none"), &d.verdict);
         match serde_json::to_string(&d) {
             Ok(line) => println!("{line}"),
             Err(e) => tracing::warn!("encoding an event: {e}"),
@@ -640,6 +704,15 @@ impl Agent {
         let mut hup = signal(SignalKind::hangup()).context("installing SIGHUP handler")?;
         let mut tick = tokio::time::interval(std::time::Duration::from_millis(500));
         let api = crate::server::bind(&opts.api_socket)?;
+        let _metrics_server = match opts.metrics_addr {
+            Some(addr) => {
+                let h = self.metrics.serve(addr).await?;
+                tracing::info!(%addr, "serving Prometheus metrics on /metrics");
+                Some(h)
+            }
+            None => None,
+        };
+        self.policy_fingerprint = opts.policy_path.as_deref().and_then(fingerprint);
         tracing::info!(api = %opts.api_socket.display(), "agent ready");
         loop {
             tokio::select! {
@@ -664,6 +737,8 @@ impl Agent {
                     // A held process whose event was lost must not stay frozen.
                     self.settle_pending();
                     self.refresh_listeners();
+                    self.watch_policy_file(opts);
+                    self.update_metrics();
                 }
                 conn = api.accept() => match conn {
                     Ok((stream, _)) => self.serve(stream).await,

@@ -310,11 +310,18 @@ pub struct Agent {
     pub stdout: Arc<Mutex<Vec<String>>>,
     pub stderr: Arc<Mutex<Vec<String>>>,
     pub policy_path: PathBuf,
+    /// Extra `run` arguments.
+    pub extra: Vec<String>,
 }
 
 impl Agent {
     /// Starts `enforcer-agent run --policy <yaml>` and waits until it says it is ready.
     pub fn start(policy_yaml: &str) -> Self {
+        Self::start_with(policy_yaml, &[])
+    }
+
+    /// [`Agent::start`] with extra `run` arguments.
+    pub fn start_with(policy_yaml: &str, extra: &[&str]) -> Self {
         let state_dir = TempDir::new("state");
         let policy_path = state_dir.path("policy.yaml");
         fs::write(&policy_path, policy_yaml).expect("writing the policy");
@@ -328,6 +335,7 @@ impl Agent {
             stdout: Arc::default(),
             stderr: Arc::default(),
             policy_path,
+            extra: extra.iter().map(|s| s.to_string()).collect(),
         };
         a.spawn();
         a
@@ -346,6 +354,7 @@ impl Agent {
             .arg("--api-socket")
             .arg(self.api_socket())
             .arg("--unpin-on-exit")
+            .args(&self.extra)
             .env("ENFORCER_LOG", "enforcer_agent=debug")
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
@@ -433,13 +442,20 @@ impl Agent {
 
     /// Replaces the policy file and sends SIGHUP (the agent re-reads it, all or nothing).
     pub fn reload(&self, policy_yaml: &str) {
-        fs::write(&self.policy_path, policy_yaml).expect("writing the policy");
+        self.write_policy(policy_yaml);
         let pid = self.child.as_ref().expect("agent running").id();
         nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(pid as i32),
             nix::sys::signal::Signal::SIGHUP,
         )
         .expect("SIGHUP to the agent");
+    }
+
+    /// Replaces the policy file atomically (write, then rename), as a ConfigMap update does.
+    pub fn write_policy(&self, policy_yaml: &str) {
+        let tmp = self.policy_path.with_extension("tmp");
+        fs::write(&tmp, policy_yaml).expect("writing the policy");
+        fs::rename(&tmp, &self.policy_path).expect("renaming the policy into place");
     }
 
     /// Waits until the agent's log has `n` lines containing `needle`.

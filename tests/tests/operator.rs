@@ -468,3 +468,116 @@ fn policy_apply_and_bad_requests() {
         "{err}"
     );
 }
+
+fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
+    use std::io::{Read as _, Write as _};
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+        .expect("connecting to the metrics port");
+    s.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .expect("request");
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out
+}
+
+/// Prometheus metrics on an opt-in address; the policy file is watched and applied when it
+/// changes on disk (all or nothing); shell completions and a man page from the CLI.
+#[test]
+fn metrics_file_watch_completions() {
+    if !require_root("metrics_file_watch_completions") {
+        return;
+    }
+    let cg = TestCgroup::new("metrics");
+    let l = Listeners::new();
+    let dir = TempDir::new("metrics");
+    let app = dir.path("app");
+    copy_probe(Path::new(PROBE_BIN), &app, None);
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port();
+    let maddr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+    let policy = |allow: bool| {
+        let egress = if allow {
+            format!(
+                "    egress:\n      - to: {{cidr: 127.0.0.1/32, ports: [{}]}}\n",
+                l.tcp4.port()
+            )
+        } else {
+            "    egress: []\n".into()
+        };
+        format!(
+            "apiVersion: enforcer/v1\nkind: Policy\ntrustDomain: t.org\nmode: enforce\nunattested: deny\nscope: [\"{}\"]\nidentities:\n  - name: app\n    match:\n      - binarySha256: [{}]\nrules:\n  - identity: app\n{egress}",
+            cg.rel,
+            sha256_file(&app)
+        )
+    };
+    let agent = Agent::start_with(&policy(false), &["--metrics-addr", &maddr.to_string()]);
+    let tcp4 = l.tcp4.to_string();
+    assert_eq!(run_in(&cg, &app, &["tcp", &tcp4]), EPERM);
+    std::thread::sleep(Duration::from_millis(300));
+    let m = http_get(maddr, "/metrics");
+    assert!(m.starts_with("HTTP/1.1 200"), "{m}");
+    let line = m
+        .lines()
+        .find(|l| {
+            l.starts_with("enforcer_decisions_total{")
+                && l.contains("spiffe://t.org/app")
+                && l.contains("deny")
+        })
+        .unwrap_or_else(|| panic!("no deny decision for the app identity in:\n{m}"));
+    assert!(
+        line.rsplit(' ')
+            .next()
+            .and_then(|v| v.parse::<f64>().ok())
+            .is_some_and(|v| v >= 1.0),
+        "{line}"
+    );
+    let count = m
+        .lines()
+        .find(|l| l.starts_with("enforcer_attestation_seconds_count"))
+        .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .unwrap_or(0.0);
+    assert!(
+        count >= 1.0,
+        "the held exec of a never-seen binary must be measured:\n{m}"
+    );
+    assert!(m.contains("enforcer_events_lost_total"), "{m}");
+    assert!(http_get(maddr, "/other").starts_with("HTTP/1.1 404"));
+
+    // The file changes on disk (no signal): applied, and the change is in force.
+    agent.write_policy(&policy(true));
+    agent.wait_log("policy reloaded", 1);
+    assert_eq!(
+        run_in(&cg, &app, &["tcp", &tcp4]),
+        OK,
+        "the changed file must be in force\n{}",
+        agent.log()
+    );
+    // A broken file on disk: rejected with a log line, the policy in force stays.
+    agent.write_policy("apiVersion: enforcer/v1\nkind: Policy\ntrustDomain: t.org\nmode: [\n");
+    agent.wait_log("policy rejected", 1);
+    assert_eq!(
+        run_in(&cg, &app, &["tcp", &tcp4]),
+        OK,
+        "a broken file must change nothing"
+    );
+
+    // Completions and man page come from the CLI definition.
+    let (code, out, _) = run_cmd(&agent_bin(), &["completions", "bash"]);
+    assert_eq!(code, 0);
+    for sub in ["status", "identities", "explain", "events", "apply"] {
+        assert!(out.contains(sub), "bash completion lacks {sub}");
+    }
+    let (code, out, _) = run_cmd(&agent_bin(), &["man"]);
+    assert_eq!(code, 0);
+    assert!(
+        out.contains(".TH") && out.contains("explain"),
+        "not a man page"
+    );
+}

@@ -45,7 +45,17 @@ enum Cmd {
         /// stays in force after the agent exits.
         #[arg(long)]
         unpin_on_exit: bool,
+        /// Serve Prometheus metrics on ADDR:PORT (e.g. 127.0.0.1:9090); off by default.
+        #[arg(long)]
+        metrics_addr: Option<std::net::SocketAddr>,
     },
+    /// Print shell completions generated from this command line.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff) generated from this command line.
+    Man,
     /// Kernel features, attachments, map fill, policy in force (and drift), counters, coverage.
     Status {
         #[arg(long)]
@@ -136,6 +146,30 @@ fn read(path: &Path) -> Result<Vec<u8>> {
 fn real_main(cli: Cli) -> Result<ExitCode> {
     let socket = cli.api_socket;
     match cli.cmd {
+        Cmd::Completions { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut cmd, "enforcer-agent", &mut std::io::stdout());
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Man => {
+            let cmd = <Cli as clap::CommandFactory>::command();
+            let mut out = Vec::new();
+            clap_mangen::Man::new(cmd)
+                .render(&mut out)
+                .context("rendering the man page")?;
+            for sub in <Cli as clap::CommandFactory>::command().get_subcommands() {
+                let name = format!("enforcer-agent-{}", sub.get_name());
+                let sub = sub.clone().name(name);
+                clap_mangen::Man::new(sub)
+                    .render(&mut out)
+                    .context("rendering the man page")?;
+            }
+            use std::io::Write as _;
+            std::io::stdout()
+                .write_all(&out)
+                .context("writing the man page")?;
+            Ok(ExitCode::SUCCESS)
+        }
         Cmd::Status { json } => {
             let reply::Kind::Status(s) =
                 client::call(&socket, request::Kind::Status(api::StatusRequest {}))?
@@ -221,7 +255,7 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
             } else {
                 Some(std::time::Duration::from_secs(60))
             });
-            while let Some(kind) = c.next()? {
+            while let Some(kind) = c.next_reply()? {
                 if let reply::Kind::Event(d) = kind {
                     if json {
                         println!("{}", serde_json::to_string(&d)?);
@@ -339,6 +373,7 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
             bpffs_dir,
             state_dir,
             unpin_on_exit,
+            metrics_addr,
         } => {
             tracing_subscriber::fmt()
                 .with_env_filter(
@@ -377,6 +412,7 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
                 state_dir,
                 api_socket: socket,
                 unpin_on_exit,
+                metrics_addr,
             };
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
