@@ -40,6 +40,8 @@ pub struct Options {
     pub api_socket: PathBuf,
     /// Remove pins (and so detach everything) on a clean exit. Default: enforcement stays.
     pub unpin_on_exit: bool,
+    /// Write decisions (JSON lines) to this file instead of stdout.
+    pub events_file: Option<PathBuf>,
     /// Serve Prometheus metrics on this address (opt-in).
     pub metrics_addr: Option<std::net::SocketAddr>,
 }
@@ -86,6 +88,8 @@ pub struct Agent {
     /// API side: recent decisions, `events --follow` clients, unattested traffic.
     pub(crate) feed: crate::server::Feed,
     pub(crate) metrics: crate::metrics::Metrics,
+    /// `--events-file`: decisions go there (JSON lines) instead of stdout.
+    events_out: Option<fs::File>,
     /// sha256 of the policy file as last read (file watch).
     policy_fingerprint: Option<[u8; 32]>,
     last_fill: Instant,
@@ -166,6 +170,16 @@ impl Agent {
             features: Vec::new(),
             feed: crate::server::Feed::default(),
             metrics: crate::metrics::Metrics::new(),
+            events_out: match &opts.events_file {
+                Some(p) => Some(
+                    fs::OpenOptions::new()
+                        .create(true)
+                        .append(true)
+                        .open(p)
+                        .with_context(|| format!("opening the events file {}", p.display()))?,
+                ),
+                None => None,
+            },
             policy_fingerprint: None,
             last_fill: Instant::now(),
         };
@@ -678,7 +692,14 @@ impl Agent {
         self.metrics
             .decision(d.identity.as_deref().unwrap_or("none"), &d.verdict);
         match serde_json::to_string(&d) {
-            Ok(line) => println!("{line}"),
+            Ok(line) => match &mut self.events_out {
+                Some(f) => {
+                    if let Err(e) = writeln!(f, "{line}") {
+                        tracing::warn!("writing the events file: {e}");
+                    }
+                }
+                None => println!("{line}"),
+            },
             Err(e) => tracing::warn!("encoding an event: {e}"),
         }
         let followers = self.feed.followers();

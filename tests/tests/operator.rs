@@ -517,7 +517,16 @@ fn metrics_file_watch_completions() {
             sha256_file(&app)
         )
     };
-    let agent = Agent::start_with(&policy(false), &["--metrics-addr", &maddr.to_string()]);
+    let events_file = dir.path("events.jsonl");
+    let agent = Agent::start_with(
+        &policy(false),
+        &[
+            "--metrics-addr",
+            &maddr.to_string(),
+            "--events-file",
+            events_file.to_str().expect("path"),
+        ],
+    );
     let tcp4 = l.tcp4.to_string();
     assert_eq!(run_in(&cg, &app, &["tcp", &tcp4]), EPERM);
     std::thread::sleep(Duration::from_millis(300));
@@ -549,6 +558,12 @@ fn metrics_file_watch_completions() {
     );
     assert!(m.contains("enforcer_events_lost_total"), "{m}");
     assert!(http_get(maddr, "/other").starts_with("HTTP/1.1 404"));
+    // --events-file: the decisions as JSON lines in that file.
+    let evs = fs::read_to_string(&events_file).expect("reading the events file");
+    let e: serde_json::Value =
+        serde_json::from_str(evs.lines().next().expect("an event line")).expect("JSON line");
+    assert_eq!(e["verdict"], "deny");
+    assert_eq!(e["identity"], "spiffe://t.org/app");
 
     // The file changes on disk (no signal): applied, and the change is in force.
     agent.write_policy(&policy(true));

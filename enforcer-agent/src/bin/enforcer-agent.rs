@@ -45,6 +45,9 @@ enum Cmd {
         /// stays in force after the agent exits.
         #[arg(long)]
         unpin_on_exit: bool,
+        /// Append decisions (JSON lines) to this file instead of stdout.
+        #[arg(long)]
+        events_file: Option<PathBuf>,
         /// Serve Prometheus metrics on ADDR:PORT (e.g. 127.0.0.1:9090); off by default.
         #[arg(long)]
         metrics_addr: Option<std::net::SocketAddr>,
@@ -374,6 +377,7 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
             state_dir,
             unpin_on_exit,
             metrics_addr,
+            events_file,
         } => {
             tracing_subscriber::fmt()
                 .with_env_filter(
@@ -413,6 +417,7 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
                 api_socket: socket,
                 unpin_on_exit,
                 metrics_addr,
+                events_file,
             };
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
