@@ -35,6 +35,14 @@ pub const PROG_FORK: &str = "enf_fork";
 pub const PROG_EXEC: &str = "enf_exec";
 pub const PROG_EXIT: &str = "enf_exit";
 
+/// Programs that only allow (the floor of any cgroup hook), loaded by the benchmark only.
+pub const BENCH_PROGS: [(&str, &str); 4] = [
+    ("connect4", "bench_allow4"),
+    ("connect6", "bench_allow6"),
+    ("sendmsg4", "bench_sm_allow4"),
+    ("sendmsg6", "bench_sm_allow6"),
+];
+
 /// Raw tracepoints the process programs attach to.
 pub const TP_FORK: &str = "sched_process_fork";
 pub const TP_EXEC: &str = "sched_process_exec";

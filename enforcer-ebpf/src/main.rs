@@ -264,6 +264,30 @@ fn report_connect(
     entry.submit(0);
 }
 
+// ---------------------------------------------------------------- benchmark floor
+
+// Programs that only allow: the cost any cgroup hook pays, for `cargo xtask bench`. The agent
+// never loads them.
+#[cgroup_sock_addr(connect4)]
+pub fn bench_allow4(_ctx: SockAddrContext) -> i32 {
+    ALLOW
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn bench_allow6(_ctx: SockAddrContext) -> i32 {
+    ALLOW
+}
+
+#[cgroup_sock_addr(sendmsg4)]
+pub fn bench_sm_allow4(_ctx: SockAddrContext) -> i32 {
+    ALLOW
+}
+
+#[cgroup_sock_addr(sendmsg6)]
+pub fn bench_sm_allow6(_ctx: SockAddrContext) -> i32 {
+    ALLOW
+}
+
 // ---------------------------------------------------------------- process tracking
 
 #[inline(always)]

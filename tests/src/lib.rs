@@ -322,9 +322,14 @@ impl Agent {
 
     /// [`Agent::start`] with extra `run` arguments.
     pub fn start_with(policy_yaml: &str, extra: &[&str]) -> Self {
+        Self::start_bytes(policy_yaml.as_bytes(), extra)
+    }
+
+    /// Starts an agent on a policy given as bytes (YAML or a compiled bundle).
+    pub fn start_bytes(policy: &[u8], extra: &[&str]) -> Self {
         let state_dir = TempDir::new("state");
         let policy_path = state_dir.path("policy.yaml");
-        fs::write(&policy_path, policy_yaml).expect("writing the policy");
+        fs::write(&policy_path, policy).expect("writing the policy");
         let pin_root = PathBuf::from("/sys/fs/bpf").join(unique("pins"));
         let pin_dir = pin_root.join("v1");
         let mut a = Self {

@@ -25,6 +25,8 @@ commands:
   run [ARGS...]    build, then run `enforcer-agent run ARGS...` in the foreground (root)
   test [ARGS...]   build, then rustfmt, clippy, unit and real-kernel tests (root);
                    ARGS go to `cargo test` (e.g. a test name filter)
+  bench [ROUNDS]   build, install the peers (nftables, iptables) and matplotlib, measure
+                   connect()/sendto() latency side by side (root), write BENCHMARKS.md
 ";
 
 fn main() -> ExitCode {
@@ -47,6 +49,7 @@ fn real_main() -> Result<()> {
         "build" => build(&root).map(|_| ()),
         "run" => run(&root, &rest),
         "test" => test(&root, &rest),
+        "bench" => bench(&root, &rest),
         "" | "help" | "-h" | "--help" => {
             print!("{USAGE}");
             Ok(())
@@ -367,4 +370,73 @@ fn test(root: &Path, args: &[String]) -> Result<()> {
         c.args(["--", "--test-threads=1"]);
     }
     status(c, "cargo test")
+}
+
+fn have(cmd: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {cmd} >/dev/null 2>&1")])
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+fn bench(root: &Path, args: &[String]) -> Result<()> {
+    let obj = build(root)?;
+    require_root("`cargo xtask bench`")?;
+    if !have("nft") || !have("iptables") {
+        step("installing the peers from Debian: nftables, iptables");
+        let mut c = Command::new("sh");
+        c.args(["-c", "apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q nftables iptables"]);
+        status(c, "apt-get install nftables iptables")?;
+    }
+    let out = root.join("target").join("bench");
+    let venv = out.join("venv");
+    let py = venv.join("bin").join("python3");
+    if !py.exists() {
+        step("creating a Python venv with matplotlib for the plot (target/bench/venv)");
+        let mut c = Command::new("python3");
+        c.args(["-m", "venv"]).arg(&venv);
+        status(c, "python3 -m venv")?;
+        let mut c = Command::new(venv.join("bin").join("pip"));
+        c.args(["install", "-q", "-r"])
+            .arg(root.join("xtask").join("bench").join("requirements.txt"));
+        status(c, "pip install matplotlib")?;
+    }
+    step("building the benchmark (release)");
+    let mut c = stable_cargo(root, &obj);
+    c.args([
+        "build",
+        "--release",
+        "-p",
+        "enforcer-tests",
+        "--bin",
+        "enf-bench",
+    ]);
+    status(c, "building enf-bench")?;
+    let rounds = args.first().map(String::as_str).unwrap_or("5");
+    step(&format!("measuring ({rounds} interleaved rounds)"));
+    let mut c = Command::new(root.join("target").join("release").join("enf-bench"));
+    c.arg("run")
+        .arg(&out)
+        .arg(rounds)
+        .env("ENFORCER_EBPF_OBJ", &obj)
+        .env(
+            "ENFORCER_AGENT_BIN",
+            root.join("target").join("release").join("enforcer-agent"),
+        );
+    status(c, "enf-bench")?;
+    step("writing BENCHMARKS.md and benchmarks.png");
+    let fragment = out.join("report.md");
+    let mut c = Command::new(&py);
+    c.arg(root.join("xtask").join("bench").join("report.py"))
+        .arg(out.join("results.json"))
+        .arg(root.join("benchmarks.png"))
+        .arg(&fragment);
+    status(c, "report.py")?;
+    let body = std::fs::read_to_string(&fragment).context("reading the report")?;
+    let md = format!(
+        "# Benchmarks\n\nReproduce on a machine of this kind, as root: `cargo xtask bench` (optionally the number of rounds, default 5). Raw numbers: `target/bench/results.json`.\n\n{body}"
+    );
+    std::fs::write(root.join("BENCHMARKS.md"), md).context("writing BENCHMARKS.md")?;
+    print!("{body}");
+    Ok(())
 }

@@ -385,6 +385,7 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
                         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
                 )
                 .with_writer(std::io::stderr)
+                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
                 .init();
             let (p, source) = match &file {
                 Some(f) => {

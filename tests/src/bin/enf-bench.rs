@@ -1,0 +1,624 @@
+//! `cargo xtask bench`: connect()/sendto() latency with no program, an allow-only program, the
+//! enforcer at 10 / 10,000 / 1,000,000 rules over 1,000 identities, and packet-filter peers,
+//! interleaved over rounds against the same round's baseline. Writes results JSON.
+//!
+//! usage: enf-bench run OUT_DIR [ROUNDS]      (root; ENFORCER_EBPF_OBJ and ENFORCER_AGENT_BIN set)
+//!        enf-bench worker OP ADDR N          (one measurement; prints "p50_ns mean_ns")
+
+use std::{
+    collections::BTreeMap,
+    fs,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::Instant,
+};
+
+use enforcer_agent::policy::{self, Action, Identity, MatchEntry, Mode, Policy, Protocol, Rule};
+use enforcer_tests::*;
+
+/// Patched in the unattested copy of the worker.
+#[unsafe(no_mangle)]
+pub static ENF_BENCH_MARKER: [u8; 16] = *b"ENFBENCH-MARKER0";
+
+fn main() {
+    std::hint::black_box(&ENF_BENCH_MARKER);
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.first().map(String::as_str) {
+        Some("worker") => worker(&args[1..]),
+        Some("run") => {
+            let out = PathBuf::from(args.get(1).map(String::as_str).unwrap_or("target/bench"));
+            let rounds = args.get(2).and_then(|r| r.parse().ok()).unwrap_or(5);
+            if let Err(e) = run(&out, rounds) {
+                eprintln!("enf-bench: {e}");
+                std::process::exit(1);
+            }
+        }
+        _ => {
+            eprintln!("usage: enf-bench run OUT_DIR [ROUNDS] | enf-bench worker OP ADDR N");
+            std::process::exit(2);
+        }
+    }
+}
+
+// ------------------------------------------------------------------ worker
+
+fn sockaddr(a: &SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
+    // SAFETY: zeroed sockaddr_storage is valid; we fill the family-specific prefix.
+    let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let len = match a {
+        SocketAddr::V4(v4) => {
+            let sin = libc::sockaddr_in {
+                sin_family: libc::AF_INET as u16,
+                sin_port: v4.port().to_be(),
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from_ne_bytes(v4.ip().octets()),
+                },
+                sin_zero: [0; 8],
+            };
+            // SAFETY: sockaddr_in fits in sockaddr_storage.
+            unsafe { std::ptr::write((&mut ss as *mut libc::sockaddr_storage).cast(), sin) };
+            size_of::<libc::sockaddr_in>()
+        }
+        SocketAddr::V6(v6) => {
+            let sin6 = libc::sockaddr_in6 {
+                sin6_family: libc::AF_INET6 as u16,
+                sin6_port: v6.port().to_be(),
+                sin6_flowinfo: 0,
+                sin6_addr: libc::in6_addr {
+                    s6_addr: v6.ip().octets(),
+                },
+                sin6_scope_id: 0,
+            };
+            // SAFETY: sockaddr_in6 fits in sockaddr_storage.
+            unsafe { std::ptr::write((&mut ss as *mut libc::sockaddr_storage).cast(), sin6) };
+            size_of::<libc::sockaddr_in6>()
+        }
+    };
+    (ss, len as libc::socklen_t)
+}
+
+/// Runs OP N times (after a warm-up) and prints the median and mean of one call in ns. The
+/// result of each call (allowed or EPERM) does not matter: its cost does.
+fn worker(args: &[String]) {
+    let op = args.first().map(String::as_str).unwrap_or("getpid");
+    let addr: SocketAddr = args
+        .get(1)
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| "127.0.0.1:9".parse().expect("addr"));
+    let n: usize = args.get(2).and_then(|a| a.parse().ok()).unwrap_or(10000);
+    let (sa, len) = sockaddr(&addr);
+    let sap = (&sa as *const libc::sockaddr_storage).cast::<libc::sockaddr>();
+    let fam = if addr.is_ipv4() {
+        libc::AF_INET
+    } else {
+        libc::AF_INET6
+    };
+    // SAFETY: plain socket syscalls on fds this function owns.
+    let udp = unsafe { libc::socket(fam, libc::SOCK_DGRAM, 0) };
+    if op == "udp-send-connected4" || op == "udp-send-connected6" {
+        // SAFETY: as above.
+        unsafe { libc::connect(udp, sap, len) };
+    }
+    let once = || -> u64 {
+        let t0 = Instant::now();
+        // SAFETY: syscalls on our own fds and our own sockaddr.
+        unsafe {
+            match op {
+                "udp-connect4" | "udp-connect6" => {
+                    libc::connect(udp, sap, len);
+                }
+                "sendto4" | "sendto6" => {
+                    libc::sendto(udp, b"x".as_ptr().cast(), 1, 0, sap, len);
+                }
+                "udp-send-connected4" | "udp-send-connected6" => {
+                    libc::send(udp, b"x".as_ptr().cast(), 1, 0);
+                }
+                "tcp-connect4" | "tcp-connect6" => {
+                    let s = libc::socket(fam, libc::SOCK_STREAM, 0);
+                    // Close with RST: no TIME_WAIT, so thousands of runs never run out of ports.
+                    let lg = libc::linger {
+                        l_onoff: 1,
+                        l_linger: 0,
+                    };
+                    libc::setsockopt(
+                        s,
+                        libc::SOL_SOCKET,
+                        libc::SO_LINGER,
+                        (&lg as *const libc::linger).cast(),
+                        size_of::<libc::linger>() as u32,
+                    );
+                    libc::connect(s, sap, len);
+                    libc::close(s);
+                }
+                _ => {
+                    libc::getpid();
+                }
+            }
+        }
+        t0.elapsed().as_nanos() as u64
+    };
+    for _ in 0..n.min(2000) {
+        once();
+    }
+    let mut v: Vec<u64> = (0..n).map(|_| once()).collect();
+    let mean = v.iter().sum::<u64>() as f64 / v.len().max(1) as f64;
+    v.sort_unstable();
+    let p50 = v.get(v.len() / 2).copied().unwrap_or(0);
+    println!("{p50} {mean:.1}");
+}
+
+// ------------------------------------------------------------------ runner
+
+struct Config {
+    name: String,
+    config: &'static str,
+    rules: Option<u64>,
+    caller: &'static str,
+    cg: PathBufCg,
+    worker: PathBuf,
+    /// Use the denied destination instead of the allowed one.
+    denied: bool,
+}
+
+/// One round of one (configuration, workload): (p50, mean, baseline p50, baseline mean), ns.
+type Sample = (f64, f64, f64, f64);
+
+/// The cgroup a configuration's worker runs in.
+type PathBufCg = std::rc::Rc<TestCgroup>;
+
+const WORKLOADS: [(&str, usize); 9] = [
+    ("udp-connect4", 20000),
+    ("udp-connect6", 20000),
+    ("sendto4", 20000),
+    ("sendto6", 20000),
+    ("tcp-connect4", 3000),
+    ("tcp-connect6", 3000),
+    ("udp-send-connected4", 20000),
+    ("getpid", 20000),
+    ("udp-connect4-mapped", 20000),
+];
+
+fn measure(cfg: &Config, op: &str, addr: &SocketAddr, n: usize) -> Result<(f64, f64), String> {
+    let op = if op == "udp-connect4-mapped" {
+        "udp-connect6"
+    } else {
+        op
+    };
+    let procs = cfg.cg.dir.join("cgroup.procs");
+    let out = Command::new("/bin/sh")
+        .arg("-c")
+        .arg(format!(
+            "echo $$ > {} && exec {} worker {op} '{addr}' {n}",
+            procs.display(),
+            cfg.worker.display()
+        ))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .output()
+        .map_err(|e| format!("running the worker: {e}"))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut it = text.split_whitespace();
+    match (
+        it.next().and_then(|a| a.parse().ok()),
+        it.next().and_then(|a| a.parse().ok()),
+    ) {
+        (Some(p50), Some(mean)) => Ok((p50, mean)),
+        _ => Err(format!("worker {op} in {} printed {text:?}", cfg.name)),
+    }
+}
+
+fn fake_sha(i: u64) -> [u8; 32] {
+    let mut s = [0u8; 32];
+    s[..8].copy_from_slice(&i.to_be_bytes());
+    s[31] = 0xee;
+    s
+}
+
+/// A policy of `rules` rules over 1,000 identities; identity 1 is the worker's binary and may
+/// reach the listeners; every other rule is a /32 on port 9 somewhere in 10.0.0.0/8.
+fn bench_policy(scope: &str, worker_sha: [u8; 32], l: &Listeners, rules: u64) -> Policy {
+    let mut identities = vec![Identity {
+        name: "worker".into(),
+        spiffe_id: "spiffe://bench.local/worker".into(),
+        matches: vec![MatchEntry {
+            binary_sha256: vec![worker_sha],
+            ..Default::default()
+        }],
+    }];
+    for i in 1..1000u64 {
+        identities.push(Identity {
+            name: format!("id{i}"),
+            spiffe_id: format!("spiffe://bench.local/id{i}"),
+            matches: vec![MatchEntry {
+                binary_sha256: vec![fake_sha(i)],
+                ..Default::default()
+            }],
+        });
+    }
+    let rule = |ident: u32, cidr: &str, port: u16, protocol: Protocol| Rule {
+        ident,
+        deny: false,
+        cidr: cidr.parse().expect("cidr"),
+        to_ident: 0,
+        ports: vec![(port, port)],
+        protocol,
+        line: 0,
+        text: format!("id{ident} {cidr}:{port}"),
+    };
+    let mut out = vec![
+        rule(1, "127.0.0.1/32", l.udp4.port(), Protocol::Udp),
+        rule(1, "::1/128", l.udp6.port(), Protocol::Udp),
+        rule(1, "127.0.0.1/32", l.tcp4.port(), Protocol::Tcp),
+        rule(1, "::1/128", l.tcp6.port(), Protocol::Tcp),
+    ];
+    let mut k: u64 = 0;
+    while (out.len() as u64) < rules {
+        let ident = (k % 1000) as u32 + 1;
+        let a = 0x0a00_0000u32 + (k as u32 & 0x00ff_ffff);
+        let ip = std::net::Ipv4Addr::from(a);
+        out.push(rule(ident, &format!("{ip}/32"), 9, Protocol::Tcp));
+        k += 1;
+    }
+    Policy {
+        trust_domain: "bench.local".into(),
+        mode: Mode::Enforce,
+        unattested: Action::Allow,
+        scope: vec![scope.to_string()],
+        report_allow: false,
+        identities,
+        rules: out,
+    }
+}
+
+fn sh(cmd: &str) -> Result<(), String> {
+    let s = Command::new("/bin/sh")
+        .arg("-c")
+        .arg(cmd)
+        .status()
+        .map_err(|e| format!("{cmd}: {e}"))?;
+    if s.success() {
+        Ok(())
+    } else {
+        Err(format!("`{cmd}` failed ({s})"))
+    }
+}
+
+/// nftables output chain: for the worker's cgroup, accept (daddr . dport) in a set of `n`
+/// elements, drop the rest.
+fn nft_setup(table: &str, cg_name: &str, l: &Listeners, n: u64) -> Result<(), String> {
+    let mut elems = vec![
+        format!("127.0.0.1 . {}", l.tcp4.port()),
+        format!("127.0.0.1 . {}", l.udp4.port()),
+    ];
+    let mut k = 0u32;
+    while (elems.len() as u64) < n {
+        elems.push(format!(
+            "{} . 9",
+            std::net::Ipv4Addr::from(0x0a00_0000u32 + k)
+        ));
+        k += 1;
+    }
+    let mut elems6 = vec![
+        format!("::1 . {}", l.tcp6.port()),
+        format!("::1 . {}", l.udp6.port()),
+    ];
+    elems6.push("fd00::9 . 9".into());
+    let text = format!(
+        "table inet {table} {{\n set a4 {{ type ipv4_addr . inet_service; elements = {{ {} }} }}\n set a6 {{ type ipv6_addr . inet_service; elements = {{ {} }} }}\n chain out {{ type filter hook output priority 0; policy accept;\n  socket cgroupv2 level 1 \"{cg_name}\" meta skuid 0 ip daddr . th dport @a4 accept\n  socket cgroupv2 level 1 \"{cg_name}\" meta skuid 0 ip6 daddr . th dport @a6 accept\n  socket cgroupv2 level 1 \"{cg_name}\" drop\n }}\n}}\n",
+        elems.join(", "),
+        elems6.join(", ")
+    );
+    let f = std::env::temp_dir().join(format!("{table}.nft"));
+    fs::write(&f, text).map_err(|e| format!("writing {}: {e}", f.display()))?;
+    let r = sh(&format!("nft -f {}", f.display()));
+    let _ = fs::remove_file(&f);
+    r
+}
+
+fn ipt_setup(cg_name: &str, l: &Listeners, n: u64) -> Result<(), String> {
+    sh(
+        "iptables -N ENFBENCH && iptables -A OUTPUT -j ENFBENCH && ip6tables -N ENFBENCH && ip6tables -A OUTPUT -j ENFBENCH",
+    )?;
+    for i in 0..n.saturating_sub(2) {
+        sh(&format!(
+            "iptables -A ENFBENCH -m cgroup --path {cg_name} -m owner --uid-owner 0 -d {} -p tcp --dport 9 -j ACCEPT",
+            std::net::Ipv4Addr::from(0x0a00_0000u32 + i as u32)
+        ))?;
+    }
+    for (port, p) in [(l.tcp4.port(), "tcp"), (l.udp4.port(), "udp")] {
+        sh(&format!(
+            "iptables -A ENFBENCH -m cgroup --path {cg_name} -m owner --uid-owner 0 -d 127.0.0.1 -p {p} --dport {port} -j ACCEPT"
+        ))?;
+    }
+    for (port, p) in [(l.tcp6.port(), "tcp"), (l.udp6.port(), "udp")] {
+        sh(&format!(
+            "ip6tables -A ENFBENCH -m cgroup --path {cg_name} -m owner --uid-owner 0 -d ::1 -p {p} --dport {port} -j ACCEPT"
+        ))?;
+    }
+    sh(&format!(
+        "iptables -A ENFBENCH -m cgroup --path {cg_name} -j DROP && ip6tables -A ENFBENCH -m cgroup --path {cg_name} -j DROP"
+    ))
+}
+
+fn ipt_teardown() {
+    let _ = sh(
+        "iptables -D OUTPUT -j ENFBENCH 2>/dev/null; iptables -F ENFBENCH 2>/dev/null; iptables -X ENFBENCH 2>/dev/null; ip6tables -D OUTPUT -j ENFBENCH 2>/dev/null; ip6tables -F ENFBENCH 2>/dev/null; ip6tables -X ENFBENCH 2>/dev/null",
+    );
+}
+
+/// Loads the allow-only programs and attaches them to `cg` (links dropped = detached).
+fn attach_floor(cg: &TestCgroup) -> Result<aya::Ebpf, String> {
+    let obj = std::env::var("ENFORCER_EBPF_OBJ")
+        .map_err(|_| "ENFORCER_EBPF_OBJ is not set; run `cargo xtask bench`".to_string())?;
+    let pins = PathBuf::from("/sys/fs/bpf").join(unique("bench-floor"));
+    fs::create_dir_all(&pins).map_err(|e| format!("creating {}: {e}", pins.display()))?;
+    let mut ebpf = aya::EbpfLoader::new()
+        .default_map_pin_directory(&pins)
+        .load_file(&obj)
+        .map_err(|e| format!("loading {obj}: {e}"))?;
+    // The maps were pinned only to satisfy the object's pinning; unpin them now.
+    let _ = fs::remove_dir_all(&pins);
+    let _ = Command::new("/bin/rm").arg("-rf").arg(&pins).status();
+    let f = fs::File::open(&cg.dir).map_err(|e| format!("{e}"))?;
+    for (_, name) in enforcer_common::BENCH_PROGS {
+        let p: &mut aya::programs::CgroupSockAddr = ebpf
+            .program_mut(name)
+            .ok_or(format!("no program {name}"))?
+            .try_into()
+            .map_err(|e| format!("{name}: {e}"))?;
+        p.load().map_err(|e| format!("loading {name}: {e}"))?;
+        p.attach(&f, aya::programs::CgroupAttachMode::Single)
+            .map_err(|e| format!("attaching {name}: {e}"))?;
+    }
+    Ok(ebpf)
+}
+
+fn run(out: &Path, rounds: usize) -> Result<(), String> {
+    if !nix::unistd::geteuid().is_root() {
+        return Err("the benchmark needs root (it attaches programs and creates cgroups)".into());
+    }
+    fs::create_dir_all(out).map_err(|e| format!("creating {}: {e}", out.display()))?;
+    let l = Listeners::new();
+    let dir = TempDir::new("bench");
+    let me = std::env::current_exe().map_err(|e| e.to_string())?;
+    let worker = dir.path("worker");
+    let unattested = dir.path("worker-unattested");
+    let bytes = fs::read(&me).map_err(|e| e.to_string())?;
+    fs::write(&worker, &bytes).map_err(|e| e.to_string())?;
+    let mut other = bytes.clone();
+    let pat = b"ENFBENCH-MARKER0";
+    let at = other
+        .windows(pat.len())
+        .position(|w| w == pat)
+        .ok_or("no marker in the bench binary")?;
+    other[at + pat.len() - 1] = b'1';
+    fs::write(&unattested, &other).map_err(|e| e.to_string())?;
+    for p in [&worker, &unattested] {
+        use std::os::unix::fs::PermissionsExt as _;
+        fs::set_permissions(p, fs::Permissions::from_mode(0o755)).map_err(|e| e.to_string())?;
+    }
+    let worker_sha: [u8; 32] = {
+        use sha2::Digest as _;
+        sha2::Sha256::digest(&bytes).into()
+    };
+
+    let mut configs: Vec<Config> = Vec::new();
+    let base = std::rc::Rc::new(TestCgroup::new("b-none"));
+    configs.push(Config {
+        name: "none".into(),
+        config: "none",
+        rules: None,
+        caller: "-",
+        cg: base.clone(),
+        worker: worker.clone(),
+        denied: false,
+    });
+    let floor_cg = std::rc::Rc::new(TestCgroup::new("b-floor"));
+    let _floor = attach_floor(&floor_cg)?;
+    configs.push(Config {
+        name: "empty-prog".into(),
+        config: "empty-prog",
+        rules: None,
+        caller: "-",
+        cg: floor_cg.clone(),
+        worker: worker.clone(),
+        denied: false,
+    });
+
+    let mut agents = Vec::new();
+    let mut apply = Vec::new();
+    for rules in [10u64, 10_000, 1_000_000] {
+        let cg = std::rc::Rc::new(TestCgroup::new(&format!("b-enf{rules}")));
+        let p = bench_policy(&cg.rel, worker_sha, &l, rules);
+        let bundle = policy::encode_bundle(&p);
+        eprintln!("enf-bench: starting an agent with {rules} rules");
+        let t0 = Instant::now();
+        let agent = Agent::start_bytes(&bundle, &[]);
+        let start_ms = t0.elapsed().as_secs_f64() * 1e3;
+        let apply_ms = agent
+            .log()
+            .lines()
+            .find(|l| l.contains("policy in force"))
+            .and_then(|l| l.split("ms=").nth(1))
+            .and_then(|v| {
+                v.split(|c: char| !c.is_ascii_digit())
+                    .next()?
+                    .parse::<f64>()
+                    .ok()
+            })
+            .unwrap_or(f64::NAN);
+        apply.push(
+            serde_json::json!({"rules": rules, "apply_ms": apply_ms, "agent_start_ms": start_ms}),
+        );
+        for (caller, bin, denied) in [
+            ("attested", &worker, false),
+            ("unattested", &unattested, false),
+            ("denied", &worker, true),
+        ] {
+            configs.push(Config {
+                name: format!("enforcer-{rules}-{caller}"),
+                config: "enforcer",
+                rules: Some(rules),
+                caller,
+                cg: cg.clone(),
+                worker: bin.clone(),
+                denied,
+            });
+        }
+        agents.push(agent);
+    }
+    // Peers from Debian's packages.
+    let mut notes = Vec::new();
+    let mut nft_tables = Vec::new();
+    for n in [10u64, 10_000] {
+        let cg = std::rc::Rc::new(TestCgroup::new(&format!("b-nft{n}")));
+        let table = format!("enfbench{n}");
+        // nft resolves the path under /sys/fs/cgroup (unified/... on a hybrid layout).
+        let nft_path = cg
+            .dir
+            .strip_prefix("/sys/fs/cgroup")
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|_| cg.rel.trim_start_matches('/').to_string());
+        match nft_setup(&table, &nft_path, &l, n) {
+            Ok(()) => {
+                nft_tables.push(table);
+                configs.push(Config {
+                    name: format!("nftables-{n}"),
+                    config: "nftables",
+                    rules: Some(n),
+                    caller: "-",
+                    cg,
+                    worker: worker.clone(),
+                    denied: false,
+                });
+            }
+            Err(e) => notes.push(format!("nftables with {n} rules not measured: {e}")),
+        }
+    }
+    ipt_teardown();
+    let ipt_cg = std::rc::Rc::new(TestCgroup::new("b-ipt"));
+    match ipt_setup(ipt_cg.rel.trim_start_matches('/'), &l, 10) {
+        Ok(()) => configs.push(Config {
+            name: "iptables-10".into(),
+            config: "iptables",
+            rules: Some(10),
+            caller: "-",
+            cg: ipt_cg.clone(),
+            worker: worker.clone(),
+            denied: false,
+        }),
+        Err(e) => notes.push(format!("iptables not measured: {e}")),
+    }
+    // Let every binary settle and be attested before measuring.
+    let_settle();
+    for c in &configs {
+        let _ = measure(c, "getpid", &l.udp4, 10);
+    }
+
+    let denied4: SocketAddr = format!("127.0.0.2:{}", l.udp4.port())
+        .parse()
+        .expect("addr");
+    let denied6: SocketAddr = "[::2]:9".parse().expect("addr");
+    let target = |w: &str, denied: bool| -> SocketAddr {
+        match (w, denied) {
+            ("udp-connect4" | "sendto4" | "udp-send-connected4", false) => l.udp4,
+            ("udp-connect6" | "sendto6", false) => l.udp6,
+            ("tcp-connect4", false) => l.tcp4,
+            ("tcp-connect6", false) => l.tcp6,
+            ("udp-connect4-mapped", false) => format!("[::ffff:127.0.0.1]:{}", l.udp4.port())
+                .parse()
+                .expect("addr"),
+            ("udp-connect6" | "sendto6" | "tcp-connect6", true) => denied6,
+            (_, true) => denied4,
+            _ => l.udp4,
+        }
+    };
+    // samples[(config, workload)] = per round (p50, mean, baseline p50, baseline mean)
+    let mut samples: BTreeMap<(String, String), Vec<Sample>> = BTreeMap::new();
+    for round in 0..rounds {
+        eprintln!("enf-bench: round {}/{rounds}", round + 1);
+        for (w, n) in WORKLOADS {
+            let (bp50, bmean) = measure(&configs[0], w, &target(w, false), n)?;
+            // Rotate the order each round so no configuration always runs first.
+            let k = configs.len();
+            for i in 0..k {
+                let c = &configs[(i + round) % k];
+                if c.denied && matches!(w, "udp-send-connected4" | "getpid") {
+                    continue; // nothing to deny there
+                }
+                let (p50, mean) = if c.name == "none" {
+                    (bp50, bmean)
+                } else {
+                    measure(c, w, &target(w, c.denied), n)?
+                };
+                samples
+                    .entry((c.name.clone(), w.to_string()))
+                    .or_default()
+                    .push((p50, mean, bp50, bmean));
+            }
+        }
+    }
+    let median = |mut v: Vec<f64>| -> f64 {
+        v.sort_by(|a, b| a.total_cmp(b));
+        if v.is_empty() {
+            f64::NAN
+        } else {
+            v[v.len() / 2]
+        }
+    };
+    let mut rows = Vec::new();
+    for c in &configs {
+        for (w, _) in WORKLOADS {
+            let Some(s) = samples.get(&(c.name.clone(), w.to_string())) else {
+                continue;
+            };
+            let p50 = median(s.iter().map(|x| x.0).collect());
+            let mean = median(s.iter().map(|x| x.1).collect());
+            let added = median(s.iter().map(|x| x.0 - x.2).collect());
+            let ratio = median(s.iter().map(|x| x.1 / x.3).collect());
+            let mut row = serde_json::json!({
+                "workload": w, "config": c.config, "caller": c.caller,
+                "p50_ns": p50, "mean_ns": mean, "added_p50_ns": added, "ratio_mean": ratio,
+            });
+            if let Some(r) = c.rules {
+                row["rules"] = r.into();
+            }
+            rows.push(row);
+        }
+    }
+    let kernel = fs::read_to_string("/proc/sys/kernel/osrelease")
+        .unwrap_or_default()
+        .trim()
+        .to_string();
+    let cpu = fs::read_to_string("/proc/cpuinfo")
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("model name"))
+        .and_then(|l| l.split(':').nth(1))
+        .unwrap_or("")
+        .trim()
+        .to_string();
+    notes.push("Added latency = median over rounds of (p50 of the configuration - p50 of the same round's no-program baseline). Worker processes are fresh per measurement; the unattested caller is the same binary with one byte changed; the denied caller connects to a destination no rule allows (EPERM).".into());
+    notes.push("nftables/iptables see packets, not connect(): a UDP connect() sends nothing, so they add nothing there and cannot decide it; the enforcer decides in connect() itself.".into());
+    notes
+        .push("OpenSnitch, the exec storm and kernel memory per rule are not measured yet.".into());
+    let results = serde_json::json!({
+        "machine": {"kernel": kernel, "cpu": cpu, "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0)},
+        "command": "cargo xtask bench",
+        "rounds": rounds,
+        "rows": rows,
+        "apply": apply,
+        "notes": notes,
+    });
+    let path = out.join("results.json");
+    fs::write(&path, serde_json::to_string_pretty(&results).expect("json"))
+        .map_err(|e| format!("writing {}: {e}", path.display()))?;
+    for t in &nft_tables {
+        let _ = sh(&format!("nft delete table inet {t}"));
+    }
+    ipt_teardown();
+    drop(agents);
+    eprintln!("enf-bench: wrote {}", path.display());
+    Ok(())
+}

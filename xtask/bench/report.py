@@ -1,0 +1,435 @@
+#!/usr/bin/env python3
+"""Render `cargo xtask bench` results as a PNG plot and a Markdown section.
+
+Usage: python3 report.py RESULTS_JSON OUT_PNG OUT_MD
+
+RESULTS_JSON is written by the bench harness: an object whose "rows" list holds
+one object per (workload, config, rules, caller) with p50_ns, mean_ns,
+added_p50_ns and ratio_mean. "rows" is required; every other key ("machine",
+"command", "rounds", "apply", "notes") is optional, as are most per-row fields
+(added_p50_ns and ratio_mean are derived from the workload's "none" row when
+absent). Rows with a "rules" count are plotted as added p50 latency
+versus rule count for the workloads in PLOT_WORKLOADS; every workload gets a
+table in the Markdown output.
+
+Requires matplotlib (see requirements.txt next to this file).
+"""
+
+import importlib.util
+import json
+import math
+import os
+import sys
+
+PROG = "report.py"
+USAGE = f"usage: python3 {PROG} RESULTS_JSON OUT_PNG OUT_MD"
+
+# Workloads that get a subplot, in this order (those present in the data).
+PLOT_WORKLOADS = ["udp-connect4", "sendto4", "tcp-connect4"]
+
+# Preferred orders; anything not listed sorts after, in order of appearance.
+CONFIG_ORDER = ["none", "empty-prog", "enforcer", "nftables", "iptables"]
+CALLER_ORDER = ["attested", "unattested", "denied", "-"]
+
+FLOOR_CONFIG = "empty-prog"
+BASELINE_CONFIG = "none"
+
+
+def die(msg, code=1):
+    print(f"{PROG}: {msg}", file=sys.stderr)
+    sys.exit(code)
+
+
+# ---------------------------------------------------------------- parsing
+
+
+def num(v):
+    """A finite float from a JSON value, or None (bools and junk -> None)."""
+    if isinstance(v, bool) or v is None:
+        return None
+    if isinstance(v, (int, float)):
+        f = float(v)
+    elif isinstance(v, str):
+        try:
+            f = float(v.strip())
+        except ValueError:
+            return None
+    else:
+        return None
+    return f if math.isfinite(f) else None
+
+
+def text(v, default="-"):
+    if v is None:
+        return default
+    s = str(v).strip()
+    return s if s else default
+
+
+def load(path):
+    try:
+        with open(path, "r", encoding="utf-8") as f:
+            data = json.load(f)
+    except OSError as e:
+        die(f"cannot read {path}: {e.strerror or e}")
+    except UnicodeDecodeError as e:
+        die(f"{path} is not UTF-8 text: {e.reason}")
+    except json.JSONDecodeError as e:
+        die(f"{path} is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}")
+    if not isinstance(data, dict):
+        die(f"{path}: top level must be a JSON object, got {type(data).__name__}")
+    rows = data.get("rows")
+    if not isinstance(rows, list):
+        die(f"{path}: \"rows\" must be a list of result objects"
+            + (" (missing)" if rows is None else ""))
+    bad = [i for i, r in enumerate(rows) if not isinstance(r, dict)]
+    if bad:
+        die(f"{path}: rows[{bad[0]}] is not an object")
+    return data
+
+
+class Row:
+    __slots__ = ("workload", "config", "caller", "rules", "p50", "mean",
+                 "added", "ratio", "idx")
+
+    def __init__(self, raw, idx):
+        self.idx = idx
+        self.workload = text(raw.get("workload"), "(unnamed)")
+        self.config = text(raw.get("config"), "(unknown)")
+        self.caller = text(raw.get("caller"), "-")
+        r = num(raw.get("rules"))
+        self.rules = int(r) if r is not None and r == int(r) else r
+        self.p50 = num(raw.get("p50_ns"))
+        self.mean = num(raw.get("mean_ns"))
+        self.added = num(raw.get("added_p50_ns"))
+        self.ratio = num(raw.get("ratio_mean"))
+
+
+def build_rows(data):
+    rows = [Row(r, i) for i, r in enumerate(data.get("rows") or [])]
+    # Fill derived values the producer left out, from the workload's baseline.
+    base = {}
+    for r in rows:
+        if r.config == BASELINE_CONFIG and r.workload not in base:
+            base[r.workload] = r
+    for r in rows:
+        b = base.get(r.workload)
+        if b is None:
+            continue
+        if r.added is None and r.p50 is not None and b.p50 is not None:
+            r.added = r.p50 - b.p50
+        if r.ratio is None and r.mean is not None and b.mean:
+            r.ratio = r.mean / b.mean
+    return rows
+
+
+def rank(order, value, seen):
+    if value in order:
+        return (0, order.index(value))
+    return (1, seen.setdefault(value, len(seen)))
+
+
+def sort_rows(rows):
+    cfg_seen, caller_seen = {}, {}
+    for r in rows:  # register first-appearance order before sorting
+        rank(CONFIG_ORDER, r.config, cfg_seen)
+        rank(CALLER_ORDER, r.caller, caller_seen)
+    return sorted(rows, key=lambda r: (
+        rank(CONFIG_ORDER, r.config, cfg_seen),
+        (0, r.rules) if r.rules is not None else (-1, 0),
+        rank(CALLER_ORDER, r.caller, caller_seen),
+        r.idx,
+    ))
+
+
+def by_workload(rows):
+    out = {}
+    for r in rows:
+        out.setdefault(r.workload, []).append(r)
+    return out
+
+
+# ---------------------------------------------------------------- formatting
+
+
+def fmt_ns(v):
+    if v is None:
+        return "-"
+    s = f"{v:.0f}" if abs(v) >= 100 else f"{v:.1f}"
+    return s[1:] if s.startswith("-") and float(s) == 0 else s
+
+
+def fmt_ratio(v):
+    return "-" if v is None else f"{v:.3f}"
+
+
+def fmt_ms(v):
+    if v is None:
+        return "-"
+    if abs(v) >= 100:
+        return f"{v:.0f}"
+    if abs(v) >= 10:
+        return f"{v:.1f}"
+    return f"{v:.2f}"
+
+
+def fmt_rules(v):
+    if v is None:
+        return "-"
+    if isinstance(v, int):
+        return f"{v:,}"
+    return f"{v:g}"
+
+
+def fmt_rules_short(v):
+    """Axis tick label: 10, 100, 1k, 10k, 1M."""
+    for div, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if v >= div:
+            return f"{v / div:g}{suffix}"
+    return f"{v:g}"
+
+
+def cell(s):
+    return str(s).replace("|", "\\|").replace("\n", " ")
+
+
+def machine_line(data):
+    m = data.get("machine")
+    if not isinstance(m, dict):
+        return text(m, "unknown machine") if m else "unknown machine"
+    parts = []
+    if m.get("kernel") not in (None, ""):
+        parts.append(f"Linux {text(m['kernel'])}")
+    if m.get("cpu") not in (None, ""):
+        parts.append(text(m["cpu"]))
+    cores = num(m.get("cores"))
+    if cores is not None:
+        c = int(cores) if cores == int(cores) else cores
+        parts.append(f"{c} core{'s' if c != 1 else ''}")
+    elif m.get("cores") not in (None, ""):
+        parts.append(f"{text(m['cores'])} cores")
+    known = {"kernel", "cpu", "cores", "date"}
+    for k, v in m.items():
+        if k not in known and v not in (None, "") and not isinstance(v, (dict, list)):
+            parts.append(f"{k} {text(v)}")
+    if m.get("date") not in (None, ""):
+        parts.append(text(m["date"]))
+    return ", ".join(parts) if parts else "unknown machine"
+
+
+def table(header, body):
+    lines = ["| " + " | ".join(header) + " |",
+             "|" + "|".join(":---" if h in ("config", "caller") else "---:"
+                            for h in header) + "|"]
+    for row in body:
+        lines.append("| " + " | ".join(cell(c) for c in row) + " |")
+    return lines
+
+
+def render_md(data, rows, png_name):
+    out = ["### Benchmark results", ""]
+    out.append(f"- Machine: {machine_line(data)}")
+    cmd = data.get("command")
+    if cmd not in (None, ""):
+        out.append(f"- Command: `{text(cmd)}`")
+    rounds = num(data.get("rounds"))
+    if rounds is not None:
+        out.append(f"- Rounds: {int(rounds) if rounds == int(rounds) else rounds}")
+    elif data.get("rounds") not in (None, ""):
+        out.append(f"- Rounds: {text(data['rounds'])}")
+    out.append("")
+    out.append("Added p50 and mean ratio are against the baseline (config `none`) "
+               "measured in the same round.")
+    out.append("")
+
+    groups = by_workload(rows)
+    if not groups:
+        out += ["_No benchmark rows in the results._", ""]
+    header = ["config", "rules", "caller", "p50 (ns)", "mean (ns)",
+              "added p50 (ns)", "mean ratio"]
+    for wl, wrows in groups.items():
+        out.append(f"#### {wl}")
+        out.append("")
+        body = [[r.config, fmt_rules(r.rules), r.caller, fmt_ns(r.p50),
+                 fmt_ns(r.mean), fmt_ns(r.added), fmt_ratio(r.ratio)]
+                for r in sort_rows(wrows)]
+        out += table(header, body)
+        out.append("")
+
+    apply_rows = data.get("apply")
+    if isinstance(apply_rows, list) and apply_rows:
+        items = [a for a in apply_rows if isinstance(a, dict)]
+        items.sort(key=lambda a: (num(a.get("rules")) is None, num(a.get("rules")) or 0))
+        out.append("#### Rule apply time")
+        out.append("")
+        body = []
+        for a in items:
+            r = num(a.get("rules"))
+            if r is not None and r == int(r):
+                r = int(r)
+            body.append([fmt_rules(r), fmt_ms(num(a.get("apply_ms")))])
+        out += table(["rules", "apply (ms)"], body)
+        out.append("")
+
+    notes = data.get("notes")
+    if isinstance(notes, str):
+        notes = [notes]
+    if isinstance(notes, list):
+        notes = [text(n, "") for n in notes if text(n, "")]
+        if notes:
+            out.append("#### Notes")
+            out.append("")
+            out += [f"- {n}" for n in notes]
+            out.append("")
+
+    out.append(f"![added latency vs rules]({png_name})")
+    out.append("")
+    return "\n".join(out)
+
+
+# ---------------------------------------------------------------- plotting
+
+
+def series_label(config, caller):
+    return config if caller in ("-", "") else f"{config} ({caller})"
+
+
+def render_png(data, rows, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    groups = by_workload(rows)
+    plotted = [w for w in PLOT_WORKLOADS if w in groups]
+    title = f"Added p50 latency vs rule count\n{machine_line(data)}"
+
+    if not plotted:
+        fig, ax = plt.subplots(figsize=(8, 4))
+        ax.axis("off")
+        ax.text(0.5, 0.5, "no rows for " + ", ".join(PLOT_WORKLOADS),
+                ha="center", va="center", fontsize=12, color="0.4")
+        fig.suptitle(title, fontsize=11)
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        return
+
+    # One colour per (config, caller), stable across subplots.
+    keys = []
+    for r in sort_rows([r for w in plotted for r in groups[w]]):
+        if r.rules is not None and (r.config, r.caller) not in keys:
+            keys.append((r.config, r.caller))
+    cfg_seen, caller_seen = {}, {}
+    keys.sort(key=lambda k: (rank(CONFIG_ORDER, k[0], cfg_seen),
+                             rank(CALLER_ORDER, k[1], caller_seen)))
+    cmap = plt.get_cmap("tab10")
+    colour = {k: cmap(i % 10) for i, k in enumerate(keys)}
+    markers = "osD^vP*X<>"
+    caller_style = {"attested": "-", "unattested": "--", "denied": ":"}
+
+    n = len(plotted)
+    fig, axes = plt.subplots(1, n, figsize=(4.6 * n + 0.8, 4.6), squeeze=False)
+    handles = {}
+    skipped = 0
+    xs_all = []
+    for ax, wl in zip(axes[0], plotted):
+        wrows = groups[wl]
+        for key in keys:
+            pts = sorted((r.rules, r.added) for r in wrows
+                         if (r.config, r.caller) == key and r.rules is not None
+                         and r.added is not None)
+            good = [(x, y) for x, y in pts if x > 0]
+            skipped += len(pts) - len(good)
+            if not good:
+                continue
+            xs, ys = zip(*good)
+            xs_all.extend(xs)
+            (h,) = ax.plot(xs, ys, color=colour[key],
+                           marker=markers[keys.index(key) % len(markers)],
+                           linestyle=caller_style.get(key[1], "-"),
+                           linewidth=1.6, markersize=5,
+                           label=series_label(*key))
+            handles.setdefault(series_label(*key), h)
+        floor = [r.added for r in wrows
+                 if r.config == FLOOR_CONFIG and r.added is not None]
+        if floor:
+            h = ax.axhline(floor[0], color="0.35", linestyle="--", linewidth=1.2,
+                           label="empty program (floor)")
+            handles.setdefault("empty program (floor)", h)
+        ax.axhline(0, color="0.8", linewidth=0.8, zorder=0)
+        ax.set_xscale("log")
+        ax.xaxis.set_major_locator(LogLocator(base=10))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: fmt_rules_short(v)))
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_title(wl, fontsize=11)
+        ax.set_xlabel("rules (log scale)")
+        ax.set_ylabel("added p50 latency (ns)")
+        ax.grid(True, which="major", alpha=0.35)
+        ax.grid(True, which="minor", axis="x", alpha=0.12)
+        if not any(l.get_label() and not l.get_label().startswith("_")
+                   for l in ax.lines):
+            ax.text(0.5, 0.5, "no data", transform=ax.transAxes,
+                    ha="center", va="center", color="0.5")
+    if skipped:
+        print(f"{PROG}: warning: {skipped} point(s) with rules <= 0 left off the log-scale plot",
+              file=sys.stderr)
+
+    # Share the rule-count range so the subplots line up.
+    if xs_all:
+        lo, hi = min(xs_all), max(xs_all)
+        if lo == hi:
+            lo, hi = lo / 10, hi * 10
+        for ax in axes[0]:
+            ax.set_xlim(lo / 1.6, hi * 1.6)
+
+    fig.suptitle(title, fontsize=11)
+    labels = [series_label(*k) for k in keys if series_label(*k) in handles]
+    if "empty program (floor)" in handles:
+        labels.append("empty program (floor)")
+    fig_h = fig.get_figheight()
+    bottom = 0.02
+    if labels:
+        ncol = min(len(labels), 6)
+        legend_rows = math.ceil(len(labels) / ncol)
+        fig.legend([handles[k] for k in labels], labels, loc="lower center",
+                   bbox_to_anchor=(0.5, 0.01), ncol=ncol, fontsize=9, frameon=False)
+        bottom = (0.12 + 0.27 * legend_rows) / fig_h
+    fig.tight_layout(rect=(0, bottom, 1, 1))
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------- main
+
+
+def main(argv):
+    if len(argv) != 4 or argv[1] in ("-h", "--help"):
+        print(USAGE, file=sys.stderr)
+        return 0 if len(argv) == 2 and argv[1] in ("-h", "--help") else 2
+    results, out_png, out_md = argv[1:]
+    data = load(results)
+    rows = build_rows(data)
+    if importlib.util.find_spec("matplotlib") is None:  # fail before writing
+        die("matplotlib is not installed (pip install -r "
+            f"{os.path.join(os.path.dirname(os.path.abspath(__file__)), 'requirements.txt')})")
+    for p in (out_png, out_md):
+        d = os.path.dirname(os.path.abspath(p))
+        try:
+            os.makedirs(d, exist_ok=True)
+        except OSError as e:
+            die(f"cannot create {d}: {e.strerror or e}")
+    try:
+        render_png(data, rows, out_png)
+    except OSError as e:
+        die(f"cannot write {out_png}: {e.strerror or e}")
+    md = render_md(data, rows, os.path.basename(out_png))
+    try:
+        with open(out_md, "w", encoding="utf-8") as f:
+            f.write(md)
+    except OSError as e:
+        die(f"cannot write {out_md}: {e.strerror or e}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
