@@ -428,7 +428,7 @@ impl Agent {
             },
             uses_cgroups: u32::from(classes.uses_cgroups()),
             report_allow: u32::from(policy.report_allow),
-            report_unattested: 1,
+            report_unattested: 0,
         };
         self.kernel.set_config(&cfg)?;
         // Attach to new scopes before the flip (they judge with the policy in force).
@@ -703,7 +703,7 @@ impl Agent {
             Err(e) => tracing::warn!("encoding an event: {e}"),
         }
         let followers = self.feed.followers();
-        self.feed.push(d, ev.ident == IDENT_NONE);
+        self.feed.push(d);
         if self.feed.followers() != followers {
             self.sync_report_allow();
         }

@@ -95,6 +95,7 @@ pub struct Maps {
     pub offsets: Array<MapData, KernelOffsets>,
     pub counters: PerCpuArray<MapData, u64>,
     pub scopes: CgroupArray<MapData>,
+    pub uncovered: HashMap<MapData, UncoveredKey, UncoveredValue>,
 }
 
 /// The loaded object, its maps, and where its pins live.
@@ -153,6 +154,7 @@ impl Kernel {
             offsets: take(&mut ebpf, MAP_OFFSETS)?,
             counters: take(&mut ebpf, MAP_COUNTERS)?,
             scopes: take(&mut ebpf, MAP_SCOPES)?,
+            uncovered: take(&mut ebpf, MAP_UNCOVERED)?,
         };
         let events = Some(take(&mut ebpf, MAP_EVENTS)?);
         let mut k = Self {

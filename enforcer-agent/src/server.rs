@@ -2,11 +2,8 @@
 //! `policy apply` from the running agent's state and the kernel maps themselves.
 
 use std::{
-    collections::{BTreeSet, HashMap, VecDeque},
-    net::IpAddr,
-    os::unix::fs::PermissionsExt as _,
-    path::Path,
-    time::{Duration, Instant},
+    collections::VecDeque, net::IpAddr, os::unix::fs::PermissionsExt as _, path::Path,
+    time::Duration,
 };
 
 use anyhow::{Context as _, Result, bail};
@@ -29,18 +26,11 @@ pub const UNCOVERED_WINDOW: Duration = Duration::from_secs(600);
 /// A client must send its request within this time.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
 
-struct UncoveredEntry {
-    connects: u64,
-    last: Instant,
-    destinations: BTreeSet<String>,
-}
-
 /// Recent decisions, live `events --follow` clients, and unattested traffic.
 #[derive(Default)]
 pub struct Feed {
     history: VecDeque<api::Decision>,
     followers: Vec<(std::os::unix::net::UnixStream, bool)>,
-    uncovered: HashMap<(String, String, String), UncoveredEntry>,
 }
 
 impl Feed {
@@ -49,25 +39,7 @@ impl Feed {
         self.followers.len()
     }
 
-    pub fn push(&mut self, d: api::Decision, unattested: bool) {
-        if unattested {
-            let key = (
-                d.exe.clone().unwrap_or_else(|| "(unknown)".into()),
-                d.sha256.clone().unwrap_or_default(),
-                d.cgroup.clone().unwrap_or_else(|| "(unknown)".into()),
-            );
-            let e = self.uncovered.entry(key).or_insert(UncoveredEntry {
-                connects: 0,
-                last: Instant::now(),
-                destinations: BTreeSet::new(),
-            });
-            e.connects += 1;
-            e.last = Instant::now();
-            if e.destinations.len() < 16 {
-                e.destinations
-                    .insert(format!("{} {}:{}", d.protocol, d.dst, d.port));
-            }
-        }
+    pub fn push(&mut self, d: api::Decision) {
         let frame = api::frame(&api::Reply {
             kind: Some(reply::Kind::Event(d.clone())),
         });
@@ -251,6 +223,50 @@ impl Agent {
         }
     }
 
+    /// Connects with no identity in the last window, by executable and cgroup, from the
+    /// kernel's own tally (`ENF_UNCOVERED`).
+    fn uncovered(&self) -> Vec<api::Uncovered> {
+        let now_ns = nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME)
+            .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
+            .unwrap_or(0);
+        let window = UNCOVERED_WINDOW.as_nanos() as u64;
+        let mut out: Vec<api::Uncovered> = self
+            .kernel
+            .maps
+            .uncovered
+            .iter()
+            .filter_map(|r| r.ok())
+            .filter(|(_, v)| now_ns.saturating_sub(v.last_ns) <= window)
+            .map(|(k, v)| {
+                let exe = self.exes.get(&k.exe_id);
+                let dst: IpAddr = if v.last_family == FAMILY_V6 {
+                    IpAddr::from(v.last_dst)
+                } else {
+                    IpAddr::from([v.last_dst[0], v.last_dst[1], v.last_dst[2], v.last_dst[3]])
+                };
+                api::Uncovered {
+                    exe: exe
+                        .map(|e| e.path.clone())
+                        .unwrap_or_else(|| "(not attested)".into()),
+                    sha256: exe.map(|e| hex32(&e.sha256)).unwrap_or_default(),
+                    cgroup: self
+                        .cgroups
+                        .get(&k.cgroup_id)
+                        .cloned()
+                        .unwrap_or_else(|| format!("cgroup id {}", k.cgroup_id)),
+                    connects: v.connects,
+                    destinations: vec![format!(
+                        "last: {} {dst}:{}",
+                        protocol_name(v.last_proto),
+                        v.last_port
+                    )],
+                }
+            })
+            .collect();
+        out.sort_by(|a, b| b.connects.cmp(&a.connects).then(a.exe.cmp(&b.exe)));
+        out
+    }
+
     fn status(&mut self) -> api::Status {
         let cfg = self.kernel.config().unwrap_or_default();
         let generation = cfg.active & 1;
@@ -307,23 +323,7 @@ impl Agent {
                 capacity,
             })
             .collect();
-        let now = Instant::now();
-        self.feed
-            .uncovered
-            .retain(|_, e| now.duration_since(e.last) < UNCOVERED_WINDOW);
-        let mut uncovered: Vec<api::Uncovered> = self
-            .feed
-            .uncovered
-            .iter()
-            .map(|((exe, sha, cg), e)| api::Uncovered {
-                exe: exe.clone(),
-                sha256: sha.clone(),
-                cgroup: cg.clone(),
-                connects: e.connects,
-                destinations: e.destinations.iter().cloned().collect(),
-            })
-            .collect();
-        uncovered.sort_by(|a, b| b.connects.cmp(&a.connects).then(a.exe.cmp(&b.exe)));
+        let uncovered = self.uncovered();
         api::Status {
             kernel_features: self.features.clone(),
             attached,

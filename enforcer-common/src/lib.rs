@@ -18,6 +18,7 @@ const _: () = assert!(ABI_VERSION == 1, "update PIN_SUBDIR with ABI_VERSION");
 pub const MAP_PROCS: &str = "ENF_PROCS";
 pub const MAP_EXES: &str = "ENF_EXES";
 pub const MAP_BINCLASS: &str = "ENF_BINCLASS";
+pub const MAP_UNCOVERED: &str = "ENF_UNCOVERED";
 pub const MAP_CGROUPS: &str = "ENF_CGROUPS";
 pub const MAP_IDMATCH: &str = "ENF_IDMATCH";
 pub const MAP_RULES: &str = "ENF_RULES";
@@ -55,6 +56,7 @@ const _: () = {
     assert!(short(MAP_PROCS) && short(MAP_EXES) && short(MAP_CGROUPS) && short(MAP_IDMATCH));
     assert!(short(MAP_RULES) && short(MAP_CONFIG) && short(MAP_COUNTERS) && short(MAP_EVENTS));
     assert!(short(MAP_SCOPES) && short(MAP_OFFSETS) && short(MAP_BINCLASS));
+    assert!(short(MAP_UNCOVERED));
     assert!(short(PROG_CONNECT4) && short(PROG_CONNECT6) && short(PROG_SENDMSG4));
     assert!(short(PROG_SENDMSG6) && short(PROG_FORK) && short(PROG_EXEC) && short(PROG_EXIT));
 };
@@ -66,6 +68,9 @@ pub const MAX_CGROUPS: u32 = 1 << 14;
 pub const MAX_IDMATCH: u32 = 1 << 16;
 pub const MAX_RULES: u32 = 1 << 21;
 pub const MAX_SCOPES: u32 = 16;
+/// (executable, cgroup) pairs of unattested traffic kept for the coverage report (LRU: this
+/// is a statistic, never an identity).
+pub const MAX_UNCOVERED: u32 = 4096;
 pub const EVENTS_BYTES: u32 = 1 << 20;
 
 // ---- small integers ----
@@ -198,7 +203,8 @@ pub struct GenConfig {
     pub uses_cgroups: u32,
     /// 1 to report allowed decisions too (the default audit policy does).
     pub report_allow: u32,
-    /// 1 to report every decision about a process with no identity (coverage report).
+    /// 1 to also send every decision about a process with no identity as an event (the
+    /// coverage report does not need it: it is aggregated in `ENF_UNCOVERED`).
     pub report_unattested: u32,
 }
 const _: () = assert!(core::mem::size_of::<GenConfig>() == 24);
@@ -292,6 +298,31 @@ pub struct RuleValue {
 }
 const _: () = assert!(core::mem::size_of::<RuleValue>() == 8);
 
+/// Key of `ENF_UNCOVERED`: where connects with no identity come from.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default, PartialOrd, Ord)]
+pub struct UncoveredKey {
+    pub exe_id: u32,
+    pub _pad0: u32,
+    pub cgroup_id: u64,
+}
+const _: () = assert!(core::mem::size_of::<UncoveredKey>() == 16);
+
+/// Value of `ENF_UNCOVERED`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct UncoveredValue {
+    pub connects: u64,
+    /// Boot-clock time of the last one.
+    pub last_ns: u64,
+    pub last_dst: [u8; 16],
+    pub last_port: u16,
+    pub last_proto: u8,
+    pub last_family: u8,
+    pub _pad0: u32,
+}
+const _: () = assert!(core::mem::size_of::<UncoveredValue>() == 40);
+
 /// Counters (`ENF_COUNTERS`, per-CPU array of u64, indexed by these).
 pub const CNT_ALLOW: u32 = 0;
 pub const CNT_DENY: u32 = 1;
@@ -359,6 +390,8 @@ mod pod {
     unsafe impl aya::Pod for RuleKeyData {}
     unsafe impl aya::Pod for RuleValue {}
     unsafe impl aya::Pod for Event {}
+    unsafe impl aya::Pod for UncoveredKey {}
+    unsafe impl aya::Pod for UncoveredValue {}
 }
 
 /// Convert a user-space `st_dev` (glibc encoding) to the kernel's `s_dev` encoding.

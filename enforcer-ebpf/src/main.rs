@@ -18,7 +18,7 @@ use aya_ebpf::{
         generated::bpf_send_signal,
     },
     macros::{cgroup_sock_addr, map, raw_tracepoint},
-    maps::{Array, CgroupArray, HashMap, LpmTrie, PerCpuArray, RingBuf, lpm_trie::Key},
+    maps::{Array, CgroupArray, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, lpm_trie::Key},
     programs::{RawTracePointContext, SockAddrContext},
 };
 use enforcer_common::*;
@@ -47,6 +47,8 @@ static OFFSETS: Array<KernelOffsets> = Array::pinned(1, 0);
 static COUNTERS_MAP: PerCpuArray<u64> = PerCpuArray::pinned(COUNTERS, 0);
 #[map(name = "ENF_EVENTS")]
 static EVENTS: RingBuf = RingBuf::pinned(EVENTS_BYTES, 0);
+#[map(name = "ENF_UNCOVERED")]
+static UNCOVERED: LruHashMap<UncoveredKey, UncoveredValue> = LruHashMap::pinned(MAX_UNCOVERED, 0);
 #[map(name = "ENF_SCOPES")]
 static SCOPES: CgroupArray = CgroupArray::pinned(MAX_SCOPES, 0);
 
@@ -189,6 +191,7 @@ fn try_sock_addr(ctx: &SockAddrContext, hook: u32) -> i32 {
             ident = identity(g, generation, p);
             if ident == IDENT_NONE {
                 count(CNT_UNATTESTED);
+                tally_uncovered(p, &dst);
                 let verdict = match g.unattested {
                     ACTION_ALLOW => VERDICT_ALLOW,
                     ACTION_AUDIT => VERDICT_AUDIT,
@@ -221,6 +224,44 @@ fn try_sock_addr(ctx: &SockAddrContext, hook: u32) -> i32 {
         report_connect(pid, hook, ident, verdict, decision.rule, flags, &dst);
     }
     if verdict == VERDICT_DENY { DENY } else { ALLOW }
+}
+
+/// Coverage: count connects with no identity per (executable, cgroup), in the kernel, so the
+/// report costs no event per connect.
+#[inline(always)]
+fn tally_uncovered(p: &ProcState, dst: &RuleKeyData) {
+    let key = UncoveredKey {
+        exe_id: p.exe_id,
+        _pad0: 0,
+        cgroup_id: p.cgroup_id,
+    };
+    // SAFETY: plain helper call.
+    let now = unsafe { bpf_ktime_get_boot_ns() };
+    match UNCOVERED.get_ptr_mut(&key) {
+        Some(v) => {
+            // SAFETY: a map value; concurrent updates from other CPUs only race on statistics.
+            unsafe {
+                (*v).connects += 1;
+                (*v).last_ns = now;
+                (*v).last_dst = dst.addr;
+                (*v).last_port = dst.port;
+                (*v).last_proto = dst.proto;
+                (*v).last_family = dst.family;
+            }
+        }
+        None => {
+            let v = UncoveredValue {
+                connects: 1,
+                last_ns: now,
+                last_dst: dst.addr,
+                last_port: dst.port,
+                last_proto: dst.proto,
+                last_family: dst.family,
+                _pad0: 0,
+            };
+            let _ = UNCOVERED.insert(&key, &v, 0);
+        }
+    }
 }
 
 #[inline(always)]

@@ -120,6 +120,9 @@ impl Listeners {
             stop: stop.clone(),
         };
         for l in [t4, t6, x4] {
+            // A deep accept queue: a burst of connects must never wait for SYN retransmits.
+            // SAFETY: listen() on a listening socket we own only changes its backlog.
+            unsafe { libc::listen(std::os::fd::AsRawFd::as_raw_fd(&l), 4096) };
             // Blocking accept: a polling accept loop makes every connect wait for it.
             let stop = stop.clone();
             std::thread::spawn(move || {

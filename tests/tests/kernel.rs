@@ -545,8 +545,8 @@ fn policy_apply_is_atomic_and_all_or_nothing() {
     let p2 = swap_policy(&st.cg.rel, &app_sha, &other_sha, port, false);
     let agent = Agent::start(&p1);
     let tcp4 = s(st.l.tcp4);
-    // One process connecting for 4 s while 20 applies swap the identity numbering under it.
-    let looper = spawn_in(&st.cg, &st.app, &["loop-for", "4000", "tcp", &tcp4]);
+    // One process connecting for 8 s while 20 applies swap the identity numbering under it.
+    let looper = spawn_in(&st.cg, &st.app, &["loop-for", "8000", "tcp", &tcp4]);
     let mut looper = looper;
     std::thread::sleep(Duration::from_millis(300));
     for i in 0..20 {
