@@ -113,16 +113,10 @@ fn explain_agrees_with_the_kernel() {
             let cg = *rng.pick(&cgs);
             let dst = *rng.pick(&dsts);
             let cmd = *rng.pick(&cmds);
-            let child = spawn_in(cg, &bin, &["after", "1500", cmd, &dst.to_string()]);
+            let child = spawn_in(cg, &bin, &["after", "3000", cmd, &dst.to_string()]);
             batch.push((child, bin, cg.rel.clone(), dst, cmd));
         }
         std::thread::sleep(Duration::from_millis(300));
-        let mut explained = Vec::new();
-        for (child, ..) in &batch {
-            let proto = "tcp";
-            let _ = proto;
-            explained.push(child.id());
-        }
         let mut verdicts = Vec::new();
         for (child, _, _, dst, cmd) in &batch {
             let proto = if *cmd == "tcp" { "tcp" } else { "udp" };
