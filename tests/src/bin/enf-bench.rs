@@ -711,6 +711,9 @@ fn run(out: &Path, rounds: usize) -> Result<(), String> {
         }),
         Err(e) => notes.push(format!("iptables not measured: {e}")),
     }
+    // The kernel's own run time of each program (BPF_ENABLE_STATS while this fd lives).
+    let stats = aya::sys::enable_stats(aya::sys::Stats::RunTime)
+        .map_err(|e| format!("BPF_ENABLE_STATS: {e}"))?;
     // Let every binary settle and be attested before measuring.
     let_settle();
     for c in &configs {
@@ -802,6 +805,62 @@ fn run(out: &Path, rounds: usize) -> Result<(), String> {
         .to_string();
     notes.push("Added latency = median over rounds of (p50 of the configuration - p50 of the same round's no-program baseline). Worker processes are fresh per measurement; the unattested caller is the same binary with one byte changed; the denied caller connects to a destination no rule allows (EPERM).".into());
     notes.push("nftables/iptables see packets, not connect(): a UDP connect() sends nothing, so they add nothing there and cannot decide it; the enforcer decides in connect() itself.".into());
+    // Program run time: ns per run of connect4/sendmsg4, per rule count (all callers mixed).
+    let mut prog_run = serde_json::Map::new();
+    let run_ns = |prog_id: u32| -> Option<f64> {
+        aya::programs::loaded_programs()
+            .filter_map(|p| p.ok())
+            .find(|p| p.id() == prog_id)
+            .filter(|p| p.run_count() > 0)
+            .map(|p| p.run_time().as_nanos() as f64 / p.run_count() as f64)
+    };
+    let mut run_notes = Vec::new();
+    for (agent, rules) in agents.iter().zip([10u64, 10_000, 1_000_000]) {
+        for hook in ["connect4", "sendmsg4"] {
+            let Some(cg) = configs
+                .iter()
+                .find(|c| c.rules == Some(rules) && c.config == "enforcer")
+                .map(|c| c.cg.clone())
+            else {
+                continue;
+            };
+            let cg_id = std::os::unix::fs::MetadataExt::ino(
+                &fs::metadata(&cg.dir).map_err(|e| e.to_string())?,
+            );
+            let pin = agent
+                .pin_dir
+                .join("links")
+                .join(format!("cg_{cg_id}_{hook}"));
+            let link: aya::programs::links::FdLink =
+                aya::programs::links::PinnedLink::from_pin(&pin)
+                    .map_err(|e| format!("{}: {e}", pin.display()))?
+                    .into();
+            let prog = link.info().map_err(|e| e.to_string())?.program_id();
+            if let Some(ns) = run_ns(prog) {
+                prog_run.insert(format!("enforcer-{rules}-{hook}"), ns.into());
+                run_notes.push(format!("{hook} {rules} rules: {ns:.0} ns"));
+            }
+        }
+    }
+    for (hook, name) in [
+        ("connect4", "bench_allow4"),
+        ("sendmsg4", "bench_sm_allow4"),
+    ] {
+        let ns = aya::programs::loaded_programs()
+            .filter_map(|p| p.ok())
+            .filter(|p| p.name_as_str() == Some(name) && p.run_count() > 0)
+            .map(|p| p.run_time().as_nanos() as f64 / p.run_count() as f64)
+            .next();
+        if let Some(ns) = ns {
+            prog_run.insert(format!("empty-prog-{hook}"), ns.into());
+            run_notes.push(format!("allow-only {hook}: {ns:.0} ns"));
+        }
+    }
+    drop(stats);
+    notes.push(format!(
+        "Program run time measured by the kernel (BPF_ENABLE_STATS, mean per run over every caller of the benchmark, the stats themselves add ~2 clock reads per run): {}.",
+        run_notes.join("; ")
+    ));
     let enf10 = configs
         .iter()
         .find(|c| c.rules == Some(10))
@@ -818,6 +877,7 @@ fn run(out: &Path, rounds: usize) -> Result<(), String> {
         "apply": apply,
         "notes": notes,
         "extra": extra,
+        "prog_run_ns": prog_run,
     });
     let path = out.join("results.json");
     fs::write(&path, serde_json::to_string_pretty(&results).expect("json"))
