@@ -617,6 +617,19 @@ impl Agent {
         if ev.flags & PROC_PENDING == 0 {
             let exe_id = ev.ident;
             match self.exes.contains_key(&exe_id) {
+                // The kernel resolved it: the event carries every fact, no /proc read.
+                true if self.cgroups.contains_key(&ev.cgroup_id) => {
+                    let cgroup = self.cgroups.get(&ev.cgroup_id).cloned().unwrap_or_default();
+                    self.procs.insert(
+                        pid,
+                        Tracked {
+                            exe_id,
+                            cgroup,
+                            uid: ev.uid,
+                            gid: ev.gid,
+                        },
+                    );
+                }
                 true => {
                     let _ = self.attest(pid, Some(ev), Some(exe_id)).map_err(|e| {
                         tracing::debug!(pid, "exec of a known file, not re-read: {e:#}");

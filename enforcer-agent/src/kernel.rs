@@ -106,6 +106,8 @@ pub struct Kernel {
     pub events: Option<RingBuf<MapData>>,
     /// True when pinned state of a previous agent was found and taken over.
     pub took_over: bool,
+    /// `ENF_RULES` content of each generation as this agent last wrote it (None: unknown).
+    rules_written: [Option<std::collections::HashMap<RuleKey, RuleValue>>; 2],
 }
 
 fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, KernelError>
@@ -163,6 +165,7 @@ impl Kernel {
             maps,
             events,
             took_over: false,
+            rules_written: [None, None],
         };
         let cfg = k.config()?;
         k.took_over = cfg.abi_version != 0;
@@ -307,27 +310,39 @@ impl Kernel {
         generation: u32,
         entries: &[(RuleKey, RuleValue)],
     ) -> Result<(), KernelError> {
-        let stale: Vec<Key<RuleKeyData>> = self
-            .maps
-            .rules
-            .keys()
-            .filter_map(|k| k.ok())
-            .filter(|k| k.data().generation == generation)
-            .collect();
-        for k in stale {
+        let slot = (generation & 1) as usize;
+        // What this generation holds: remembered from our last write, else read back once
+        // (after a takeover).
+        let old: std::collections::HashMap<RuleKey, RuleValue> =
+            match self.rules_written[slot].take() {
+                Some(m) => m,
+                None => self.rules_of(generation).into_iter().collect(),
+            };
+        let new: std::collections::HashMap<RuleKey, RuleValue> = entries.iter().copied().collect();
+        // On any error the slot is left unknown, so the next write reads it back.
+        for k in old.keys().filter(|k| !new.contains_key(k)) {
             self.maps
                 .rules
-                .remove(&k)
+                .remove(&Key::new(k.prefix_len, k.data))
                 .map_err(op(format!("clearing map {MAP_RULES}")))?;
         }
-        for (k, v) in entries {
-            let key = Key::new(k.prefix_len, k.data);
+        for (k, v) in &new {
+            if old.get(k) == Some(v) {
+                continue; // already in the kernel as it should be
+            }
             self.maps
                 .rules
-                .insert(&key, v, 0)
+                .insert(&Key::new(k.prefix_len, k.data), v, 0)
                 .map_err(op(format!("writing map {MAP_RULES}")))?;
         }
+        self.rules_written[slot] = Some(new);
         Ok(())
+    }
+
+    /// Forgets what this agent believes the rule maps hold: the next apply reads them back
+    /// and rewrites every difference (after drift was seen).
+    pub fn forget_written(&mut self) {
+        self.rules_written = [None, None];
     }
 
     /// Replaces every `ENF_IDMATCH` entry of `generation` by `entries`.

@@ -337,7 +337,13 @@ impl Agent {
             },
             generation,
             counters,
-            drift: self.drift(generation),
+            drift: {
+                let d = self.drift(generation);
+                if !d.is_empty() {
+                    self.kernel.forget_written();
+                }
+                d
+            },
             uncovered,
             uncovered_window_secs: UNCOVERED_WINDOW.as_secs(),
             events_lost: self.kernel.counter(CNT_EVENTS_LOST),
