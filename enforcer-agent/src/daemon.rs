@@ -83,6 +83,8 @@ pub struct Agent {
     pub(crate) listeners: BTreeSet<(u32, Listener)>,
     /// Where the policy in force came from.
     pub(crate) policy_source: String,
+    /// sha256 of the compiled policy in force (computed once per apply).
+    pub(crate) policy_hash: String,
     /// What the agent found of the kernel at start.
     pub(crate) features: Vec<String>,
     /// API side: recent decisions, `events --follow` clients, unattested traffic.
@@ -167,6 +169,7 @@ impl Agent {
             rules_view: Vec::new(),
             listeners: BTreeSet::new(),
             policy_source: opts.policy_source.clone(),
+            policy_hash: String::new(),
             features: Vec::new(),
             feed: crate::server::Feed::default(),
             metrics: crate::metrics::Metrics::new(),
@@ -438,6 +441,7 @@ impl Agent {
         cfg.active = next;
         cfg.scope_count = scope_dirs.len() as u32;
         self.kernel.set_config(&cfg)?; // the flip: one 4-byte store seen by the programs
+        let in_force_ms = t0.elapsed().as_millis() as u64;
         for (i, (dir, _)) in scope_dirs.iter().enumerate() {
             let f = fs::File::open(dir).with_context(|| format!("opening {}", dir.display()))?;
             self.kernel
@@ -457,6 +461,7 @@ impl Agent {
         self.classes = classes;
         self.idmatch_written = idm.into_iter().collect();
         self.policy = policy;
+        self.policy_hash = policy::policy_hash(&self.policy);
         self.rules_view = expanded.rules;
         self.listeners = found;
         self.sync_report_allow();
@@ -465,9 +470,9 @@ impl Agent {
         }
         tracing::info!(
             generation = next,
-            hash = %policy::policy_hash(&self.policy),
+            hash = %self.policy_hash,
             rules = rules.len(),
-            ms = t0.elapsed().as_millis() as u64,
+            ms = in_force_ms,
             "policy in force"
         );
         Ok(())

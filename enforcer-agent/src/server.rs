@@ -329,7 +329,7 @@ impl Agent {
             attached,
             maps,
             policy_source: self.policy_source.clone(),
-            policy_hash: policy::policy_hash(&self.policy),
+            policy_hash: self.policy_hash.clone(),
             mode: match (g.loaded, g.mode) {
                 (0, _) => "none".into(),
                 (_, MODE_ENFORCE) => "enforce".into(),
@@ -493,7 +493,7 @@ impl Agent {
         self.apply_from(p, Some(format!("{name} (policy apply)")))?;
         tracing::info!(policy = %name, "policy applied through the API");
         Ok(api::Applied {
-            policy_hash: policy::policy_hash(&self.policy),
+            policy_hash: self.policy_hash.clone(),
             generation: self.active,
             warnings: warnings.iter().map(|w| w.render(name)).collect(),
         })
