@@ -218,6 +218,16 @@ pub fn copy_probe(probe: &Path, dst: &Path, marker: Option<u8>) {
     fs::set_permissions(dst, fs::Permissions::from_mode(0o755)).expect("chmod");
 }
 
+/// Two workloads in `dir`: `app` (a copy of the probe) and `other` (the same binary with one
+/// byte changed: same size, another sha256).
+pub fn probe_pair(probe: &Path, dir: &TempDir) -> (PathBuf, PathBuf) {
+    let app = dir.path("app");
+    let other = dir.path("other");
+    copy_probe(probe, &app, None);
+    copy_probe(probe, &other, Some(b'1'));
+    (app, other)
+}
+
 /// Waits until a file's mtime/ctime are older than the agent's racy-timestamp window, so the
 /// kernel may cache its identity by inode.
 pub fn let_settle() {

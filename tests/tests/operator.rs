@@ -19,18 +19,15 @@ struct World {
     agent: Agent,
 }
 
-/// Scope = `cg`; `out` is a cgroup outside the scope. `app` may reach tcp4 and udp6 (and
-/// 127.0.0.0/8 udp4 port), 127.0.0.2 denied; `other` is unattested (audit in cgroup? no:
-/// `unattested: deny`).
+/// Scope = `cg`; `out` is a cgroup outside the scope. `app` may reach the tcp4 listener, the
+/// udp6 one and the udp4 port anywhere in 127.0.0.0/8 except the denied 127.0.0.2; `other`
+/// is unattested, and unattested is denied.
 fn world(tag: &str, mode: &str) -> World {
     let cg = TestCgroup::new(tag);
     let out = TestCgroup::new(&format!("{tag}-out"));
     let l = Listeners::new();
     let dir = TempDir::new(tag);
-    let app = dir.path("app");
-    let other = dir.path("other");
-    copy_probe(Path::new(PROBE_BIN), &app, None);
-    copy_probe(Path::new(PROBE_BIN), &other, Some(b'1'));
+    let (app, other) = probe_pair(Path::new(PROBE_BIN), &dir);
     let yaml = format!(
         "apiVersion: enforcer/v1\nkind: Policy\ntrustDomain: t.org\nmode: {mode}\nunattested: deny\nscope: [\"{}\"]\nidentities:\n  - name: app\n    match:\n      - binarySha256: [{}]\nrules:\n  - identity: app\n    egress:\n      - to: {{cidr: 127.0.0.1/32, ports: [{}], protocol: tcp}}\n      - to: {{cidr: \"::1/128\", ports: [{}], protocol: udp}}\n      - to: {{cidr: 127.0.0.0/8, ports: [{}], protocol: udp}}\n    deny:\n      - to: {{cidr: 127.0.0.2/32}}\n",
         cg.rel,

@@ -6,8 +6,7 @@
 //!   enf-probe sendto ADDR:PORT       sendto() on an unconnected UDP socket
 //!   enf-probe fork CMD...            fork; the child runs `enf-probe CMD...` without exec
 //!   enf-probe exec PATH ARGS...      exec PATH ARGS (to test re-attestation at exec)
-//!   enf-probe loop N CMD...          run CMD N times; 13 as soon as one is denied
-//!   enf-probe loop-for MS CMD...     run CMD for MS milliseconds; prints how many times
+//!   enf-probe loop-until PATH CMD... run CMD until PATH exists; 13 at the first denial
 //!   enf-probe listen ADDR:PORT SECS  a TCP listener, accepting for SECS seconds
 //!   enf-probe after MS CMD...        sleep MS milliseconds, then run CMD
 //!   enf-probe sleep SECS             sleep (a process to inspect)
@@ -32,6 +31,16 @@ fn code(e: &std::io::Error) -> i32 {
     }
 }
 
+/// An unconnected UDP socket of the destination's family, bound to any port.
+fn udp_for(a: &SocketAddr) -> std::io::Result<UdpSocket> {
+    let any: SocketAddr = if a.is_ipv4() {
+        (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+    } else {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    };
+    UdpSocket::bind(any)
+}
+
 fn run(args: &[String]) -> i32 {
     black_box(&ENF_PROBE_MARKER);
     let Some(cmd) = args.first() else {
@@ -54,10 +63,7 @@ fn run(args: &[String]) -> i32 {
         },
         "udp" => {
             let a = addr();
-            let bind: SocketAddr = if a.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }
-                .parse()
-                .unwrap_or(a);
-            let s = match UdpSocket::bind(bind) {
+            let s = match udp_for(&a) {
                 Ok(s) => s,
                 Err(e) => return code(&e),
             };
@@ -68,10 +74,7 @@ fn run(args: &[String]) -> i32 {
         }
         "sendto" => {
             let a = addr();
-            let bind: SocketAddr = if a.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }
-                .parse()
-                .unwrap_or(a);
-            let s = match UdpSocket::bind(bind) {
+            let s = match udp_for(&a) {
                 Ok(s) => s,
                 Err(e) => return code(&e),
             };
@@ -104,38 +107,22 @@ fn run(args: &[String]) -> i32 {
             eprintln!("enf-probe: exec {path}: {e}");
             2
         }
-        "loop" => {
-            // loop N CMD...: run CMD N times in this process; 13 if any was denied.
-            let n: u32 = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(1);
+        "loop-until" => {
+            // loop-until PATH CMD...: run CMD until PATH exists; 13 at the first denial.
+            let stop = std::path::Path::new(args.get(1).map(String::as_str).unwrap_or("/"));
+            let mut n = 0u64;
             let mut worst = 0;
-            for _ in 0..n {
+            loop {
+                if n.is_multiple_of(64) && stop.exists() {
+                    return worst;
+                }
+                n += 1;
                 match run(&args[2..]) {
                     13 => return 13,
                     0 => {}
                     c => worst = c,
                 }
             }
-            worst
-        }
-        "loop-for" => {
-            // loop-for MS CMD...: run CMD until MS milliseconds passed; prints the count.
-            let ms: u64 = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(1000);
-            let t0 = std::time::Instant::now();
-            let mut n = 0u64;
-            let mut worst = 0;
-            while t0.elapsed() < Duration::from_millis(ms) {
-                n += 1;
-                match run(&args[2..]) {
-                    13 => {
-                        println!("{n}");
-                        return 13;
-                    }
-                    0 => {}
-                    c => worst = c,
-                }
-            }
-            println!("{n}");
-            worst
         }
         "listen" => {
             // listen ADDR:PORT SECS: a TCP listener that accepts for SECS seconds.
