@@ -4,6 +4,7 @@
 //! toolchains and bpf-linker when missing (see `toolchain.rs`), then drives `cargo +PINNED`.
 
 mod toolchain;
+mod vm;
 
 use std::{
     env,
@@ -27,6 +28,7 @@ commands:
                    ARGS go to `cargo test` (e.g. a test name filter)
   bench [ROUNDS]   build, install the peers (nftables, iptables) and matplotlib, measure
                    connect()/sendto() latency side by side (root), write BENCHMARKS.md
+  vm-test [--kernel 5.10|6.1|6.12|7.2|all]   real-kernel tests in Debian kernels under QEMU (default 6.1)
 ";
 
 fn main() -> ExitCode {
@@ -50,6 +52,7 @@ fn real_main() -> Result<()> {
         "run" => run(&root, &rest),
         "test" => test(&root, &rest),
         "bench" => bench(&root, &rest),
+        "vm-test" => vm::vm_test(&root, &rest),
         "" | "help" | "-h" | "--help" => {
             print!("{USAGE}");
             Ok(())

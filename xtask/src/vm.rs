@@ -1,0 +1,1116 @@
+//! `cargo xtask vm-test`: the real-kernel tests inside Debian kernels booted under QEMU.
+//!
+//! For each kernel: fetch Debian's `linux-image-*-amd64` through a private apt config (the
+//! machine's sources are never touched), build one initramfs (static busybox, the `kernel`
+//! test binary, the agent, the probe and the glibc they load), boot it under TCG with the
+//! serial console captured to `target/vm/<kernel>.log`, and parse the libtest lines into a
+//! kernel x test table. Downloads are cached under `target/vm`; a second run fetches nothing.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fs,
+    io::{BufRead as _, BufReader, Write as _},
+    os::unix::fs::PermissionsExt as _,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::{Duration, Instant, SystemTime},
+};
+
+use anyhow::{Context as _, Result, bail};
+
+use super::{build, clean_command, have, output, stable_cargo, status, step};
+
+const MIRROR: &str = "http://deb.debian.org/debian";
+const SECURITY: &str = "http://deb.debian.org/debian-security";
+/// apt lists younger than this are reused without `apt-get update`.
+const LISTS_MAX_AGE: Duration = Duration::from_secs(24 * 3600);
+const DEFAULT_TIMEOUT: Duration = Duration::from_secs(15 * 60);
+
+/// A kernel line of the matrix.
+struct KernelLine {
+    /// As given on the command line: `6.1`.
+    name: &'static str,
+    suite: &'static str,
+    /// apt sources lines for this suite.
+    sources: &'static [(&'static str, &'static str)],
+}
+
+const KERNELS: &[KernelLine] = &[
+    KernelLine {
+        name: "5.10",
+        suite: "bullseye",
+        sources: &[(MIRROR, "bullseye"), (SECURITY, "bullseye-security")],
+    },
+    KernelLine {
+        name: "6.1",
+        suite: "bookworm",
+        sources: &[(MIRROR, "bookworm"), (SECURITY, "bookworm-security")],
+    },
+    KernelLine {
+        name: "6.12",
+        suite: "trixie",
+        sources: &[(MIRROR, "trixie"), (SECURITY, "trixie-security")],
+    },
+    KernelLine {
+        name: "7.2",
+        suite: "sid",
+        sources: &[(MIRROR, "sid")],
+    },
+];
+
+struct Opts {
+    kernels: Vec<&'static KernelLine>,
+    timeout: Duration,
+    refresh: bool,
+    filter: Vec<String>,
+}
+
+fn parse_args(args: &[String]) -> Result<Opts> {
+    let mut kernels = Vec::new();
+    let mut timeout = DEFAULT_TIMEOUT;
+    let mut refresh = false;
+    let mut filter = Vec::new();
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let (key, inline) = match a.split_once('=') {
+            Some((k, v)) if k.starts_with("--") => (k, Some(v.to_string())),
+            _ => (a.as_str(), None),
+        };
+        let mut value = |what: &str| -> Result<String> {
+            match &inline {
+                Some(v) => Ok(v.clone()),
+                None => it
+                    .next()
+                    .cloned()
+                    .with_context(|| format!("{what} needs a value")),
+            }
+        };
+        match key {
+            "--kernel" | "-k" => {
+                let v = value("--kernel")?;
+                for k in v.split(',') {
+                    if k == "all" {
+                        kernels.extend(KERNELS.iter());
+                    } else {
+                        kernels.push(KERNELS.iter().find(|l| l.name == k).with_context(|| {
+                            format!(
+                                "unknown kernel `{k}`: one of {} or all",
+                                KERNELS
+                                    .iter()
+                                    .map(|l| l.name)
+                                    .collect::<Vec<_>>()
+                                    .join(", ")
+                            )
+                        })?);
+                    }
+                }
+            }
+            "--timeout" => {
+                let v = value("--timeout")?;
+                timeout = Duration::from_secs(
+                    v.parse()
+                        .with_context(|| format!("--timeout takes seconds, not `{v}`"))?,
+                );
+            }
+            "--refresh" => refresh = true,
+            s if s.starts_with('-') => bail!(
+                "unknown option `{s}` (vm-test [--kernel 5.10|6.1|6.12|7.2|all] [--timeout SECS] [--refresh] [TEST-FILTER...])"
+            ),
+            s => filter.push(s.to_string()),
+        }
+    }
+    if kernels.is_empty() {
+        kernels.push(
+            KERNELS
+                .iter()
+                .find(|l| l.name == "6.1")
+                .expect("6.1 is listed"),
+        );
+    }
+    let mut seen = BTreeSet::new();
+    kernels.retain(|k| seen.insert(k.name));
+    Ok(Opts {
+        kernels,
+        timeout,
+        refresh,
+        filter,
+    })
+}
+
+pub(crate) fn vm_test(root: &Path, args: &[String]) -> Result<()> {
+    let t0 = Instant::now();
+    let opts = parse_args(args)?;
+    let vm = root.join("target").join("vm");
+    let cache = vm.join("cache");
+    fs::create_dir_all(&cache).with_context(|| format!("creating {}", cache.display()))?;
+
+    ensure_qemu(&vm)?;
+    let busybox = ensure_busybox(&vm)?;
+
+    // Kernels first: a mirror problem shows before minutes of building.
+    let mut vmlinuz = Vec::new();
+    for k in &opts.kernels {
+        vmlinuz.push(fetch_kernel(&vm, k, opts.refresh)?);
+    }
+
+    let obj = build(root)?;
+    step("building the real-kernel test binary (enforcer-tests, release)");
+    let tests_bin = build_kernel_tests(root, &obj)?;
+    let agent = root.join("target").join("release").join("enforcer-agent");
+    let probe = root.join("target").join("release").join("enf-probe");
+    for p in [&agent, &probe] {
+        if !p.exists() {
+            bail!("{} was not built", p.display());
+        }
+    }
+
+    step("building the initramfs (target/vm/initramfs.cpio.gz)");
+    let initrd = vm.join("initramfs.cpio.gz");
+    build_initramfs(&initrd, &busybox, &tests_bin, &agent, &probe, &opts.filter)?;
+
+    let mut results: Vec<(String, GuestResult)> = Vec::new();
+    for (k, (pkg, kimg)) in opts.kernels.iter().zip(&vmlinuz) {
+        let log = vm.join(format!("{}.log", k.name));
+        step(&format!(
+            "booting {pkg} under QEMU/TCG (console: {})",
+            log.display()
+        ));
+        let r = boot(kimg, &initrd, &log, opts.timeout)?;
+        eprintln!(
+            "xtask: {} finished in {:.1}s: {}",
+            k.name,
+            r.wall.as_secs_f64(),
+            r.summary()
+        );
+        results.push((format!("{} ({})", k.name, kernel_release(pkg)), r));
+    }
+
+    print_table(&results);
+    let mut failed = false;
+    for ((label, r), k) in results.iter().zip(&opts.kernels) {
+        if !r.ok() {
+            failed = true;
+            let log = vm.join(format!("{}.log", k.name));
+            println!(
+                "\n--- {label}: {} ; console log {} (tail) ---",
+                r.summary(),
+                log.display()
+            );
+            print!("{}", log_tail(&log));
+        }
+    }
+    eprintln!("xtask: vm-test took {:.1}s", t0.elapsed().as_secs_f64());
+    if failed {
+        bail!("some kernel tests failed in the VMs (table above)");
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------- host tools
+
+fn ensure_qemu(vm: &Path) -> Result<()> {
+    if have("qemu-system-x86_64") {
+        return Ok(());
+    }
+    if !super::nix_is_root() {
+        bail!("qemu-system-x86_64 is missing; install Debian's qemu-system-x86 (as root)");
+    }
+    // Never remove anything: a backported qemu-utils (as machines of this kind carry) breaks
+    // the stable qemu-system-common, so then take qemu-system-x86 from the same backports.
+    let mut q = Command::new("dpkg-query");
+    q.args(["-W", "-f=${Version}", "qemu-utils"]);
+    let utils = output(q).unwrap_or_default();
+    let codename = fs::read_to_string("/etc/os-release")
+        .ok()
+        .and_then(|s| {
+            s.lines().find_map(|l| {
+                l.strip_prefix("VERSION_CODENAME=")
+                    .map(|v| v.trim_matches('"').to_string())
+            })
+        })
+        .unwrap_or_default();
+    if utils.contains("~bpo") && !codename.is_empty() {
+        let bpo = format!("{codename}-backports");
+        step(&format!(
+            "installing qemu-system-x86 from {bpo} (qemu-utils {utils} is installed from there)"
+        ));
+        let aptdir = vm.join("apt").join("host-backports");
+        for d in [
+            aptdir.join("lists").join("partial"),
+            aptdir.join("cache").join("archives").join("partial"),
+        ] {
+            fs::create_dir_all(&d).with_context(|| format!("creating {}", d.display()))?;
+        }
+        let sl = aptdir.join("sources.list");
+        fs::write(
+            &sl,
+            format!(
+                "deb {MIRROR} {bpo} main
+"
+            ),
+        )
+        .with_context(|| format!("writing {}", sl.display()))?;
+        // The machine's own sources (sources.list.d) plus backports, private lists.
+        let opts = |c: &mut Command| {
+            c.arg("-o")
+                .arg(format!("Dir::Etc::SourceList={}", sl.display()))
+                .arg("-o")
+                .arg(format!(
+                    "Dir::State::Lists={}",
+                    aptdir.join("lists").display()
+                ))
+                .arg("-o")
+                .arg(format!("Dir::Cache={}", aptdir.join("cache").display()))
+                .args(["-o", "Acquire::Languages=none"]);
+        };
+        let mut c = Command::new("apt-get");
+        opts(&mut c);
+        c.args(["update", "-q"]);
+        status(c, &format!("apt-get update ({bpo})"))?;
+        let mut c = Command::new("apt-get");
+        opts(&mut c);
+        c.env("DEBIAN_FRONTEND", "noninteractive").args([
+            "install",
+            "-y",
+            "-q",
+            "--no-install-recommends",
+            "--no-remove",
+            "-t",
+            &bpo,
+            "qemu-system-x86",
+        ]);
+        return status(c, &format!("apt-get install -t {bpo} qemu-system-x86"));
+    }
+    step("installing qemu-system-x86 from Debian");
+    let mut c = Command::new("sh");
+    c.args([
+        "-c",
+        "apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends --no-remove qemu-system-x86",
+    ]);
+    status(c, "apt-get install qemu-system-x86")
+}
+
+/// The static busybox of Debian's `busybox-static`, extracted under target/vm (the machine's
+/// own apt sources; nothing is installed).
+fn ensure_busybox(vm: &Path) -> Result<PathBuf> {
+    let dir = vm.join("busybox");
+    let bin = dir.join("bin").join("busybox");
+    if bin.exists() {
+        return Ok(bin);
+    }
+    let cache = vm.join("cache");
+    let deb = match find_deb(&cache, "busybox-static_")? {
+        Some(d) => d,
+        None => {
+            step("downloading busybox-static (apt-get download)");
+            let mut c = Command::new("apt-get");
+            c.current_dir(&cache)
+                .args(["download", "-q", "busybox-static"]);
+            if c.status().map(|s| !s.success()).unwrap_or(true) {
+                let mut c = Command::new("apt-get");
+                c.args(["update", "-q"]);
+                status(c, "apt-get update")?;
+                let mut c = Command::new("apt-get");
+                c.current_dir(&cache)
+                    .args(["download", "-q", "busybox-static"]);
+                status(c, "apt-get download busybox-static")?;
+            }
+            find_deb(&cache, "busybox-static_")?
+                .context("apt-get download left no busybox-static .deb")?
+        }
+    };
+    extract_deb(&deb, &dir)?;
+    if !bin.exists() {
+        bail!("{} has no bin/busybox", deb.display());
+    }
+    Ok(bin)
+}
+
+fn find_deb(dir: &Path, prefix: &str) -> Result<Option<PathBuf>> {
+    let mut found: Vec<PathBuf> = fs::read_dir(dir)
+        .with_context(|| format!("reading {}", dir.display()))?
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with(prefix) && n.ends_with(".deb"))
+        })
+        .collect();
+    found.sort_by(|a, b| vercmp(&a.to_string_lossy(), &b.to_string_lossy()));
+    Ok(found.pop())
+}
+
+fn extract_deb(deb: &Path, dir: &Path) -> Result<()> {
+    let tmp = dir.with_extension("partial");
+    let _ = fs::remove_dir_all(&tmp);
+    fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    let mut c = Command::new("dpkg-deb");
+    c.arg("-x").arg(deb).arg(&tmp);
+    status(c, &format!("dpkg-deb -x {}", deb.display()))?;
+    let _ = fs::remove_dir_all(dir);
+    fs::rename(&tmp, dir)
+        .with_context(|| format!("renaming {} to {}", tmp.display(), dir.display()))
+}
+
+// ---------------------------------------------------------------- kernels
+
+/// `apt-get`/`apt-cache` with the private config of one suite.
+fn apt(aptdir: &Path, program: &str) -> Command {
+    let mut c = Command::new(program);
+    let o = |k: &str, v: &Path| format!("{k}={}", v.display());
+    c.arg("-o")
+        .arg(o("Dir::Etc::SourceList", &aptdir.join("sources.list")))
+        .arg("-o")
+        .arg(o("Dir::Etc::SourceParts", &aptdir.join("sources.list.d")))
+        .arg("-o")
+        .arg(o(
+            "Dir::Etc::PreferencesParts",
+            &aptdir.join("preferences.d"),
+        ))
+        .arg("-o")
+        .arg(o("Dir::Etc::Preferences", &aptdir.join("preferences")))
+        .arg("-o")
+        .arg(o("Dir::State::Lists", &aptdir.join("lists")))
+        .arg("-o")
+        .arg(o("Dir::Cache", &aptdir.join("cache")))
+        .arg("-o")
+        .arg(o("Dir::State::status", &aptdir.join("status")))
+        .args([
+            "-o",
+            "Acquire::Languages=none",
+            "-o",
+            "APT::Architectures::=amd64",
+        ]);
+    c
+}
+
+/// apt stamps list files with the server's dates, so freshness is our own stamp's mtime.
+fn lists_fresh(aptdir: &Path) -> bool {
+    let has_lists = fs::read_dir(aptdir.join("lists")).is_ok_and(|rd| {
+        rd.filter_map(|e| e.ok())
+            .any(|e| e.file_name().to_string_lossy().contains("_Packages"))
+    });
+    has_lists
+        && fs::metadata(aptdir.join("updated"))
+            .and_then(|m| m.modified())
+            .is_ok_and(|m| {
+                SystemTime::now()
+                    .duration_since(m)
+                    .is_ok_and(|age| age < LISTS_MAX_AGE)
+            })
+}
+
+/// Returns (package name, path of vmlinuz).
+fn fetch_kernel(vm: &Path, k: &KernelLine, refresh: bool) -> Result<(String, PathBuf)> {
+    let aptdir = vm.join("apt").join(k.suite);
+    for d in [
+        aptdir.join("lists").join("partial"),
+        aptdir.join("cache").join("archives").join("partial"),
+        aptdir.join("sources.list.d"),
+        aptdir.join("preferences.d"),
+    ] {
+        fs::create_dir_all(&d).with_context(|| format!("creating {}", d.display()))?;
+    }
+    let sources: String = k
+        .sources
+        .iter()
+        .map(|(uri, suite)| format!("deb {uri} {suite} main\n"))
+        .collect();
+    let sl = aptdir.join("sources.list");
+    let changed = fs::read_to_string(&sl).ok().as_deref() != Some(sources.as_str());
+    if changed {
+        fs::write(&sl, &sources).with_context(|| format!("writing {}", sl.display()))?;
+    }
+    fs::write(aptdir.join("status"), "").context("writing the private dpkg status")?;
+    if refresh || changed || !lists_fresh(&aptdir) {
+        step(&format!(
+            "apt-get update for {} (private config {})",
+            k.suite,
+            aptdir.display()
+        ));
+        let mut c = apt(&aptdir, "apt-get");
+        c.args(["update", "-q"]);
+        status(c, &format!("apt-get update ({})", k.suite))?;
+        fs::write(aptdir.join("updated"), "").context("writing the apt stamp")?;
+    }
+    let mut c = apt(&aptdir, "apt-cache");
+    c.args(["pkgnames", "linux-image-"]);
+    let names = output(c).with_context(|| format!("apt-cache pkgnames ({})", k.suite))?;
+    let prefix = format!("linux-image-{}", k.name);
+    let mut cands: Vec<&str> = names
+        .lines()
+        .map(str::trim)
+        .filter(|n| {
+            n.strip_prefix(&prefix).is_some_and(|rest| {
+                (rest.starts_with('.') || rest.starts_with('-'))
+                    && rest.ends_with("-amd64")
+                    && !rest.contains("-rt-")
+                    && !rest.contains("-cloud-")
+            })
+        })
+        .collect();
+    // Keep only packages that are real (a version in the lists), newest last.
+    cands.sort_by(|a, b| vercmp(a, b));
+    let pkg = loop {
+        let Some(n) = cands.pop() else {
+            bail!(
+                "no linux-image-{}*-amd64 in {} (see {})",
+                k.name,
+                k.suite,
+                sl.display()
+            );
+        };
+        let mut c = apt(&aptdir, "apt-cache");
+        c.args(["show", "--no-all-versions", n]);
+        if output(c).is_some_and(|s| s.contains("Filename:")) {
+            break n.to_string();
+        }
+    };
+    let cache = vm.join("cache");
+    let deb = match find_deb(&cache, &format!("{pkg}_"))? {
+        Some(d) => d,
+        None => {
+            step(&format!("downloading {pkg} ({})", k.suite));
+            let mut c = apt(&aptdir, "apt-get");
+            c.current_dir(&cache).args(["download", "-q", &pkg]);
+            status(c, &format!("apt-get download {pkg}"))?;
+            find_deb(&cache, &format!("{pkg}_"))?
+                .with_context(|| format!("apt-get download left no {pkg} .deb"))?
+        }
+    };
+    let dir = vm.join("kernels").join(&pkg);
+    let boot = dir.join("boot");
+    let find_vmlinuz = || -> Option<PathBuf> {
+        fs::read_dir(&boot)
+            .ok()?
+            .filter_map(|e| e.ok())
+            .map(|e| e.path())
+            .find(|p| {
+                p.file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with("vmlinuz-"))
+            })
+    };
+    if let Some(v) = find_vmlinuz() {
+        return Ok((pkg, v));
+    }
+    step(&format!("extracting {}", deb.display()));
+    extract_deb(&deb, &dir)?;
+    let v = find_vmlinuz().with_context(|| format!("{} has no boot/vmlinuz-*", deb.display()))?;
+    Ok((pkg, v))
+}
+
+fn kernel_release(pkg: &str) -> &str {
+    pkg.strip_prefix("linux-image-").unwrap_or(pkg)
+}
+
+/// Debian-ish version order: runs of digits compare as numbers, the rest as bytes.
+fn vercmp(a: &str, b: &str) -> std::cmp::Ordering {
+    fn chunks(s: &str) -> Vec<(bool, &str)> {
+        let mut v = Vec::new();
+        let mut start = 0;
+        let bytes = s.as_bytes();
+        for i in 1..=bytes.len() {
+            if i == bytes.len() || bytes[i].is_ascii_digit() != bytes[start].is_ascii_digit() {
+                v.push((bytes[start].is_ascii_digit(), &s[start..i]));
+                start = i;
+            }
+        }
+        v
+    }
+    let (ca, cb) = (chunks(a), chunks(b));
+    for (x, y) in ca.iter().zip(&cb) {
+        let o = if x.0 && y.0 {
+            let (nx, ny) = (x.1.trim_start_matches('0'), y.1.trim_start_matches('0'));
+            nx.len().cmp(&ny.len()).then(nx.cmp(ny))
+        } else {
+            x.1.cmp(y.1)
+        };
+        if o.is_ne() {
+            return o;
+        }
+    }
+    ca.len().cmp(&cb.len())
+}
+
+// ---------------------------------------------------------------- test binary
+
+fn build_kernel_tests(root: &Path, obj: &Path) -> Result<PathBuf> {
+    let mut c = stable_cargo(root, obj);
+    c.args([
+        "test",
+        "--release",
+        "--no-run",
+        "-p",
+        "enforcer-tests",
+        "--test",
+        "kernel",
+        "--message-format=json",
+    ])
+    .stderr(Stdio::inherit());
+    let out = c.output().context("could not start cargo test --no-run")?;
+    if !out.status.success() {
+        bail!(
+            "cargo test --no-run failed ({}); see the output above",
+            out.status
+        );
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let src = root.join("tests").join("tests").join("kernel.rs");
+    let src_json = format!("\"src_path\":\"{}\"", src.display());
+    for line in text.lines() {
+        if line.contains("\"reason\":\"compiler-artifact\"")
+            && line.contains(&src_json)
+            && line.contains("\"test\":true")
+            && let Some(exe) = json_str(line, "executable")
+        {
+            return Ok(PathBuf::from(exe));
+        }
+    }
+    // Fallback: the newest target/release/deps/kernel-<hash>.
+    let deps = root.join("target").join("release").join("deps");
+    let newest = fs::read_dir(&deps)
+        .with_context(|| format!("reading {}", deps.display()))?
+        .filter_map(|e| e.ok())
+        .filter(|e| {
+            let n = e.file_name().to_string_lossy().into_owned();
+            n.starts_with("kernel-") && !n.contains('.')
+        })
+        .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path())))
+        .max();
+    newest
+        .map(|(_, p)| p)
+        .context("cargo test --no-run named no executable for tests/tests/kernel.rs")
+}
+
+/// The string value of `"key":"..."` in one line of cargo's JSON (paths: no escapes expected).
+fn json_str(line: &str, key: &str) -> Option<String> {
+    let pat = format!("\"{key}\":\"");
+    let start = line.find(&pat)? + pat.len();
+    let mut out = String::new();
+    let mut chars = line[start..].chars();
+    while let Some(ch) = chars.next() {
+        match ch {
+            '"' => return Some(out),
+            '\\' => out.push(chars.next()?),
+            c => out.push(c),
+        }
+    }
+    None
+}
+
+// ---------------------------------------------------------------- initramfs
+
+const INIT: &str = r#"#!/bin/sh
+export PATH=/bin:/sbin:/usr/bin:/usr/sbin
+/bin/busybox mount -t proc proc /proc
+/bin/busybox --install -s /bin 2>/dev/null
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev 2>/dev/null
+mkdir -p /dev/pts /dev/shm
+mount -t devpts devpts /dev/pts 2>/dev/null
+mount -t tmpfs tmpfs /tmp
+mount -t tmpfs tmpfs /run
+mount -t cgroup2 cgroup2 /sys/fs/cgroup || echo "vm-test: no cgroup2 mount"
+mount -t bpf bpf /sys/fs/bpf || echo "vm-test: no bpffs mount"
+mount -t tracefs tracefs /sys/kernel/tracing 2>/dev/null
+mount -t debugfs debugfs /sys/kernel/debug 2>/dev/null
+ip link set lo up
+hostname vmtest
+echo "=== VMTEST BEGIN $(uname -r) cpus=$(nproc)"
+for f in /sys/kernel/btf/vmlinux /sys/fs/bpf /sys/kernel/tracing/events; do
+  [ -e $f ] && echo "vm-test: $f present" || echo "vm-test: $f MISSING"
+done
+cd /tmp
+unset CI
+export HOME=/root ENFORCER_AGENT_BIN=/bin/enforcer-agent RUST_BACKTRACE=1
+/kernel-tests --test-threads=1 @FILTER@ 2>&1
+echo "=== VMTEST EXIT $?"
+dmesg | grep -E 'BUG:|WARNING:|Oops|Call Trace|verifier|[Bb][Pp][Ff].*([Ee]rror|[Ff]ail|[Dd]enied)' | tail -n 40 | sed 's/^/dmesg: /'
+poweroff -f
+"#;
+
+/// A newc cpio archive being written in memory.
+struct Cpio {
+    buf: Vec<u8>,
+    ino: u32,
+    seen: BTreeSet<String>,
+}
+
+impl Cpio {
+    fn new() -> Self {
+        Self {
+            buf: Vec::new(),
+            ino: 1,
+            seen: BTreeSet::new(),
+        }
+    }
+
+    fn entry(&mut self, name: &str, mode: u32, data: &[u8]) {
+        let name = name.trim_start_matches('/');
+        let nlink = if mode & 0o170000 == 0o040000 { 2 } else { 1 };
+        let fields = [
+            self.ino,
+            mode,
+            0,
+            0,
+            nlink,
+            0,
+            data.len() as u32,
+            0,
+            0,
+            0,
+            0,
+            name.len() as u32 + 1,
+            0,
+        ];
+        self.ino += 1;
+        self.buf.extend_from_slice(b"070701");
+        for f in fields {
+            self.buf.extend_from_slice(format!("{f:08X}").as_bytes());
+        }
+        self.buf.extend_from_slice(name.as_bytes());
+        self.buf.push(0);
+        self.pad();
+        self.buf.extend_from_slice(data);
+        self.pad();
+    }
+
+    fn pad(&mut self) {
+        while !self.buf.len().is_multiple_of(4) {
+            self.buf.push(0);
+        }
+    }
+
+    /// A directory and its parents, once each.
+    fn dir(&mut self, path: &str) {
+        let mut cur = String::new();
+        for part in path.split('/').filter(|p| !p.is_empty()) {
+            cur.push('/');
+            cur.push_str(part);
+            if self.seen.insert(cur.clone()) {
+                let c = cur.clone();
+                self.entry(&c, 0o040755, &[]);
+            }
+        }
+    }
+
+    fn file(&mut self, path: &str, mode: u32, data: &[u8]) {
+        if let Some((parent, _)) = path.rsplit_once('/') {
+            self.dir(parent);
+        }
+        if self.seen.insert(path.to_string()) {
+            self.entry(path, 0o100000 | mode, data);
+        }
+    }
+
+    fn host_file(&mut self, path: &str, host: &Path) -> Result<()> {
+        let data = fs::read(host).with_context(|| format!("reading {}", host.display()))?;
+        let mode = fs::metadata(host)?.permissions().mode() & 0o7777;
+        self.file(path, mode, &data);
+        Ok(())
+    }
+
+    fn symlink(&mut self, path: &str, target: &str) {
+        if let Some((parent, _)) = path.rsplit_once('/') {
+            self.dir(parent);
+        }
+        if self.seen.insert(path.to_string()) {
+            self.entry(path, 0o120777, target.as_bytes());
+        }
+    }
+
+    fn finish(mut self) -> Vec<u8> {
+        self.entry("TRAILER!!!", 0, &[]);
+        self.buf
+    }
+}
+
+/// The shared libraries (and the loader) `ldd` lists for a binary.
+fn ldd(bin: &Path) -> Result<Vec<PathBuf>> {
+    let mut c = Command::new("ldd");
+    c.arg(bin);
+    let out = c
+        .output()
+        .with_context(|| format!("running ldd {}", bin.display()))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    if text.contains("not a dynamic executable") || text.contains("statically linked") {
+        return Ok(Vec::new());
+    }
+    let mut libs = Vec::new();
+    for line in text.lines() {
+        let path = match line.split_once("=>") {
+            Some((_, right)) => right.split_whitespace().next(),
+            None => line.split_whitespace().next(),
+        };
+        if let Some(p) = path
+            && p.starts_with('/')
+        {
+            libs.push(PathBuf::from(p));
+        } else if line.contains("not found") {
+            bail!("ldd {}: {line}", bin.display());
+        }
+    }
+    Ok(libs)
+}
+
+fn build_initramfs(
+    out: &Path,
+    busybox: &Path,
+    tests: &Path,
+    agent: &Path,
+    probe: &Path,
+    filter: &[String],
+) -> Result<()> {
+    let mut cpio = Cpio::new();
+    for d in [
+        "/bin",
+        "/sbin",
+        "/usr/bin",
+        "/usr/sbin",
+        "/proc",
+        "/sys",
+        "/dev",
+        "/tmp",
+        "/run",
+        "/root",
+        "/etc",
+        "/var/tmp",
+    ] {
+        cpio.dir(d);
+    }
+    cpio.file(
+        "/etc/passwd",
+        0o644,
+        b"root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n",
+    );
+    cpio.file("/etc/group", 0o644, b"root:x:0:\nnogroup:x:65534:\n");
+    cpio.file("/etc/hosts", 0o644, b"127.0.0.1 localhost\n::1 localhost\n");
+    cpio.host_file("/bin/busybox", busybox)?;
+    for applet in [
+        "sh", "true", "false", "mount", "mkdir", "ip", "poweroff", "cat", "echo", "sleep", "ls",
+        "dmesg", "uname", "grep", "tail", "sed", "nproc", "hostname", "env",
+    ] {
+        cpio.symlink(&format!("/bin/{applet}"), "busybox");
+    }
+    cpio.file(
+        "/init",
+        0o755,
+        INIT.replace("@FILTER@", &shell_words(filter)).as_bytes(),
+    );
+    cpio.host_file("/kernel-tests", tests)?;
+    cpio.host_file("/bin/enforcer-agent", agent)?;
+    // The tests find the probe by the absolute path compiled into them.
+    let probe_abs = fs::canonicalize(probe).unwrap_or_else(|_| probe.to_path_buf());
+    cpio.host_file(&probe_abs.to_string_lossy(), probe)?;
+    if probe_abs != probe {
+        cpio.host_file(&probe.to_string_lossy(), probe)?;
+    }
+    let mut libs = BTreeSet::new();
+    for b in [tests, agent, probe] {
+        libs.extend(ldd(b)?);
+    }
+    for lib in &libs {
+        cpio.host_file(&lib.to_string_lossy(), lib)?;
+    }
+    let data = cpio.finish();
+    let mut c = Command::new("gzip");
+    c.args(["-6", "-n"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped());
+    let mut child = c.spawn().context("starting gzip")?;
+    let mut stdin = child.stdin.take().context("gzip stdin")?;
+    let writer = std::thread::spawn(move || stdin.write_all(&data));
+    let o = child.wait_with_output().context("gzip")?;
+    writer
+        .join()
+        .map_err(|_| anyhow::anyhow!("gzip writer panicked"))?
+        .context("writing to gzip")?;
+    if !o.status.success() {
+        bail!("gzip failed ({})", o.status);
+    }
+    fs::write(out, &o.stdout).with_context(|| format!("writing {}", out.display()))?;
+    eprintln!(
+        "xtask: initramfs {} ({:.1} MiB; libs: {})",
+        out.display(),
+        o.stdout.len() as f64 / 1048576.0,
+        libs.iter()
+            .map(|l| l.display().to_string())
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
+    Ok(())
+}
+
+fn shell_words(words: &[String]) -> String {
+    words
+        .iter()
+        .map(|w| format!("'{}'", w.replace('\'', "'\\''")))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+// ---------------------------------------------------------------- boot and parse
+
+#[derive(Clone, Copy, PartialEq)]
+enum Outcome {
+    Pass,
+    Fail,
+    Skipped,
+}
+
+struct GuestResult {
+    tests: BTreeMap<String, Outcome>,
+    /// Tests libtest announced (`running N tests`).
+    expected: Option<usize>,
+    /// The test binary's exit code, when the guest reached the end.
+    exit: Option<i32>,
+    timed_out: bool,
+    wall: Duration,
+}
+
+impl GuestResult {
+    fn ok(&self) -> bool {
+        self.exit == Some(0) && !self.timed_out && !self.tests.values().any(|o| *o == Outcome::Fail)
+    }
+
+    fn summary(&self) -> String {
+        let n = |o| self.tests.values().filter(|x| **x == o).count();
+        let mut s = format!(
+            "{} passed, {} failed, {} skipped",
+            n(Outcome::Pass),
+            n(Outcome::Fail),
+            n(Outcome::Skipped)
+        );
+        if let Some(e) = self.expected
+            && e > self.tests.len()
+        {
+            s.push_str(&format!(", {} not reached", e - self.tests.len()));
+        }
+        if self.timed_out {
+            s.push_str(", TIMED OUT");
+        } else {
+            match self.exit {
+                Some(c) => s.push_str(&format!(", test binary exit {c}")),
+                None => s.push_str(", guest stopped before the tests ended"),
+            }
+        }
+        s
+    }
+}
+
+fn boot(kernel: &Path, initrd: &Path, log: &Path, timeout: Duration) -> Result<GuestResult> {
+    let t0 = Instant::now();
+    let mut c = clean_command("qemu-system-x86_64");
+    c.args(["-accel", "tcg", "-cpu", "max", "-m", "2048", "-smp", "2"])
+        .args(["-nographic", "-no-reboot"])
+        .arg("-kernel")
+        .arg(kernel)
+        .arg("-initrd")
+        .arg(initrd)
+        .args([
+            "-append",
+            "console=ttyS0 panic=-1 quiet random.trust_cpu=on",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = c.spawn().context("starting qemu-system-x86_64")?;
+    let stdout = child.stdout.take().context("qemu stdout")?;
+    let stderr = child.stderr.take().context("qemu stderr")?;
+    let mut file = fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
+    let reader = std::thread::spawn(move || {
+        let mut r = BufReader::new(stdout);
+        let mut raw = Vec::new();
+        loop {
+            raw.clear();
+            match r.read_until(b'\n', &mut raw) {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {
+                    let _ = file.write_all(&raw);
+                    let line = String::from_utf8_lossy(&raw);
+                    let line = line.trim_end();
+                    let line = line.find("=== VMTEST").map_or(line, |i| &line[i..]);
+                    if line.starts_with("test ")
+                        || line.starts_with("running ")
+                        || line.contains("=== VMTEST")
+                        || line.starts_with("vm-test:")
+                    {
+                        eprintln!("  guest| {line}");
+                    }
+                }
+            }
+        }
+        let _ = file.flush();
+    });
+    let err_reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = std::io::Read::read_to_string(&mut BufReader::new(stderr), &mut s);
+        s
+    });
+    let mut timed_out = false;
+    loop {
+        if child.try_wait()?.is_some() {
+            break;
+        }
+        if t0.elapsed() > timeout {
+            timed_out = true;
+            eprintln!(
+                "xtask: the guest ran past {}s: stopping QEMU",
+                timeout.as_secs()
+            );
+            let _ = child.kill();
+            let _ = child.wait();
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let _ = reader.join();
+    let qemu_err = err_reader.join().unwrap_or_default();
+    if !qemu_err.trim().is_empty() {
+        eprintln!("xtask: qemu stderr: {}", qemu_err.trim());
+    }
+    let text = fs::read(log).with_context(|| format!("reading {}", log.display()))?;
+    let mut r = parse_log(&String::from_utf8_lossy(&text));
+    r.timed_out = timed_out;
+    r.wall = t0.elapsed();
+    Ok(r)
+}
+
+fn parse_log(text: &str) -> GuestResult {
+    let mut tests = BTreeMap::new();
+    let mut expected = None;
+    let mut exit = None;
+    let mut pending: Option<String> = None;
+    let outcome = |s: &str| -> Option<Outcome> {
+        let s = s.trim();
+        if s.starts_with("ok") {
+            Some(Outcome::Pass)
+        } else if s.starts_with("FAILED") {
+            Some(Outcome::Fail)
+        } else if s.starts_with("ignored") {
+            Some(Outcome::Skipped)
+        } else {
+            None
+        }
+    };
+    for line in text.lines() {
+        let line = line.trim_end_matches('\r');
+        let line = line.find("=== VMTEST").map_or(line, |i| &line[i..]);
+        if let Some(rest) = line.strip_prefix("=== VMTEST EXIT ") {
+            exit = rest.trim().parse().ok();
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("running ")
+            && let Some(n) = rest.strip_suffix(" tests").or(rest.strip_suffix(" test"))
+        {
+            expected = n.trim().parse().ok();
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("test ")
+            && let Some((name, after)) = rest.split_once(" ... ")
+            && !name.contains(' ')
+        {
+            match outcome(after) {
+                Some(o) => {
+                    tests.insert(name.to_string(), o);
+                    pending = None;
+                }
+                None => pending = Some(name.to_string()),
+            }
+            continue;
+        }
+        if let Some(p) = &pending {
+            // Output of a child process (or the kernel) landed between the name and the verdict.
+            for word in ["ok", "FAILED", "ignored"] {
+                if line.trim_end().ends_with(word) || line.trim() == word {
+                    if let Some(o) = outcome(word) {
+                        tests.insert(p.clone(), o);
+                    }
+                    pending = None;
+                    break;
+                }
+            }
+        }
+    }
+    GuestResult {
+        tests,
+        expected,
+        exit,
+        timed_out: false,
+        wall: Duration::ZERO,
+    }
+}
+
+fn print_table(results: &[(String, GuestResult)]) {
+    let mut names: BTreeSet<&str> = BTreeSet::new();
+    for (_, r) in results {
+        names.extend(r.tests.keys().map(String::as_str));
+    }
+    let w0 = names.iter().map(|n| n.len()).max().unwrap_or(4).max(4);
+    let widths: Vec<usize> = results.iter().map(|(l, _)| l.len().max(7)).collect();
+    println!();
+    print!("{:w0$}", "test");
+    for ((l, _), w) in results.iter().zip(&widths) {
+        print!("  {l:w$}");
+    }
+    println!();
+    print!("{}", "-".repeat(w0));
+    for w in &widths {
+        print!("  {}", "-".repeat(*w));
+    }
+    println!();
+    for n in &names {
+        print!("{n:w0$}");
+        for ((_, r), w) in results.iter().zip(&widths) {
+            let cell = match r.tests.get(*n) {
+                Some(Outcome::Pass) => "pass",
+                Some(Outcome::Fail) => "FAIL",
+                Some(Outcome::Skipped) => "skipped",
+                None => "-",
+            };
+            print!("  {cell:w$}");
+        }
+        println!();
+    }
+    print!("{:w0$}", "(guest)");
+    for ((_, r), w) in results.iter().zip(&widths) {
+        let cell = if r.ok() {
+            "ok"
+        } else if r.timed_out {
+            "TIMEOUT"
+        } else if r.exit.is_none() {
+            "DIED"
+        } else {
+            "FAILED"
+        };
+        print!("  {cell:w$}");
+    }
+    println!();
+}
+
+/// The `failures:` section libtest prints (when present) and the last lines of the console.
+fn log_tail(log: &Path) -> String {
+    let text = fs::read(log)
+        .map(|b| String::from_utf8_lossy(&b).replace('\r', ""))
+        .unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    let mut out = String::new();
+    if let Some(i) = lines.iter().position(|l| *l == "failures:") {
+        let end = (i + 200).min(lines.len());
+        for l in &lines[i..end] {
+            out.push_str(l);
+            out.push('\n');
+        }
+        if end < lines.len() {
+            out.push_str("[...]\n");
+        }
+    }
+    let start = lines.len().saturating_sub(60);
+    out.push_str("--- last console lines ---\n");
+    for l in &lines[start..] {
+        out.push_str(l);
+        out.push('\n');
+    }
+    out
+}
