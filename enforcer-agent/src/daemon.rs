@@ -431,7 +431,12 @@ impl Agent {
             },
             uses_cgroups: u32::from(classes.uses_cgroups()),
             report_allow: u32::from(policy.report_allow),
-            report_unattested: 0,
+            uses_uids: u32::from(
+                policy
+                    .identities
+                    .iter()
+                    .any(|i| i.matches.iter().any(|m| !m.uid.is_empty())),
+            ),
         };
         self.kernel.set_config(&cfg)?;
         // Attach to new scopes before the flip (they judge with the policy in force).

@@ -498,7 +498,9 @@ impl Kernel {
             cg,
             uid: p.uid,
         };
-        if let Ok(id) = self.maps.idmatch.get(&k, 0) {
+        if g.uses_uids != 0
+            && let Ok(id) = self.maps.idmatch.get(&k, 0)
+        {
             return id;
         }
         k.uid = ANY;

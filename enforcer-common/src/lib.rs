@@ -203,9 +203,9 @@ pub struct GenConfig {
     pub uses_cgroups: u32,
     /// 1 to report allowed decisions too (the default audit policy does).
     pub report_allow: u32,
-    /// 1 to also send every decision about a process with no identity as an event (the
-    /// coverage report does not need it: it is aggregated in `ENF_UNCOVERED`).
-    pub report_unattested: u32,
+    /// 1 when some identity has a `uid` selector: only then does the kernel try the
+    /// exact-uid `ENF_IDMATCH` key before the any-uid one.
+    pub uses_uids: u32,
 }
 const _: () = assert!(core::mem::size_of::<GenConfig>() == 24);
 

@@ -217,10 +217,7 @@ fn try_sock_addr(ctx: &SockAddrContext, hook: u32) -> i32 {
         VERDICT_AUDIT => CNT_AUDIT,
         _ => CNT_DENY,
     });
-    if verdict != VERDICT_ALLOW
-        || g.report_allow != 0
-        || (ident == IDENT_NONE && g.report_unattested != 0)
-    {
+    if verdict != VERDICT_ALLOW || g.report_allow != 0 {
         report_connect(pid, hook, ident, verdict, decision.rule, flags, &dst);
     }
     if verdict == VERDICT_DENY { DENY } else { ALLOW }
@@ -467,7 +464,9 @@ fn identity(g: &GenConfig, generation: u32, p: &ProcState) -> u32 {
         cg,
         uid: p.uid,
     };
-    if let Some(id) = unsafe { IDMATCH.get(&k) } {
+    if g.uses_uids != 0
+        && let Some(id) = unsafe { IDMATCH.get(&k) }
+    {
         return *id;
     }
     k.uid = ANY;
