@@ -758,6 +758,8 @@ impl Agent {
         };
         self.policy_fingerprint = opts.policy_path.as_deref().and_then(fingerprint);
         tracing::info!(api = %opts.api_socket.display(), "agent ready");
+        let mut ticks: u64 = 0;
+        let mut lost_seen = self.kernel.counter(CNT_EVENTS_LOST);
         loop {
             tokio::select! {
                 guard = rb.readable_mut() => {
@@ -778,8 +780,14 @@ impl Agent {
                     }
                 }
                 _ = tick.tick() => {
-                    // A held process whose event was lost must not stay frozen.
-                    self.settle_pending();
+                    // A held process whose event was lost must not stay frozen: scan the
+                    // process map at once when the kernel lost events, else every 5 s.
+                    ticks += 1;
+                    let lost = self.kernel.counter(CNT_EVENTS_LOST);
+                    if lost != lost_seen || ticks.is_multiple_of(10) {
+                        lost_seen = lost;
+                        self.settle_pending();
+                    }
                     self.refresh_listeners();
                     self.watch_policy_file(opts);
                     self.update_metrics();
