@@ -154,8 +154,11 @@ pub(crate) fn vm_test(root: &Path, args: &[String]) -> Result<()> {
     }
 
     let obj = build(root)?;
-    step("building the real-kernel test binary (enforcer-tests, release)");
-    let tests_bin = build_kernel_tests(root, &obj)?;
+    step("building the real-kernel test binaries (enforcer-tests, release)");
+    let tests_bin: Vec<PathBuf> = SUITES
+        .iter()
+        .map(|suite| build_kernel_tests(root, &obj, suite))
+        .collect::<Result<_>>()?;
     let agent = root.join("target").join("release").join("enforcer-agent");
     let probe = root.join("target").join("release").join("enf-probe");
     for p in [&agent, &probe] {
@@ -535,7 +538,10 @@ fn vercmp(a: &str, b: &str) -> std::cmp::Ordering {
 
 // ---------------------------------------------------------------- test binary
 
-fn build_kernel_tests(root: &Path, obj: &Path) -> Result<PathBuf> {
+/// The real-kernel suites of `tests/tests/` that run in every guest, in this order.
+const SUITES: [&str; 2] = ["kernel", "operator"];
+
+fn build_kernel_tests(root: &Path, obj: &Path, suite: &str) -> Result<PathBuf> {
     let mut c = stable_cargo(root, obj);
     c.args([
         "test",
@@ -544,7 +550,7 @@ fn build_kernel_tests(root: &Path, obj: &Path) -> Result<PathBuf> {
         "-p",
         "enforcer-tests",
         "--test",
-        "kernel",
+        suite,
         "--message-format=json",
     ])
     .stderr(Stdio::inherit());
@@ -556,7 +562,7 @@ fn build_kernel_tests(root: &Path, obj: &Path) -> Result<PathBuf> {
         );
     }
     let text = String::from_utf8_lossy(&out.stdout);
-    let src = root.join("tests").join("tests").join("kernel.rs");
+    let src = root.join("tests").join("tests").join(format!("{suite}.rs"));
     let src_json = format!("\"src_path\":\"{}\"", src.display());
     for line in text.lines() {
         if line.contains("\"reason\":\"compiler-artifact\"")
@@ -567,20 +573,20 @@ fn build_kernel_tests(root: &Path, obj: &Path) -> Result<PathBuf> {
             return Ok(PathBuf::from(exe));
         }
     }
-    // Fallback: the newest target/release/deps/kernel-<hash>.
+    // Fallback: the newest target/release/deps/<suite>-<hash>.
     let deps = root.join("target").join("release").join("deps");
     let newest = fs::read_dir(&deps)
         .with_context(|| format!("reading {}", deps.display()))?
         .filter_map(|e| e.ok())
         .filter(|e| {
             let n = e.file_name().to_string_lossy().into_owned();
-            n.starts_with("kernel-") && !n.contains('.')
+            n.starts_with(&format!("{suite}-")) && !n.contains('.')
         })
         .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path())))
         .max();
-    newest
-        .map(|(_, p)| p)
-        .context("cargo test --no-run named no executable for tests/tests/kernel.rs")
+    newest.map(|(_, p)| p).with_context(|| {
+        format!("cargo test --no-run named no executable for tests/tests/{suite}.rs")
+    })
 }
 
 /// The string value of `"key":"..."` in one line of cargo's JSON (paths: no escapes expected).
@@ -624,8 +630,11 @@ done
 cd /tmp
 unset CI
 export HOME=/root ENFORCER_AGENT_BIN=/bin/enforcer-agent RUST_BACKTRACE=1
-/kernel-tests --test-threads=1 @FILTER@ 2>&1
-echo "=== VMTEST EXIT $?"
+rc=0
+for t in /tests/*; do
+  "$t" --test-threads=1 @FILTER@ 2>&1 || rc=$?
+done
+echo "=== VMTEST EXIT $rc"
 dmesg | grep -E 'BUG:|WARNING:|Oops|Call Trace|verifier|[Bb][Pp][Ff].*([Ee]rror|[Ff]ail|[Dd]enied)' | tail -n 40 | sed 's/^/dmesg: /'
 poweroff -f
 "#;
@@ -757,7 +766,7 @@ fn ldd(bin: &Path) -> Result<Vec<PathBuf>> {
 fn build_initramfs(
     out: &Path,
     busybox: &Path,
-    tests: &Path,
+    tests: &[PathBuf],
     agent: &Path,
     probe: &Path,
     filter: &[String],
@@ -798,7 +807,13 @@ fn build_initramfs(
         0o755,
         INIT.replace("@FILTER@", &shell_words(filter)).as_bytes(),
     );
-    cpio.host_file("/kernel-tests", tests)?;
+    cpio.dir("/tests");
+    for (i, t) in tests.iter().enumerate() {
+        cpio.host_file(
+            &format!("/tests/{i}-{}", SUITES.get(i).unwrap_or(&"suite")),
+            t,
+        )?;
+    }
     cpio.host_file("/bin/enforcer-agent", agent)?;
     // The tests find the probe by the absolute path compiled into them.
     let probe_abs = fs::canonicalize(probe).unwrap_or_else(|_| probe.to_path_buf());
@@ -807,7 +822,7 @@ fn build_initramfs(
         cpio.host_file(&probe.to_string_lossy(), probe)?;
     }
     let mut libs = BTreeSet::new();
-    for b in [tests, agent, probe] {
+    for b in tests.iter().map(PathBuf::as_path).chain([agent, probe]) {
         libs.extend(ldd(b)?);
     }
     for lib in &libs {
@@ -1004,7 +1019,10 @@ fn parse_log(text: &str) -> GuestResult {
         if let Some(rest) = line.strip_prefix("running ")
             && let Some(n) = rest.strip_suffix(" tests").or(rest.strip_suffix(" test"))
         {
-            expected = n.trim().parse().ok();
+            // One `running N tests` line per suite: the guest runs them all.
+            if let Ok(n) = n.trim().parse::<usize>() {
+                expected = Some(expected.unwrap_or(0) + n);
+            }
             continue;
         }
         if let Some(rest) = line.strip_prefix("test ")
