@@ -363,6 +363,17 @@ fn test(root: &Path, args: &[String]) -> Result<()> {
     } else if !nix_is_root() {
         eprintln!("xtask: not root: the real-kernel tests will skip (they fail under CI=true)");
     }
+    if env::var("CI").is_ok_and(|v| v == "true" || v == "1") && !have("vagrant") {
+        step(
+            "installing vagrant (Debian package; tests/tests/vagrant.rs validates vagrant/Vagrantfile)",
+        );
+        let mut c = Command::new("sh");
+        c.args([
+            "-c",
+            "apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends vagrant shellcheck",
+        ]);
+        status(c, "apt-get install vagrant shellcheck")?;
+    }
     step("unit and real-kernel tests");
     let agent = root.join("target").join("release").join("enforcer-agent");
     let mut c = stable_cargo(root, &obj);
