@@ -484,22 +484,57 @@ fn fetch_kernel(vm: &Path, k: &KernelLine, refresh: bool) -> Result<(String, Pat
     };
     let dir = vm.join("kernels").join(&pkg);
     let boot = dir.join("boot");
+    // boot/vmlinuz-X, or usr/lib/modules/X/vmlinuz (the layout of newer Debian kernels).
+    let modules = dir.join("usr").join("lib").join("modules");
     let find_vmlinuz = || -> Option<PathBuf> {
-        fs::read_dir(&boot)
-            .ok()?
-            .filter_map(|e| e.ok())
-            .map(|e| e.path())
-            .find(|p| {
+        let in_boot = fs::read_dir(&boot).ok().and_then(|rd| {
+            rd.filter_map(|e| e.ok()).map(|e| e.path()).find(|p| {
                 p.file_name()
                     .is_some_and(|n| n.to_string_lossy().starts_with("vmlinuz-"))
             })
+        });
+        in_boot.or_else(|| {
+            fs::read_dir(&modules)
+                .ok()?
+                .filter_map(|e| e.ok())
+                .map(|e| e.path().join("vmlinuz"))
+                .find(|p| p.is_file())
+        })
     };
     if let Some(v) = find_vmlinuz() {
         return Ok((pkg, v));
     }
     step(&format!("extracting {}", deb.display()));
     extract_deb(&deb, &dir)?;
-    let v = find_vmlinuz().with_context(|| format!("{} has no boot/vmlinuz-*", deb.display()))?;
+    if let Some(v) = find_vmlinuz() {
+        return Ok((pkg, v));
+    }
+    // Newer Debian kernels (7.x in sid) split the image: linux-image-X depends on
+    // linux-binary-X, which holds boot/vmlinuz-X.
+    let binary = pkg.replacen("linux-image-", "linux-binary-", 1);
+    let bdeb = match find_deb(&cache, &format!("{binary}_"))? {
+        Some(d) => d,
+        None => {
+            step(&format!(
+                "downloading {binary} ({}): the image package holds no vmlinuz",
+                k.suite
+            ));
+            let mut c = apt(&aptdir, "apt-get");
+            c.current_dir(&cache).args(["download", "-q", &binary]);
+            status(c, &format!("apt-get download {binary}"))?;
+            find_deb(&cache, &format!("{binary}_"))?
+                .with_context(|| format!("apt-get download left no {binary} .deb"))?
+        }
+    };
+    step(&format!("extracting {}", bdeb.display()));
+    extract_deb(&bdeb, &dir)?;
+    let v = find_vmlinuz().with_context(|| {
+        format!(
+            "neither {} nor {} has boot/vmlinuz-*",
+            deb.display(),
+            bdeb.display()
+        )
+    })?;
     Ok((pkg, v))
 }
 
