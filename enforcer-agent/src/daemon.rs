@@ -76,7 +76,6 @@ pub struct Agent {
     pub(crate) cgroups: HashMap<u64, String>,
     pub(crate) procs: HashMap<u32, Tracked>,
     pub(crate) idmatch_written: HashSet<(IdMatchKey, u32)>,
-    pub(crate) scope_ids: Vec<u64>,
     /// Rules as the kernel numbers them: the policy's, then those expanded from listeners.
     pub(crate) rules_view: Vec<policy::Rule>,
     /// Listeners of identities named in `to: {identity: X}` destinations, as last applied.
@@ -97,10 +96,15 @@ pub struct Agent {
     last_fill: Instant,
 }
 
+/// sha256 of a policy file's bytes.
+fn digest(bytes: &[u8]) -> [u8; 32] {
+    use sha2::Digest as _;
+    sha2::Sha256::digest(bytes).into()
+}
+
 /// sha256 of a file's content (None when unreadable).
 fn fingerprint(path: &Path) -> Option<[u8; 32]> {
-    use sha2::Digest as _;
-    fs::read(path).ok().map(|b| sha2::Sha256::digest(&b).into())
+    fs::read(path).ok().map(|b| digest(&b))
 }
 
 pub(crate) fn hex32(b: &[u8; 32]) -> String {
@@ -165,7 +169,6 @@ impl Agent {
             cgroups: HashMap::new(),
             procs: HashMap::new(),
             idmatch_written: HashSet::new(),
-            scope_ids: Vec::new(),
             rules_view: Vec::new(),
             listeners: BTreeSet::new(),
             policy_source: opts.policy_source.clone(),
@@ -461,7 +464,6 @@ impl Agent {
                 self.kernel.detach_cgroup(id)?;
             }
         }
-        self.scope_ids = keep.into_iter().collect();
         self.active = next;
         self.classes = classes;
         self.idmatch_written = idm.into_iter().collect();
@@ -522,13 +524,7 @@ impl Agent {
             let Some(exe) = self.exes.get(&t.exe_id) else {
                 continue;
             };
-            let facts = ProcessFacts {
-                sha256: Some(&exe.sha256),
-                exe_path: Some(&exe.path),
-                cgroup: Some(&t.cgroup),
-                uid: t.uid,
-            };
-            let ident = policy::resolve(policy, &facts).ident;
+            let ident = policy::resolve(policy, &facts_of(exe, t)).ident;
             if targets.contains(&ident) {
                 out.extend(
                     listeners::process_listeners(pid)
@@ -598,10 +594,7 @@ impl Agent {
             }
         };
         // One apply per distinct content, whether SIGHUP or the file watch saw it first.
-        let print: [u8; 32] = {
-            use sha2::Digest as _;
-            sha2::Sha256::digest(&bytes).into()
-        };
+        let print = digest(&bytes);
         if self.policy_fingerprint == Some(print) {
             tracing::info!(policy = %name, "the policy file is unchanged; nothing to apply");
             return;
@@ -928,12 +921,12 @@ fn resume(pid: u32, start_ns: u64) -> Result<()> {
     Ok(())
 }
 
-/// Facts of a process as `ProcessFacts` for [`policy::resolve`].
-pub fn facts_of<'a>(f: &'a attest::Facts) -> ProcessFacts<'a> {
+/// What [`policy::resolve`] needs of a tracked process and its executable.
+pub(crate) fn facts_of<'a>(exe: &'a Exe, t: &'a Tracked) -> ProcessFacts<'a> {
     ProcessFacts {
-        sha256: Some(&f.sha256),
-        exe_path: Some(&f.exe_path),
-        cgroup: Some(&f.cgroup),
-        uid: f.uid,
+        sha256: Some(&exe.sha256),
+        exe_path: Some(&exe.path),
+        cgroup: Some(&t.cgroup),
+        uid: t.uid,
     }
 }

@@ -15,8 +15,8 @@ use tokio::{
 
 use crate::{
     api::{self, reply, request},
-    daemon::{Agent, hex32},
-    policy::{self, ProcessFacts},
+    daemon::{Agent, facts_of, hex32},
+    policy,
 };
 
 /// Decisions kept for `events` without `--follow`.
@@ -393,17 +393,7 @@ impl Agent {
             .iter()
             .map(|(&pid, t)| {
                 let exe = self.exes.get(&t.exe_id);
-                let res = exe.map(|e| {
-                    policy::resolve(
-                        &self.policy,
-                        &ProcessFacts {
-                            sha256: Some(&e.sha256),
-                            exe_path: Some(&e.path),
-                            cgroup: Some(&t.cgroup),
-                            uid: t.uid,
-                        },
-                    )
-                });
+                let res = exe.map(|e| policy::resolve(&self.policy, &facts_of(e, t)));
                 let pending = self
                     .kernel
                     .maps
