@@ -32,7 +32,7 @@ pub struct Options {
     pub policy_source: String,
     /// The policy file, re-read on SIGHUP (none: the embedded default).
     pub policy_path: Option<PathBuf>,
-    /// bpffs folder for pins (default `/sys/fs/bpf/enforcer/v1`).
+    /// bpffs folder for pins (default `/sys/fs/bpf/enforcer/v2`).
     pub pin_dir: PathBuf,
     /// Folder for the agent's own state (default `/run/enforcer`).
     pub state_dir: PathBuf,
@@ -77,7 +77,9 @@ pub struct Agent {
     pub(crate) procs: HashMap<u32, Tracked>,
     pub(crate) idmatch_written: HashSet<(IdMatchKey, u32)>,
     /// Rules as the kernel numbers them: the policy's, then those expanded from listeners.
-    pub(crate) rules_view: Vec<policy::Rule>,
+    /// Rules made for identity destinations from the listeners found (see `listeners`); their
+    /// rule ids follow the policy's own rules.
+    pub(crate) listener_rules: Vec<policy::Rule>,
     /// Listeners of identities named in `to: {identity: X}` destinations, as last applied.
     pub(crate) listeners: BTreeSet<(u32, Listener)>,
     /// Where the policy in force came from.
@@ -169,7 +171,7 @@ impl Agent {
             cgroups: HashMap::new(),
             procs: HashMap::new(),
             idmatch_written: HashSet::new(),
-            rules_view: Vec::new(),
+            listener_rules: Vec::new(),
             listeners: BTreeSet::new(),
             policy_source: opts.policy_source.clone(),
             policy_hash: String::new(),
@@ -386,8 +388,9 @@ impl Agent {
         };
         // Everything that can be rejected is computed before the kernel is touched.
         let found = self.find_listeners(&policy);
-        let expanded = listeners::expand(&policy, &found, &listeners::local_addresses());
-        let rules = policy::rule_entries(&expanded, next).map_err(anyhow::Error::new)?;
+        let extra = listeners::listener_rules(&policy, &found, &listeners::local_addresses());
+        let rules =
+            policy::rule_entries_of(&policy.rules, &extra, next).map_err(anyhow::Error::new)?;
         let scope_dirs = scope_dirs(&policy, &self.cg_mount)?;
         let mut classes = Classes::new(&policy);
         let bins: Vec<(u32, u32)> = self
@@ -401,9 +404,10 @@ impl Agent {
             .map(|(&id, p)| (id, classes.cg_class(p)))
             .collect();
         let idm = classes.idmatch_entries(next);
+        let compile_ms = t0.elapsed().as_secs_f64() * 1e3;
 
         self.kernel.write_idmatch(next, &idm)?;
-        self.kernel.write_rules(next, &rules)?;
+        let written = self.kernel.write_rules(next, &rules)?;
         for (id, class) in bins {
             self.kernel
                 .maps
@@ -440,6 +444,7 @@ impl Agent {
                     .iter()
                     .any(|i| i.matches.iter().any(|m| !m.uid.is_empty())),
             ),
+            prefix_rules: u32::from(written.prefixes > 0),
         };
         self.kernel.set_config(&cfg)?;
         // Attach to new scopes before the flip (they judge with the policy in force).
@@ -449,7 +454,7 @@ impl Agent {
         cfg.active = next;
         cfg.scope_count = scope_dirs.len() as u32;
         self.kernel.set_config(&cfg)?; // the flip: one 4-byte store seen by the programs
-        let in_force_ms = t0.elapsed().as_millis() as u64;
+        let in_force_ms = t0.elapsed().as_secs_f64() * 1e3;
         for (i, (dir, _)) in scope_dirs.iter().enumerate() {
             let f = fs::File::open(dir).with_context(|| format!("opening {}", dir.display()))?;
             self.kernel
@@ -469,7 +474,7 @@ impl Agent {
         self.idmatch_written = idm.into_iter().collect();
         self.policy = policy;
         self.policy_hash = policy::policy_hash(&self.policy);
-        self.rules_view = expanded.rules;
+        self.listener_rules = extra;
         self.listeners = found;
         self.sync_report_allow();
         if let Some(src) = source {
@@ -479,7 +484,11 @@ impl Agent {
             generation = next,
             hash = %self.policy_hash,
             rules = rules.len(),
-            ms = in_force_ms,
+            hosts = written.hosts,
+            prefixes = written.prefixes,
+            kernel_writes = written.writes,
+            compile_ms = (compile_ms * 10.0).round() / 10.0,
+            ms = (in_force_ms * 10.0).round() / 10.0,
             "policy in force"
         );
         Ok(())

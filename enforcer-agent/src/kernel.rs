@@ -91,6 +91,9 @@ pub struct Maps {
     pub cgroups: HashMap<MapData, u64, CgroupValue>,
     pub idmatch: HashMap<MapData, IdMatchKey, u32>,
     pub rules: LpmTrie<MapData, RuleKeyData, RuleValue>,
+    pub hosts: HashMap<MapData, RuleKeyData, RuleValue>,
+    /// A second descriptor of `ENF_HOSTS` for the batch syscalls (aya has no batch API).
+    hosts_fd: MapData,
     pub config: Array<MapData, Config>,
     pub offsets: Array<MapData, KernelOffsets>,
     pub counters: PerCpuArray<MapData, u64>,
@@ -106,8 +109,78 @@ pub struct Kernel {
     pub events: Option<RingBuf<MapData>>,
     /// True when pinned state of a previous agent was found and taken over.
     pub took_over: bool,
-    /// `ENF_RULES` content of each generation as this agent last wrote it (None: unknown).
-    rules_written: [Option<std::collections::HashMap<RuleKey, RuleValue>>; 2],
+    /// `ENF_RULES` + `ENF_HOSTS` content of each generation as this agent last wrote it,
+    /// sorted by [`entry_order`] (None: unknown).
+    rules_written: [Option<Vec<(RuleKey, RuleValue)>>; 2],
+}
+
+/// What [`Kernel::write_rules`] put in the kernel for one generation.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RulesWritten {
+    /// Entries in `ENF_HOSTS` (single hosts).
+    pub hosts: usize,
+    /// Entries in the `ENF_RULES` trie (shorter prefixes).
+    pub prefixes: usize,
+    /// Kernel writes done (inserts, replacements and removals): 0 for a re-apply of the same.
+    pub writes: usize,
+}
+
+/// The order rule entries are kept and compared in: by key data, then prefix length.
+fn entry_order(e: &(RuleKey, RuleValue)) -> (RuleKeyData, u32) {
+    (e.0.data, e.0.prefix_len)
+}
+
+fn is_host(k: &RuleKey) -> bool {
+    k.prefix_len == host_prefix_len(k.data.family)
+}
+
+/// The kernel writes that turn `old` into `new` (both sorted by [`entry_order`], no duplicate
+/// keys), split by map.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct RulesDiff {
+    host_del: Vec<RuleKeyData>,
+    host_put: Vec<(RuleKeyData, RuleValue)>,
+    trie_del: Vec<RuleKey>,
+    trie_put: Vec<(RuleKey, RuleValue)>,
+}
+
+fn diff_rules(old: &[(RuleKey, RuleValue)], new: &[(RuleKey, RuleValue)]) -> RulesDiff {
+    use std::cmp::Ordering;
+    let mut d = RulesDiff::default();
+    let (mut i, mut j) = (0, 0);
+    loop {
+        let ord = match (old.get(i), new.get(j)) {
+            (Some(o), Some(n)) => entry_order(o).cmp(&entry_order(n)),
+            (Some(_), None) => Ordering::Less,
+            (None, Some(_)) => Ordering::Greater,
+            (None, None) => break,
+        };
+        if ord == Ordering::Less {
+            let k = old[i].0;
+            if is_host(&k) {
+                d.host_del.push(k.data);
+            } else {
+                d.trie_del.push(k);
+            }
+            i += 1;
+            continue;
+        }
+        if ord == Ordering::Equal {
+            i += 1;
+            if old[i - 1].1 == new[j].1 {
+                j += 1; // already in the kernel as it should be
+                continue;
+            }
+        }
+        let (k, v) = new[j];
+        if is_host(&k) {
+            d.host_put.push((k.data, v));
+        } else {
+            d.trie_put.push((k, v));
+        }
+        j += 1;
+    }
+    d
 }
 
 fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, KernelError>
@@ -152,6 +225,9 @@ impl Kernel {
             cgroups: take(&mut ebpf, MAP_CGROUPS)?,
             idmatch: take(&mut ebpf, MAP_IDMATCH)?,
             rules: take(&mut ebpf, MAP_RULES)?,
+            hosts: take(&mut ebpf, MAP_HOSTS)?,
+            hosts_fd: MapData::from_pin(pin_dir.join(MAP_HOSTS))
+                .map_err(op(format!("opening the pin of map {MAP_HOSTS}")))?,
             config: take(&mut ebpf, MAP_CONFIG)?,
             offsets: take(&mut ebpf, MAP_OFFSETS)?,
             counters: take(&mut ebpf, MAP_COUNTERS)?,
@@ -239,6 +315,11 @@ impl Kernel {
                 let fd: FdLink = PinnedLink::from_pin(&pin)
                     .map_err(op(format!("opening pinned link {}", pin.display())))?
                     .into();
+                // Already running this very program (a re-apply): nothing to update.
+                let ours = prog.info().map(|i| i.id()).ok();
+                if ours.is_some() && fd.info().map(|i| i.program_id()).ok() == ours {
+                    continue;
+                }
                 let link = fd.try_into().map_err(op(format!(
                     "pinned link {} is not a cgroup link",
                     pin.display()
@@ -304,38 +385,154 @@ impl Kernel {
             .unwrap_or(0)
     }
 
-    /// Replaces every `ENF_RULES` entry of `generation` by `entries`.
+    /// Replaces every rule entry of `generation` by `entries` (from `policy::rule_entries`):
+    /// single hosts go to `ENF_HOSTS` in batches, shorter prefixes to the `ENF_RULES` trie.
+    /// Only differences from what the generation already holds are written.
     pub fn write_rules(
         &mut self,
         generation: u32,
         entries: &[(RuleKey, RuleValue)],
-    ) -> Result<(), KernelError> {
+    ) -> Result<RulesWritten, KernelError> {
         let slot = (generation & 1) as usize;
         // What this generation holds: remembered from our last write, else read back once
-        // (after a takeover).
-        let old: std::collections::HashMap<RuleKey, RuleValue> =
-            match self.rules_written[slot].take() {
-                Some(m) => m,
-                None => self.rules_of(generation).into_iter().collect(),
-            };
-        let new: std::collections::HashMap<RuleKey, RuleValue> = entries.iter().copied().collect();
-        // On any error the slot is left unknown, so the next write reads it back.
-        for k in old.keys().filter(|k| !new.contains_key(k)) {
+        // (after a takeover). On any error the slot is left unknown, so the next write reads
+        // it back.
+        let old = match self.rules_written[slot].take() {
+            Some(v) => v,
+            None => self.rules_of(generation),
+        };
+        let mut new = entries.to_vec();
+        new.sort_unstable_by_key(entry_order);
+        new.dedup_by_key(|e| e.0);
+        let RulesDiff {
+            host_del,
+            host_put,
+            trie_del,
+            trie_put,
+        } = diff_rules(&old, &new);
+        let writes = host_del.len() + host_put.len() + trie_del.len() + trie_put.len();
+        self.batch_delete_hosts(&host_del)?;
+        for k in &trie_del {
             self.maps
                 .rules
                 .remove(&Key::new(k.prefix_len, k.data))
                 .map_err(op(format!("clearing map {MAP_RULES}")))?;
         }
-        for (k, v) in &new {
-            if old.get(k) == Some(v) {
-                continue; // already in the kernel as it should be
-            }
+        let (keys, values): (Vec<RuleKeyData>, Vec<RuleValue>) = host_put.into_iter().unzip();
+        self.batch_update_hosts(&keys, &values)?;
+        for (k, v) in &trie_put {
             self.maps
                 .rules
                 .insert(&Key::new(k.prefix_len, k.data), v, 0)
                 .map_err(op(format!("writing map {MAP_RULES}")))?;
         }
+        let hosts = new.iter().filter(|(k, _)| is_host(k)).count();
+        let written = RulesWritten {
+            hosts,
+            prefixes: new.len() - hosts,
+            writes,
+        };
         self.rules_written[slot] = Some(new);
+        Ok(written)
+    }
+
+    /// `BPF_MAP_UPDATE_BATCH` of `ENF_HOSTS`: one syscall per [`BATCH`] entries instead of one
+    /// per entry, spread over the CPUs (the hash map locks per bucket, so writers on
+    /// different CPUs rarely meet); element by element where the kernel has no batch operation.
+    fn batch_update_hosts(
+        &mut self,
+        keys: &[RuleKeyData],
+        values: &[RuleValue],
+    ) -> Result<(), KernelError> {
+        let fail = |e: io::Error| KernelError::Op {
+            what: format!("writing map {MAP_HOSTS} ({} entries)", keys.len()),
+            detail: batch_error(&e),
+        };
+        let fd = self.maps.hosts_fd.fd().as_fd();
+        // The first chunk on this thread: it also tells whether the kernel has batches.
+        let first = keys.len().min(BATCH);
+        match map_batch(
+            BPF_MAP_UPDATE_BATCH,
+            fd,
+            &keys[..first],
+            Some(&values[..first]),
+        ) {
+            Ok(()) => {}
+            Err((0, e)) if batch_unsupported(&e) => {
+                for (k, v) in keys.iter().zip(values) {
+                    self.maps
+                        .hosts
+                        .insert(k, v, 0)
+                        .map_err(op(format!("writing map {MAP_HOSTS}")))?;
+                }
+                return Ok(());
+            }
+            Err((_, e)) => return Err(fail(e)),
+        }
+        let (keys, values) = (&keys[first..], &values[first..]);
+        if keys.is_empty() {
+            return Ok(());
+        }
+        let workers = std::thread::available_parallelism()
+            .map_or(1, |n| n.get())
+            .clamp(1, 4);
+        let per = keys.len().div_ceil(workers);
+        let results: Vec<Result<(), io::Error>> = std::thread::scope(|s| {
+            let handles: Vec<_> = keys
+                .chunks(per)
+                .zip(values.chunks(per))
+                .map(|(ks, vs)| {
+                    s.spawn(move || -> Result<(), io::Error> {
+                        for (k, v) in ks.chunks(BATCH).zip(vs.chunks(BATCH)) {
+                            map_batch(BPF_MAP_UPDATE_BATCH, fd, k, Some(v)).map_err(|(_, e)| e)?;
+                        }
+                        Ok(())
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.join()
+                        .unwrap_or_else(|_| Err(io::Error::other("a map writer thread panicked")))
+                })
+                .collect()
+        });
+        results.into_iter().collect::<Result<(), _>>().map_err(fail)
+    }
+
+    /// `BPF_MAP_DELETE_BATCH` of `ENF_HOSTS`; keys already gone are skipped.
+    fn batch_delete_hosts(&mut self, keys: &[RuleKeyData]) -> Result<(), KernelError> {
+        let mut done = 0;
+        while done < keys.len() {
+            let end = (done + BATCH).min(keys.len());
+            match map_batch::<RuleKeyData, RuleValue>(
+                BPF_MAP_DELETE_BATCH,
+                self.maps.hosts_fd.fd().as_fd(),
+                &keys[done..end],
+                None,
+            ) {
+                Ok(()) => done = end,
+                // The key at `done + n` was not there (edited by hand): nothing to remove.
+                Err((n, e)) if e.raw_os_error() == Some(libc::ENOENT) => done += n + 1,
+                Err((n, e)) if batch_unsupported(&e) && n == 0 => {
+                    for k in &keys[done..] {
+                        match self.maps.hosts.remove(k) {
+                            Ok(()) => {}
+                            Err(aya::maps::MapError::KeyNotFound) => {}
+                            Err(e) => return Err(op(format!("clearing map {MAP_HOSTS}"))(e)),
+                        }
+                    }
+                    return Ok(());
+                }
+                Err((_, e)) => {
+                    return Err(KernelError::Op {
+                        what: format!("clearing map {MAP_HOSTS} ({} entries)", keys.len()),
+                        detail: batch_error(&e),
+                    });
+                }
+            }
+        }
         Ok(())
     }
 
@@ -432,7 +629,7 @@ impl Kernel {
                                         port,
                                         addr: a.octets(),
                                     };
-                                    let v = self.lookup_rule(&mut data, 128);
+                                    let v = self.lookup_rule(&g, &mut data);
                                     return Ok(self.finish(
                                         &g,
                                         Judgement {
@@ -454,7 +651,7 @@ impl Kernel {
                             port,
                             addr: a16,
                         };
-                        let v = self.lookup_rule(&mut data, 32);
+                        let v = self.lookup_rule(&g, &mut data);
                         Judgement {
                             verdict: v.verdict,
                             ident,
@@ -507,14 +704,20 @@ impl Kernel {
         self.maps.idmatch.get(&k, 0).unwrap_or(IDENT_NONE)
     }
 
-    fn lookup_rule(&self, data: &mut RuleKeyData, addr_bits: u32) -> RuleValue {
-        let bits = RULE_FIXED_BITS + addr_bits;
-        if let Ok(v) = self.maps.rules.get(&Key::new(bits, *data), 0) {
-            return v;
-        }
-        data.port = 0;
-        if let Ok(v) = self.maps.rules.get(&Key::new(bits, *data), 0) {
-            return v;
+    /// The kernel's `lookup_rule`: host entry, trie (when the generation has prefixes), then
+    /// the same for port 0.
+    fn lookup_rule(&self, g: &GenConfig, data: &mut RuleKeyData) -> RuleValue {
+        let bits = host_prefix_len(data.family);
+        for port in [data.port, 0] {
+            data.port = port;
+            if let Ok(v) = self.maps.hosts.get(data, 0) {
+                return v;
+            }
+            if g.prefix_rules != 0
+                && let Ok(v) = self.maps.rules.get(&Key::new(bits, *data), 0)
+            {
+                return v;
+            }
         }
         RuleValue {
             verdict: VERDICT_DENY,
@@ -547,12 +750,19 @@ impl Kernel {
                 n(self.maps.rules.keys().count()),
                 MAX_RULES.into(),
             ),
+            (
+                MAP_HOSTS,
+                n(self.maps.hosts.keys().count()),
+                MAX_RULES.into(),
+            ),
         ]
     }
 
-    /// The `ENF_RULES` entries of one generation, as the kernel holds them.
+    /// The rule entries (`ENF_RULES` and `ENF_HOSTS`) of one generation, as the kernel holds
+    /// them, sorted by key data then prefix length.
     pub fn rules_of(&self, generation: u32) -> Vec<(RuleKey, RuleValue)> {
-        self.maps
+        let mut v: Vec<(RuleKey, RuleValue)> = self
+            .maps
             .rules
             .iter()
             .filter_map(|r| r.ok())
@@ -566,7 +776,25 @@ impl Kernel {
                     v,
                 )
             })
-            .collect()
+            .chain(
+                self.maps
+                    .hosts
+                    .iter()
+                    .filter_map(|r| r.ok())
+                    .filter(|(k, _)| k.generation == generation)
+                    .map(|(k, v)| {
+                        (
+                            RuleKey {
+                                prefix_len: host_prefix_len(k.family),
+                                data: k,
+                            },
+                            v,
+                        )
+                    }),
+            )
+            .collect();
+        v.sort_unstable_by_key(entry_order);
+        v
     }
 
     /// The `ENF_IDMATCH` entries of one generation.
@@ -589,6 +817,83 @@ impl Kernel {
             .collect();
         v.sort();
         v
+    }
+}
+
+/// Entries per batch syscall.
+const BATCH: usize = 1 << 16;
+const BPF_MAP_UPDATE_BATCH: libc::c_int = 26;
+const BPF_MAP_DELETE_BATCH: libc::c_int = 27;
+/// `ENOTSUPP`, the kernel-internal errno a map without batch operations answers.
+const ENOTSUPP: i32 = 524;
+
+/// The `batch` member of `union bpf_attr`.
+#[repr(C)]
+#[derive(Default)]
+struct BatchAttr {
+    in_batch: u64,
+    out_batch: u64,
+    keys: u64,
+    values: u64,
+    count: u32,
+    map_fd: u32,
+    elem_flags: u64,
+    flags: u64,
+}
+
+/// One `BPF_MAP_{UPDATE,DELETE}_BATCH` call over `keys` (and `values` for an update). On
+/// error: how many elements the kernel processed before it stopped, and the error.
+fn map_batch<K: aya::Pod, V: aya::Pod>(
+    cmd: libc::c_int,
+    map: std::os::fd::BorrowedFd<'_>,
+    keys: &[K],
+    values: Option<&[V]>,
+) -> Result<(), (usize, io::Error)> {
+    use std::os::fd::AsRawFd as _;
+    let count = u32::try_from(keys.len()).map_err(|_| {
+        (
+            0,
+            io::Error::new(io::ErrorKind::InvalidInput, "batch too large"),
+        )
+    })?;
+    let mut attr = BatchAttr {
+        keys: keys.as_ptr() as u64,
+        values: values.map_or(0, |v| v.as_ptr() as u64),
+        count,
+        map_fd: map.as_raw_fd() as u32,
+        ..BatchAttr::default()
+    };
+    // SAFETY: `attr` is a valid `bpf_attr` prefix of the size passed; `keys` and `values`
+    // hold `count` plain-old-data elements of the map's key and value sizes, alive for the
+    // duration of the call.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            &raw mut attr,
+            std::mem::size_of::<BatchAttr>() as u32,
+        )
+    };
+    if r < 0 {
+        return Err((attr.count as usize, io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
+fn batch_unsupported(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EINVAL | libc::EOPNOTSUPP | ENOTSUPP)
+    )
+}
+
+fn batch_error(e: &io::Error) -> String {
+    match e.raw_os_error() {
+        Some(libc::E2BIG | libc::ENOMEM) => format!(
+            "{e}; the map is full or the kernel is out of memory: reduce the number of rules (at most {} entries per generation)",
+            MAX_RULES / 2
+        ),
+        _ => e.to_string(),
     }
 }
 
@@ -654,4 +959,85 @@ pub fn uninstall(pin_dir: &Path) -> Result<(), KernelError> {
         let _ = fs::remove_dir(parent);
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(addr: u8, prefix: u32, port: u16, verdict: u32) -> (RuleKey, RuleValue) {
+        let mut a = [0u8; 16];
+        a[..4].copy_from_slice(&[10, 0, 0, addr]);
+        (
+            RuleKey {
+                prefix_len: RULE_FIXED_BITS + prefix,
+                data: RuleKeyData {
+                    generation: 1,
+                    ident: 3,
+                    proto: PROTO_TCP,
+                    family: FAMILY_V4,
+                    port,
+                    addr: a,
+                },
+            },
+            RuleValue { verdict, rule: 0 },
+        )
+    }
+
+    fn sorted(mut v: Vec<(RuleKey, RuleValue)>) -> Vec<(RuleKey, RuleValue)> {
+        v.sort_unstable_by_key(entry_order);
+        v
+    }
+
+    #[test]
+    fn diff_writes_only_differences_into_the_right_map() {
+        let keep_host = entry(1, 32, 80, VERDICT_ALLOW);
+        let keep_net = entry(0, 24, 0, VERDICT_DENY);
+        let gone_host = entry(2, 32, 80, VERDICT_ALLOW);
+        let gone_net = entry(0, 16, 443, VERDICT_ALLOW);
+        let changed_host = entry(3, 32, 80, VERDICT_ALLOW);
+        let mut changed_host_new = changed_host;
+        changed_host_new.1.verdict = VERDICT_DENY;
+        let new_host = entry(4, 32, 0, VERDICT_ALLOW);
+        let new_net = entry(0, 8, 22, VERDICT_ALLOW);
+        let old = sorted(vec![keep_host, keep_net, gone_host, gone_net, changed_host]);
+        let new = sorted(vec![
+            keep_host,
+            keep_net,
+            changed_host_new,
+            new_host,
+            new_net,
+        ]);
+        let d = diff_rules(&old, &new);
+        assert_eq!(d.host_del, vec![gone_host.0.data]);
+        assert_eq!(d.trie_del, vec![gone_net.0]);
+        let mut puts = d.host_put.clone();
+        puts.sort_by_key(|(k, _)| k.addr);
+        assert_eq!(
+            puts,
+            vec![
+                (changed_host_new.0.data, changed_host_new.1),
+                (new_host.0.data, new_host.1)
+            ]
+        );
+        assert_eq!(d.trie_put, vec![new_net]);
+        // Same content again: nothing to write.
+        assert_eq!(diff_rules(&new, &new), RulesDiff::default());
+        // From nothing: everything, split by prefix length.
+        let all = diff_rules(&[], &new);
+        assert_eq!(all.host_put.len(), 3);
+        assert_eq!(all.trie_put.len(), 2);
+        // To nothing: everything removed.
+        let none = diff_rules(&new, &[]);
+        assert_eq!((none.host_del.len(), none.trie_del.len()), (3, 2));
+    }
+
+    #[test]
+    fn a_host_and_a_prefix_with_the_same_address_are_different_entries() {
+        let host = entry(0, 32, 80, VERDICT_ALLOW);
+        let net = entry(0, 24, 80, VERDICT_DENY);
+        let d = diff_rules(&sorted(vec![host]), &sorted(vec![host, net]));
+        assert!(d.host_put.is_empty() && d.host_del.is_empty());
+        assert_eq!(d.trie_put, vec![net]);
+    }
 }

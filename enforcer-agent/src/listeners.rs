@@ -110,12 +110,16 @@ fn reachable(l: &Listener, local: &[IpAddr]) -> Vec<IpNet> {
     }
 }
 
-/// A copy of `policy` whose identity-destination rules are followed by concrete rules, one
-/// per (listener, prefix) of the destination identity that the entry's protocol and ports
-/// admit. `listeners` holds (identity number, listener). The original rules keep their
-/// indices (rule ids); the concrete ones are appended and name their origin in `text`.
-pub fn expand(policy: &Policy, listeners: &BTreeSet<(u32, Listener)>, local: &[IpAddr]) -> Policy {
-    let mut out = policy.clone();
+/// The concrete rules for the identity-destination rules of `policy`: one per (listener,
+/// prefix) of the destination identity that the entry's protocol and ports admit. `listeners`
+/// holds (identity number, listener). They come after the policy's own rules (which keep
+/// their indices, the rule ids) and name their origin in `text`.
+pub fn listener_rules(
+    policy: &Policy,
+    listeners: &BTreeSet<(u32, Listener)>,
+    local: &[IpAddr],
+) -> Vec<Rule> {
+    let mut out = Vec::new();
     for r in policy.rules.iter().filter(|r| r.to_ident != 0) {
         for (_, l) in listeners.iter().filter(|(id, _)| *id == r.to_ident) {
             let proto_ok = match r.protocol {
@@ -129,7 +133,7 @@ pub fn expand(policy: &Policy, listeners: &BTreeSet<(u32, Listener)>, local: &[I
                 continue;
             }
             for cidr in reachable(l, local) {
-                out.rules.push(Rule {
+                out.push(Rule {
                     ident: r.ident,
                     deny: r.deny,
                     cidr,
@@ -184,15 +188,14 @@ mod tests {
                 port: 80,
             },
         ));
-        let e = expand(&p, &ls, &[]);
-        let extra = &e.rules[p.rules.len()..];
+        let extra = listener_rules(&p, &ls, &[]);
         assert_eq!(extra.len(), 1, "{extra:?}");
         assert_eq!(extra[0].ident, 1);
         assert_eq!(extra[0].cidr.to_string(), "127.0.0.1/32");
         assert_eq!(extra[0].ports, vec![(5432, 5432)]);
         assert!(extra[0].text.contains("identity db") && extra[0].text.contains("5432"));
         // nothing listens: nothing allowed
-        assert_eq!(expand(&p, &BTreeSet::new(), &[]).rules.len(), p.rules.len());
+        assert!(listener_rules(&p, &BTreeSet::new(), &[]).is_empty());
     }
 
     #[test]

@@ -116,11 +116,16 @@ impl Agent {
             RULE_PENDING => "pending attestation".to_string(),
             RULE_UNTRACKED => "untracked process".to_string(),
             RULE_NO_CONFIG => "no policy loaded".to_string(),
-            r => self
-                .rules_view
-                .get(r as usize)
-                .map(|r| r.text.clone())
-                .unwrap_or_else(|| format!("rule {r}")),
+            r => {
+                let own = self.policy.rules.len();
+                let i = r as usize;
+                let rule = if i < own {
+                    self.policy.rules.get(i)
+                } else {
+                    self.listener_rules.get(i - own)
+                };
+                rule.map_or_else(|| format!("rule {r}"), |r| r.text.clone())
+            }
         }
     }
 
@@ -354,11 +359,7 @@ impl Agent {
     /// agent compiled (someone edited a map by hand, or a write was lost).
     fn drift(&self, generation: u32) -> Vec<String> {
         let mut out = Vec::new();
-        let expanded = policy::Policy {
-            rules: self.rules_view.clone(),
-            ..self.policy.clone()
-        };
-        match policy::rule_entries(&expanded, generation) {
+        match policy::rule_entries_of(&self.policy.rules, &self.listener_rules, generation) {
             Ok(want) => {
                 let have = self.kernel.rules_of(generation);
                 compare("ENF_RULES", &want, &have, &mut out);
@@ -479,9 +480,11 @@ impl Agent {
         } else {
             r.name.as_str()
         };
+        let t0 = std::time::Instant::now();
         let (p, warnings) = policy::load(name, &r.policy).map_err(anyhow::Error::new)?;
+        let decode_ms = (t0.elapsed().as_secs_f64() * 1e4).round() / 10.0;
         self.apply_from(p, Some(format!("{name} (policy apply)")))?;
-        tracing::info!(policy = %name, "policy applied through the API");
+        tracing::info!(policy = %name, decode_ms, "policy applied through the API");
         Ok(api::Applied {
             policy_hash: self.policy_hash.clone(),
             generation: self.active,

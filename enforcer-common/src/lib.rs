@@ -8,11 +8,11 @@
 
 /// Version of this ABI. Checked at load against the kernel object's `ENF_ABI` global and used
 /// in the bpffs pin folder, so two versions never share maps.
-pub const ABI_VERSION: u32 = 1;
+pub const ABI_VERSION: u32 = 2;
 
 /// Pin folder, relative to the bpffs mount (`/sys/fs/bpf`): `enforcer/v{ABI_VERSION}`.
-pub const PIN_SUBDIR: &str = "enforcer/v1";
-const _: () = assert!(ABI_VERSION == 1, "update PIN_SUBDIR with ABI_VERSION");
+pub const PIN_SUBDIR: &str = "enforcer/v2";
+const _: () = assert!(ABI_VERSION == 2, "update PIN_SUBDIR with ABI_VERSION");
 
 // ---- names (at most 15 characters: the kernel's BPF_OBJ_NAME_LEN - 1) ----
 pub const MAP_PROCS: &str = "ENF_PROCS";
@@ -22,6 +22,7 @@ pub const MAP_UNCOVERED: &str = "ENF_UNCOVERED";
 pub const MAP_CGROUPS: &str = "ENF_CGROUPS";
 pub const MAP_IDMATCH: &str = "ENF_IDMATCH";
 pub const MAP_RULES: &str = "ENF_RULES";
+pub const MAP_HOSTS: &str = "ENF_HOSTS";
 pub const MAP_CONFIG: &str = "ENF_CONFIG";
 pub const MAP_COUNTERS: &str = "ENF_COUNTERS";
 pub const MAP_EVENTS: &str = "ENF_EVENTS";
@@ -56,7 +57,7 @@ const _: () = {
     assert!(short(MAP_PROCS) && short(MAP_EXES) && short(MAP_CGROUPS) && short(MAP_IDMATCH));
     assert!(short(MAP_RULES) && short(MAP_CONFIG) && short(MAP_COUNTERS) && short(MAP_EVENTS));
     assert!(short(MAP_SCOPES) && short(MAP_OFFSETS) && short(MAP_BINCLASS));
-    assert!(short(MAP_UNCOVERED));
+    assert!(short(MAP_UNCOVERED) && short(MAP_HOSTS));
     assert!(short(PROG_CONNECT4) && short(PROG_CONNECT6) && short(PROG_SENDMSG4));
     assert!(short(PROG_SENDMSG6) && short(PROG_FORK) && short(PROG_EXEC) && short(PROG_EXIT));
 };
@@ -206,8 +207,11 @@ pub struct GenConfig {
     /// 1 when some identity has a `uid` selector: only then does the kernel try the
     /// exact-uid `ENF_IDMATCH` key before the any-uid one.
     pub uses_uids: u32,
+    /// 1 when the generation has entries in the `ENF_RULES` trie (prefixes shorter than a
+    /// host); 0 lets the kernel skip the trie and look up `ENF_HOSTS` only.
+    pub prefix_rules: u32,
 }
-const _: () = assert!(core::mem::size_of::<GenConfig>() == 24);
+const _: () = assert!(core::mem::size_of::<GenConfig>() == 28);
 
 /// The single value of `ENF_CONFIG` (index 0). Applying a policy writes the inactive slot of
 /// every map, then flips `active` with one 4-byte store: a connect sees the old policy or the
@@ -224,7 +228,7 @@ pub struct Config {
     pub scope_count: u32,
     pub generations: [GenConfig; GENERATIONS],
 }
-const _: () = assert!(core::mem::size_of::<Config>() == 16 + 24 * GENERATIONS);
+const _: () = assert!(core::mem::size_of::<Config>() == 16 + 28 * GENERATIONS);
 
 /// Kernel struct offsets read from the running kernel's BTF at load time (Rust emits no
 /// CO-RE relocations). Value of `ENF_OFFSETS` (index 0). A zero `valid` disables the
@@ -263,7 +267,12 @@ const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 64);
 
 /// Data of an `ENF_RULES` LPM-trie key (after the 4-byte prefix length). The first
 /// [`RULE_FIXED_BITS`] bits are always matched in full; the address follows, IPv4 in its
-/// first 4 bytes. Prefix length = `RULE_FIXED_BITS + cidr bits`.
+/// first 4 bytes (the other 12 zero). Prefix length = `RULE_FIXED_BITS + cidr bits`.
+///
+/// Entries for a single host (/32, /128) live in `ENF_HOSTS` instead, keyed by this struct
+/// alone: an exact hash lookup (and a batched insert) instead of a trie walk. A host entry is
+/// always the longest match of its (generation, identity, proto, family, port), so the kernel
+/// tries `ENF_HOSTS` before the trie for the real port, then for port 0.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default, PartialOrd, Ord)]
 pub struct RuleKeyData {
@@ -277,6 +286,11 @@ pub struct RuleKeyData {
 }
 const _: () = assert!(core::mem::size_of::<RuleKeyData>() == 28);
 pub const RULE_FIXED_BITS: u32 = 96;
+
+/// Prefix length of a single-host entry of `family`: such entries belong in `ENF_HOSTS`.
+pub const fn host_prefix_len(family: u8) -> u32 {
+    RULE_FIXED_BITS + if family == FAMILY_V4 { 32 } else { 128 }
+}
 
 /// Full LPM key as the kernel sees it (`struct bpf_lpm_trie_key` + data).
 #[repr(C)]

@@ -39,6 +39,9 @@ static CGROUPS: HashMap<u64, CgroupValue> = HashMap::pinned(MAX_CGROUPS, 0);
 static IDMATCH: HashMap<IdMatchKey, u32> = HashMap::pinned(MAX_IDMATCH, 0);
 #[map(name = "ENF_RULES")]
 static RULES: LpmTrie<RuleKeyData, RuleValue> = LpmTrie::pinned(MAX_RULES, 0);
+/// Single-host entries (see `RuleKeyData`); allocated as written, never preallocated.
+#[map(name = "ENF_HOSTS")]
+static HOSTS: HashMap<RuleKeyData, RuleValue> = HashMap::pinned(MAX_RULES, BPF_F_NO_PREALLOC);
 #[map(name = "ENF_CONFIG")]
 static CONFIG: Array<Config> = Array::pinned(1, 0);
 #[map(name = "ENF_OFFSETS")]
@@ -53,6 +56,7 @@ static UNCOVERED: LruHashMap<UncoveredKey, UncoveredValue> = LruHashMap::pinned(
 static SCOPES: CgroupArray = CgroupArray::pinned(MAX_SCOPES, 0);
 
 const SIGSTOP: u32 = 19;
+const BPF_F_NO_PREALLOC: u32 = 1;
 const NSEC_MASK: u32 = 0x3fff_ffff;
 const ALLOW: i32 = 1;
 const DENY: i32 = 0;
@@ -138,15 +142,28 @@ fn destination(sa: *const bpf_sock_addr, hook: u32) -> RuleKeyData {
     d
 }
 
-/// Longest-prefix lookup for (identity, proto, port, address), then the all-ports entries.
+/// Longest match for (identity, proto, port, address): the host entry, else the trie (when
+/// the generation has prefixes); then the same for the all-ports entries (port 0).
 #[inline(always)]
-fn lookup_rule(mut data: RuleKeyData) -> RuleValue {
-    let bits = RULE_FIXED_BITS + if data.family == FAMILY_V4 { 32 } else { 128 };
-    if let Some(v) = RULES.get(&Key::new(bits, data)) {
+fn lookup_rule(g: &GenConfig, mut data: RuleKeyData) -> RuleValue {
+    let bits = host_prefix_len(data.family);
+    // SAFETY: the value is copied out at once; a deleted element is freed only after an RCU
+    // grace period, and this program runs inside one.
+    if let Some(v) = unsafe { HOSTS.get(&data) } {
+        return *v;
+    }
+    if g.prefix_rules != 0
+        && let Some(v) = RULES.get(&Key::new(bits, data))
+    {
         return *v;
     }
     data.port = 0;
-    if let Some(v) = RULES.get(&Key::new(bits, data)) {
+    if let Some(v) = unsafe { HOSTS.get(&data) } {
+        return *v;
+    }
+    if g.prefix_rules != 0
+        && let Some(v) = RULES.get(&Key::new(bits, data))
+    {
         return *v;
     }
     RuleValue {
@@ -204,7 +221,7 @@ fn try_sock_addr(ctx: &SockAddrContext, hook: u32) -> i32 {
             } else {
                 dst.generation = generation;
                 dst.ident = ident;
-                lookup_rule(dst)
+                lookup_rule(g, dst)
             }
         }
     };

@@ -124,7 +124,26 @@ enum PolicyCmd {
     Apply { file: PathBuf },
 }
 
-const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/enforcer/v1";
+/// `/sys/fs/bpf/` + the ABI's versioned pin folder.
+const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/enforcer/v2";
+const _: () = {
+    let (a, b) = (
+        DEFAULT_PIN_DIR.as_bytes(),
+        enforcer_common::PIN_SUBDIR.as_bytes(),
+    );
+    assert!(
+        a.len() == 12 + b.len(),
+        "DEFAULT_PIN_DIR must be /sys/fs/bpf/ + PIN_SUBDIR"
+    );
+    let mut i = 0;
+    while i < b.len() {
+        assert!(
+            a[12 + i] == b[i],
+            "DEFAULT_PIN_DIR must be /sys/fs/bpf/ + PIN_SUBDIR"
+        );
+        i += 1;
+    }
+};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();

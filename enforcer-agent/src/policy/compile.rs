@@ -85,15 +85,24 @@ fn key_of(generation: u32, ident: u32, proto: u8, port: u16, net: &IpNet) -> Rul
     }
 }
 
-/// The LPM entries of `ENF_RULES` for one generation, sorted by key.
+/// The rule entries (`ENF_RULES` + `ENF_HOSTS`) of `policy` for one generation, sorted by key.
 pub fn rule_entries(
     policy: &Policy,
+    generation: u32,
+) -> Result<Vec<(RuleKey, RuleValue)>, PolicyError> {
+    rule_entries_of(&policy.rules, &[], generation)
+}
+
+/// [`rule_entries`] of `rules` followed by `extra` (rule ids count across both).
+pub fn rule_entries_of(
+    rules: &[Rule],
+    extra: &[Rule],
     generation: u32,
 ) -> Result<Vec<(RuleKey, RuleValue)>, PolicyError> {
     let mut out: Vec<(RuleKey, RuleValue)> = Vec::new();
     // Group the rules by (ident, family); protocol is checked per proto below.
     let mut groups: BTreeMap<(u32, u8), Vec<Item<'_>>> = BTreeMap::new();
-    for (i, rule) in policy.rules.iter().enumerate() {
+    for (i, rule) in rules.iter().chain(extra).enumerate() {
         if rule.to_ident != 0 {
             // Identity destinations are expanded by the agent into cidr rules for the
             // current listeners of that identity (see `daemon`).
@@ -138,7 +147,9 @@ pub fn rule_entries(
                 for &(a, b) in &it.ports {
                     for p in a..=b {
                         let g = by_port.entry(p).or_default();
-                        if !g.iter().any(|x| x.id == it.id) {
+                        // An item's pushes are consecutive: overlapping ranges of one rule
+                        // show up as the same id at the end.
+                        if g.last().is_none_or(|x| x.id != it.id) {
                             g.push(it);
                         }
                     }

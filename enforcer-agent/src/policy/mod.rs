@@ -4,7 +4,7 @@
 //!   reporting every problem as a [`Diagnostic`] with its line and column.
 //! - [`encode_bundle`] / [`decode_bundle`] / [`load`]: the compiled protobuf bundle.
 //! - [`resolve`] and [`Classes`]: which identity a process gets (pure, and as kernel classes).
-//! - [`rule_entries`] / [`kernel_verdict`]: the LPM entries of `ENF_RULES` and the kernel's lookup.
+//! - [`rule_entries`] / [`kernel_verdict`]: the entries of `ENF_HOSTS` + `ENF_RULES` and the kernel's lookup.
 //!
 //! Extensions of the SPEC format, all optional:
 //! - `reportAllow: true|false` (top level, default `false`): report allowed decisions too.
@@ -24,7 +24,7 @@ mod yaml;
 
 pub use bundle::{BUNDLE_FORMAT, decode_bundle, encode_bundle, is_bundle, load, policy_hash};
 pub use check::check;
-pub use compile::{kernel_verdict, rule_entries};
+pub use compile::{kernel_verdict, rule_entries, rule_entries_of};
 pub use glob::cgroup_glob_match;
 pub use resolve::{Classes, ProcessFacts, Resolution, resolve};
 
