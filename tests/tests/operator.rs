@@ -407,6 +407,24 @@ fn policy_apply_and_bad_requests() {
     );
     assert_eq!(w.agent.cli_json(&["status"])["policy_hash"], before);
     assert_eq!(run_in(&w.cg, &w.other, &["tcp", &tcp4]), EPERM);
+    // A damaged bundle (cut in half): the agent refuses it, nothing changes.
+    let whole = w.dir.path("whole.bundle");
+    let (code, _, err) = w.agent.cli(&[
+        "policy",
+        "compile",
+        noscope.to_str().expect("p"),
+        "-o",
+        whole.to_str().expect("p"),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let bytes = fs::read(&whole).expect("bundle");
+    let cut = w.dir.path("cut.bundle");
+    fs::write(&cut, &bytes[..bytes.len() / 2]).expect("w");
+    let (code, _, err) = w.agent.cli(&["policy", "apply", cut.to_str().expect("p")]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("bundle"), "{err}");
+    assert_eq!(w.agent.cli_json(&["status"])["policy_hash"], before);
+    assert_eq!(run_in(&w.cg, &w.other, &["tcp", &tcp4]), EPERM);
 
     // A good one (unattested: allow) takes effect at once.
     let good = w.dir.path("good.yaml");

@@ -219,11 +219,72 @@ def machine_line(data):
 
 def table(header, body):
     lines = ["| " + " | ".join(header) + " |",
-             "|" + "|".join(":---" if h in ("config", "caller") else "---:"
+             "|" + "|".join(":---" if h in ("config", "caller", "target", "this run", "verdict", "what") else "---:"
                             for h in header) + "|"]
     for row in body:
         lines.append("| " + " | ".join(cell(c) for c in row) + " |")
     return lines
+
+
+def find_row(rows, workload, config, rules, caller):
+    for r in rows:
+        if (r.workload, r.config, r.rules, r.caller) == (workload, config, rules, caller):
+            return r
+    return None
+
+
+def render_targets(data, rows):
+    """The issue's targets, each checked against this run's numbers."""
+    out = ["#### Targets", "",
+           "Each line is computed from this run's results (nothing typed in by hand).", ""]
+    body = []
+
+    def line(target, value, ok):
+        verdict = "-" if ok is None else ("met" if ok else "MISSED")
+        body.append([target, value, verdict])
+
+    r = find_row(rows, "udp-connect4", "enforcer", 1_000_000, "attested")
+    v = r.added if r else None
+    line("UDP connect added p50 at 1M rules <= 0.30 us",
+         "-" if v is None else f"{v / 1e3:.2f} us", None if v is None else v <= 300)
+    r = find_row(rows, "tcp-connect4", "enforcer", 100_000, "attested")
+    v = r.ratio if r else None
+    line("TCP connect mean <= 1.03x baseline at 100k rules",
+         "-" if v is None else f"{v:.3f}x", None if v is None else v <= 1.03)
+    pr = data.get("prog_run_ns") if isinstance(data.get("prog_run_ns"), dict) else {}
+    a, b = num(pr.get("enforcer-10-connect4")), num(pr.get("enforcer-1000000-connect4"))
+    v = None if a is None or b is None else b - a
+    line("connect4 program run time growth 10 -> 1M rules <= 150 ns",
+         "-" if v is None else f"{v:+.0f} ns ({a:.0f} -> {b:.0f} ns)",
+         None if v is None else v <= 150)
+    extra = data.get("extra") if isinstance(data.get("extra"), dict) else {}
+    ex = extra.get("exec") if isinstance(extra.get("exec"), dict) else {}
+    lost, rate = num(ex.get("events_lost")), num(ex.get("rate_per_s"))
+    blost = num(ex.get("burst_events_lost"))
+    if lost is not None:
+        total = lost + (blost or 0)
+        line("0 exec events lost at the machine's max exec rate (and in 10x bursts)",
+             f"{total:.0f} lost at {rate or 0:.0f} exec/s", total == 0)
+    runs = [a for a in data.get("apply_runs") or [] if isinstance(a, dict)]
+    for n, limit in ((10_000, 20.0), (1_000_000, 2000.0)):
+        a = next((x for x in runs if num(x.get("rules")) == n and x.get("what") == "apply"), None)
+        v = num(a.get("apply_ms")) if a else None
+        dec = num(a.get("decode_ms")) if a else None
+        extra_txt = "" if dec is None else f" (+ {dec:.0f} ms to decode the bundle first)"
+        line(f"apply of {fmt_rules(n)} rules <= {limit:.0f} ms (to the flip)",
+             "-" if v is None else f"{v:.1f} ms{extra_txt}", None if v is None else v <= limit)
+    rss, cpu = num(ex.get("agent_rss_kib")), num(ex.get("agent_cpu_pct"))
+    if rss is not None:
+        line("agent RSS <= 25 MiB", f"{rss / 1024:.1f} MiB", rss / 1024 <= 25)
+    if cpu is not None and rate:
+        per_k = cpu * 1000 / rate
+        line("agent CPU <= 5% of a core at 1k exec/s", f"{per_k:.1f}% per 1k exec/s", per_k <= 5)
+    fails = sum(num((x.get("inflight") or {}).get("failed")) or 0 for x in runs)
+    if runs:
+        line("no connect fails while an apply is in flight", f"{fails:.0f} failed", fails == 0)
+    out += table(["target", "this run", "verdict"], body)
+    out.append("")
+    return out
 
 
 def render_md(data, rows, png_name):
@@ -241,6 +302,8 @@ def render_md(data, rows, png_name):
     out.append("Added p50 and mean ratio are against the baseline (config `none`) "
                "measured in the same round.")
     out.append("")
+
+    out += render_targets(data, rows)
 
     groups = by_workload(rows)
     if not groups:

@@ -293,10 +293,14 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
         } => {
             let name = file.display().to_string();
             let bytes = read(&file)?;
-            // Check locally first: errors come with their FILE:LINE:COL, and nothing is sent.
-            let (_, warnings) = policy::load(&name, &bytes).map_err(anyhow::Error::new)?;
-            for w in &warnings {
-                eprintln!("{}", w.render(&name));
+            // Check YAML locally first: errors come with their FILE:LINE:COL, and nothing is
+            // sent. A bundle was checked when it was compiled; the agent decodes and
+            // validates it again before anything is touched, so it is not decoded twice here.
+            if !policy::is_bundle(&bytes) {
+                let (_, warnings) = policy::load(&name, &bytes).map_err(anyhow::Error::new)?;
+                for w in &warnings {
+                    eprintln!("{}", w.render(&name));
+                }
             }
             let req = api::ApplyRequest {
                 policy: bytes,

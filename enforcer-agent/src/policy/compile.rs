@@ -99,9 +99,57 @@ pub fn rule_entries_of(
     extra: &[Rule],
     generation: u32,
 ) -> Result<Vec<(RuleKey, RuleValue)>, PolicyError> {
+    let groups = group_rules(rules, extra)?;
+    // Groups are independent: large policies compile on every CPU.
+    let total: usize = groups.iter().map(|(_, v)| v.len()).sum();
+    let workers = if total < PARALLEL_FROM {
+        1
+    } else {
+        std::thread::available_parallelism()
+            .map_or(1, |n| n.get())
+            .clamp(1, 4)
+    };
+    let mut chunks: Vec<&[Group<'_>]> = Vec::new();
+    let (mut from, mut acc) = (0, 0);
+    for (i, (_, items)) in groups.iter().enumerate() {
+        acc += items.len();
+        if acc * workers >= total * (chunks.len() + 1) || i + 1 == groups.len() {
+            chunks.push(&groups[from..=i]);
+            from = i + 1;
+        }
+    }
+    let parts: Vec<Result<Vec<(RuleKey, RuleValue)>, PolicyError>> = if chunks.len() <= 1 {
+        chunks
+            .iter()
+            .map(|c| compile_groups(c, generation))
+            .collect()
+    } else {
+        std::thread::scope(|s| {
+            let handles: Vec<_> = chunks
+                .iter()
+                .map(|c| s.spawn(move || compile_groups(c, generation)))
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+                .collect()
+        })
+    };
     let mut out: Vec<(RuleKey, RuleValue)> = Vec::new();
-    // Group the rules by (ident, family); protocol is checked per proto below.
-    let mut groups: BTreeMap<(u32, u8), Vec<Item<'_>>> = BTreeMap::new();
+    for part in parts {
+        out.extend(part?);
+        if out.len() > LIMIT {
+            return Err(PolicyError::TooManyRules { limit: LIMIT });
+        }
+    }
+    out.sort_unstable_by_key(|(k, _)| (k.data, k.prefix_len));
+    Ok(out)
+}
+
+/// The rules grouped by (identity, family), in key order; protocol is checked per proto
+/// when compiling.
+fn group_rules<'a>(rules: &'a [Rule], extra: &'a [Rule]) -> Result<Vec<Group<'a>>, PolicyError> {
+    let mut groups: BTreeMap<(u32, u8), Vec<Item<'a>>> = BTreeMap::new();
     for (i, rule) in rules.iter().chain(extra).enumerate() {
         if rule.to_ident != 0 {
             // Identity destinations are expanded by the agent into cidr rules for the
@@ -118,7 +166,22 @@ pub fn rule_entries_of(
                 ports: normalized_ports(&rule.ports),
             });
     }
-    for ((ident, _family), items) in &groups {
+    Ok(groups.into_iter().collect())
+}
+
+/// The rules of one (identity, address family).
+type Group<'a> = ((u32, u8), Vec<Item<'a>>);
+
+/// Below this many rules one thread compiles faster than several.
+const PARALLEL_FROM: usize = 50_000;
+
+/// The entries of some (identity, family) groups.
+fn compile_groups(
+    groups: &[Group<'_>],
+    generation: u32,
+) -> Result<Vec<(RuleKey, RuleValue)>, PolicyError> {
+    let mut out: Vec<(RuleKey, RuleValue)> = Vec::new();
+    for ((ident, _family), items) in groups {
         for proto in [PROTO_TCP, PROTO_UDP] {
             let items: Vec<&Item<'_>> = items
                 .iter()
@@ -165,7 +228,6 @@ pub fn rule_entries_of(
             }
         }
     }
-    out.sort_by_key(|(k, _)| (k.data, k.prefix_len));
     Ok(out)
 }
 

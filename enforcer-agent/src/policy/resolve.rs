@@ -190,7 +190,16 @@ impl Classes {
             uid.extend(e.uid.iter().copied());
         }
         Classes {
-            policy: policy.clone(),
+            // Identities are all classes need: never copy the (possibly million) rules.
+            policy: Policy {
+                trust_domain: policy.trust_domain.clone(),
+                mode: policy.mode,
+                unattested: policy.unattested,
+                scope: policy.scope.clone(),
+                report_allow: policy.report_allow,
+                identities: policy.identities.clone(),
+                rules: Vec::new(),
+            },
             sha_atoms: sha.into_iter().collect(),
             path_atoms: path.into_iter().collect(),
             globs: glob.into_iter().collect(),

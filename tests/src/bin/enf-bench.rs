@@ -880,7 +880,7 @@ fn exec_and_memory(
     let burst_known = counter(agent, "exec_known") - known0;
     let burst_failed = counter(agent, "proc_insert_failed") - failed0;
     notes.push(format!(
-        "Exec bursts: 5 bursts of 20 concurrent spawners (10x the sustained run's 2) x 250 fork+exec each: {} exec/s; {burst_lost} events lost, {burst_known} execs given their identity in the kernel at exec (of 5,000), {burst_failed} process-table insert failures.",
+        "Exec bursts: 5 bursts of 20 concurrent spawners (10x the sustained run's 2) x 250 fork+exec each: {} exec/s; {burst_lost} events lost, {burst_known} execs given their identity in the kernel at exec (of 25,000 plus the spawners), {burst_failed} process-table insert failures.",
         burst_rates
             .iter()
             .map(|r| format!("{r:.0}"))

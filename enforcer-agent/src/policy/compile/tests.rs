@@ -235,3 +235,39 @@ fn too_many_rules() {
         e.map(|v| v.len())
     );
 }
+
+#[test]
+fn large_policies_compile_the_same_on_several_threads() -> Result<(), PolicyError> {
+    let mut r = Rng(0x9e37_79b9_7f4a_7c15);
+    let rules: Vec<Rule> = (0..PARALLEL_FROM * 2)
+        .filter_map(|i| {
+            let cidr: IpNet = if r.below(4) == 0 {
+                NETS[r.below(NETS.len())].parse().ok()?
+            } else {
+                format!("10.{}.{}.{}/32", i % 200, r.below(250), r.below(250))
+                    .parse()
+                    .ok()?
+            };
+            Some(Rule {
+                to_ident: 0,
+                ident: 1 + u32::try_from(r.below(300)).unwrap_or(0),
+                deny: r.below(20) == 0,
+                cidr,
+                ports: PORT_SETS[r.below(PORT_SETS.len())].to_vec(),
+                protocol: [Protocol::Tcp, Protocol::Udp, Protocol::Any][r.below(3)],
+                line: 0,
+                text: String::new(),
+            })
+        })
+        .collect();
+    let p = policy_with(rules, 300);
+    let parallel = rule_entries(&p, 1)?;
+    let mut sequential = compile_groups(&group_rules(&p.rules, &[])?, 1)?;
+    sequential.sort_unstable_by_key(|(k, _)| (k.data, k.prefix_len));
+    assert!(parallel.len() > PARALLEL_FROM);
+    assert!(
+        parallel == sequential,
+        "parallel and sequential compiles differ"
+    );
+    Ok(())
+}
