@@ -44,6 +44,8 @@ pub struct Options {
     pub events_file: Option<PathBuf>,
     /// Serve Prometheus metrics on this address (opt-in).
     pub metrics_addr: Option<std::net::SocketAddr>,
+    /// Rule entries a policy may compile to (`--max-rules`); sizes the rule maps.
+    pub max_rules: u32,
 }
 
 /// One executable the agent hashed, by its `exe_id`.
@@ -125,7 +127,8 @@ impl Agent {
         // Everything about the policy that can be refused is refused before the kernel is
         // touched: a rejected policy leaves no pin and no attachment behind.
         scope_dirs(&opts.policy, &cg_mount)?;
-        policy::rule_entries(&opts.policy, 0).map_err(anyhow::Error::new)?;
+        policy::rule_entries_of(&opts.policy.rules, &[], 0, opts.max_rules as usize)
+            .map_err(anyhow::Error::new)?;
         let fresh = !opts.pin_dir.join(MAP_CONFIG).exists();
         let started = Self::start_kernel(opts, cg_mount, offsets);
         if started.is_err() && fresh {
@@ -135,7 +138,15 @@ impl Agent {
     }
 
     fn start_kernel(opts: &Options, cg_mount: PathBuf, offsets: KernelOffsets) -> Result<Self> {
-        let mut kernel = Kernel::load(&opts.pin_dir)?;
+        let mut kernel = Kernel::load(&opts.pin_dir, opts.max_rules)?;
+        if kernel.max_rules != opts.max_rules as usize {
+            tracing::warn!(
+                pinned = kernel.max_rules,
+                asked = opts.max_rules,
+                "the pinned rule maps keep their capacity of {} rules; --max-rules takes effect after `enforcer-agent uninstall` (which stops enforcement) and a restart",
+                kernel.max_rules
+            );
+        }
         if kernel.took_over {
             tracing::info!(pins = %opts.pin_dir.display(), "taking over pinned kernel state; enforcement never stopped");
         }
@@ -389,8 +400,8 @@ impl Agent {
         // Everything that can be rejected is computed before the kernel is touched.
         let found = self.find_listeners(&policy);
         let extra = listeners::listener_rules(&policy, &found, &listeners::local_addresses());
-        let rules =
-            policy::rule_entries_of(&policy.rules, &extra, next).map_err(anyhow::Error::new)?;
+        let rules = policy::rule_entries_of(&policy.rules, &extra, next, self.kernel.max_rules)
+            .map_err(anyhow::Error::new)?;
         let scope_dirs = scope_dirs(&policy, &self.cg_mount)?;
         let mut classes = Classes::new(&policy);
         let bins: Vec<(u32, u32)> = self

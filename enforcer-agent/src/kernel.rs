@@ -109,6 +109,8 @@ pub struct Kernel {
     pub events: Option<RingBuf<MapData>>,
     /// True when pinned state of a previous agent was found and taken over.
     pub took_over: bool,
+    /// Rule entries one policy may use: half the capacity of the rule maps (two generations).
+    pub max_rules: usize,
     /// `ENF_RULES` + `ENF_HOSTS` content of each generation as this agent last wrote it,
     /// sorted by [`entry_order`] (None: unknown).
     rules_written: [Option<Vec<(RuleKey, RuleValue)>>; 2],
@@ -197,7 +199,11 @@ where
 impl Kernel {
     /// Loads the programs, reusing the maps pinned under `pin_dir` when a previous agent left
     /// them (that is the takeover: the kernel state is never rebuilt from scratch).
-    pub fn load(pin_dir: &Path) -> Result<Self, KernelError> {
+    ///
+    /// The rule maps get room for two generations of `max_rules` entries, unless pinned maps
+    /// exist: their capacity stays (see [`Kernel::max_rules`]); changing it takes an
+    /// `uninstall` first.
+    pub fn load(pin_dir: &Path, max_rules: u32) -> Result<Self, KernelError> {
         if OBJECT.is_empty() {
             return Err(KernelError::NoObject);
         }
@@ -206,8 +212,14 @@ impl Kernel {
             path: pin_dir.to_path_buf(),
             err,
         })?;
+        let capacity = MapData::from_pin(pin_dir.join(MAP_HOSTS))
+            .ok()
+            .and_then(|m| m.info().ok())
+            .map_or(max_rules.saturating_mul(2), |i| i.max_entries());
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(pin_dir)
+            .map_max_entries(MAP_HOSTS, capacity)
+            .map_max_entries(MAP_RULES, capacity)
             .load(OBJECT)
             .map_err(|e| KernelError::Load(Box::new(e)))?;
         for (_, name) in HOOKS {
@@ -241,6 +253,7 @@ impl Kernel {
             maps,
             events,
             took_over: false,
+            max_rules: capacity as usize / 2,
             rules_written: [None, None],
         };
         let cfg = k.config()?;
@@ -748,12 +761,12 @@ impl Kernel {
             (
                 MAP_RULES,
                 n(self.maps.rules.keys().count()),
-                MAX_RULES.into(),
+                2 * self.max_rules as u64,
             ),
             (
                 MAP_HOSTS,
                 n(self.maps.hosts.keys().count()),
-                MAX_RULES.into(),
+                2 * self.max_rules as u64,
             ),
         ]
     }
@@ -890,8 +903,7 @@ fn batch_unsupported(e: &io::Error) -> bool {
 fn batch_error(e: &io::Error) -> String {
     match e.raw_os_error() {
         Some(libc::E2BIG | libc::ENOMEM) => format!(
-            "{e}; the map is full or the kernel is out of memory: reduce the number of rules (at most {} entries per generation)",
-            MAX_RULES / 2
+            "{e}; the map is full or the kernel is out of memory: reduce the number of rules or raise `run --max-rules`"
         ),
         _ => e.to_string(),
     }

@@ -359,7 +359,12 @@ impl Agent {
     /// agent compiled (someone edited a map by hand, or a write was lost).
     fn drift(&self, generation: u32) -> Vec<String> {
         let mut out = Vec::new();
-        match policy::rule_entries_of(&self.policy.rules, &self.listener_rules, generation) {
+        match policy::rule_entries_of(
+            &self.policy.rules,
+            &self.listener_rules,
+            generation,
+            self.kernel.max_rules,
+        ) {
             Ok(want) => {
                 let have = self.kernel.rules_of(generation);
                 compare("ENF_RULES", &want, &have, &mut out);

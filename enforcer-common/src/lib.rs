@@ -67,7 +67,13 @@ pub const MAX_PROCS: u32 = 1 << 16;
 pub const MAX_EXES: u32 = 1 << 16;
 pub const MAX_CGROUPS: u32 = 1 << 14;
 pub const MAX_IDMATCH: u32 = 1 << 16;
-pub const MAX_RULES: u32 = 1 << 21;
+/// Rule entries one policy may compile to unless `run --max-rules` says otherwise.
+pub const DEFAULT_MAX_RULES: u32 = 1 << 17;
+/// Largest `run --max-rules`.
+pub const MAX_RULES_LIMIT: u32 = 1 << 23;
+/// Capacity the object declares for `ENF_HOSTS` and `ENF_RULES` (two generations at the
+/// default); the agent sets the real one at load from `--max-rules`.
+pub const MAX_RULES: u32 = 2 * DEFAULT_MAX_RULES;
 pub const MAX_SCOPES: u32 = 16;
 /// (executable, cgroup) pairs of unattested traffic kept for the coverage report (LRU: this
 /// is a statistic, never an identity).

@@ -499,6 +499,35 @@ fn rejected_policy_changes_nothing() {
     assert!(!left, "a refused policy left pins under {}", pins.display());
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("no-such-cgroup-enftest"), "{err}");
+
+    // More rule entries than --max-rules gives room for: refused before the kernel is touched.
+    let cg = TestCgroup::new("reject-big");
+    let egress: String = (1..=10)
+        .map(|i| format!("      - to: {{cidr: 10.0.0.{i}/32, ports: [80]}}\n"))
+        .collect();
+    fs::write(&p, format!("apiVersion: enforcer/v1\nkind: Policy\ntrustDomain: x.org\nscope: [\"{}\"]\nidentities:\n  - name: a\n    match:\n      - uid: [4242]\nrules:\n  - identity: a\n    egress:\n{egress}", cg.rel)).expect("w");
+    let (code, _, err) = run_cmd(
+        &agent_bin(),
+        &[
+            "run",
+            "--policy",
+            p.to_str().expect("p"),
+            "--max-rules",
+            "8",
+            "--bpffs-dir",
+            pins.join("v1").to_str().expect("p"),
+            "--state-dir",
+            dir.path("s").to_str().expect("p"),
+        ],
+    );
+    let left = pins.exists();
+    remove_pins(&pins);
+    assert!(!left, "a refused policy left pins under {}", pins.display());
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("more than 8 kernel rule entries") && err.contains("--max-rules"),
+        "{err}"
+    );
 }
 
 /// Two policies that give `app` and `other` the same verdicts but swap their identity

@@ -51,6 +51,11 @@ enum Cmd {
         /// Serve Prometheus metrics on ADDR:PORT (e.g. 127.0.0.1:9090); off by default.
         #[arg(long)]
         metrics_addr: Option<std::net::SocketAddr>,
+        /// Rule entries a policy may compile to. The kernel keeps two policies side by side:
+        /// about 2 x N x 100 B when full, plus 32 B x N for the host table's buckets.
+        #[arg(long, default_value_t = enforcer_common::DEFAULT_MAX_RULES,
+              value_parser = clap::value_parser!(u32).range(1..=i64::from(enforcer_common::MAX_RULES_LIMIT)))]
+        max_rules: u32,
     },
     /// Print shell completions generated from this command line.
     Completions {
@@ -401,6 +406,7 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
             unpin_on_exit,
             metrics_addr,
             events_file,
+            max_rules,
         } => {
             tracing_subscriber::fmt()
                 .with_env_filter(
@@ -442,6 +448,7 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
                 unpin_on_exit,
                 metrics_addr,
                 events_file,
+                max_rules,
             };
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()

@@ -10,15 +10,15 @@ use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 use enforcer_common::{
-    FAMILY_V4, FAMILY_V6, MAX_RULES, PROTO_TCP, PROTO_UDP, RULE_FIXED_BITS, RuleKey, RuleKeyData,
-    RuleValue, VERDICT_ALLOW, VERDICT_DENY,
+    FAMILY_V4, FAMILY_V6, MAX_RULES_LIMIT, PROTO_TCP, PROTO_UDP, RULE_FIXED_BITS, RuleKey,
+    RuleKeyData, RuleValue, VERDICT_ALLOW, VERDICT_DENY,
 };
 use ipnet::IpNet;
 
 use super::{Policy, PolicyError, Protocol, Rule};
 
-/// Entries one generation may use: two generations share the map.
-const LIMIT: usize = MAX_RULES as usize / 2;
+/// Entries a policy may compile to when no agent capacity is known (`policy compile`).
+const LIMIT: usize = MAX_RULES_LIMIT as usize;
 
 struct Item<'a> {
     id: u32,
@@ -90,16 +90,18 @@ pub fn rule_entries(
     policy: &Policy,
     generation: u32,
 ) -> Result<Vec<(RuleKey, RuleValue)>, PolicyError> {
-    rule_entries_of(&policy.rules, &[], generation)
+    rule_entries_of(&policy.rules, &[], generation, LIMIT)
 }
 
-/// [`rule_entries`] of `rules` followed by `extra` (rule ids count across both).
+/// [`rule_entries`] of `rules` followed by `extra` (rule ids count across both), refused
+/// beyond `limit` entries (the agent's `--max-rules`).
 pub fn rule_entries_of(
     rules: &[Rule],
     extra: &[Rule],
     generation: u32,
+    limit: usize,
 ) -> Result<Vec<(RuleKey, RuleValue)>, PolicyError> {
-    let groups = group_rules(rules, extra)?;
+    let groups = group_rules(rules, extra, limit)?;
     // Groups are independent: large policies compile on every CPU.
     let total: usize = groups.iter().map(|(_, v)| v.len()).sum();
     let workers = if total < PARALLEL_FROM {
@@ -121,13 +123,13 @@ pub fn rule_entries_of(
     let parts: Vec<Result<Vec<(RuleKey, RuleValue)>, PolicyError>> = if chunks.len() <= 1 {
         chunks
             .iter()
-            .map(|c| compile_groups(c, generation))
+            .map(|c| compile_groups(c, generation, limit))
             .collect()
     } else {
         std::thread::scope(|s| {
             let handles: Vec<_> = chunks
                 .iter()
-                .map(|c| s.spawn(move || compile_groups(c, generation)))
+                .map(|c| s.spawn(move || compile_groups(c, generation, limit)))
                 .collect();
             handles
                 .into_iter()
@@ -138,8 +140,8 @@ pub fn rule_entries_of(
     let mut out: Vec<(RuleKey, RuleValue)> = Vec::new();
     for part in parts {
         out.extend(part?);
-        if out.len() > LIMIT {
-            return Err(PolicyError::TooManyRules { limit: LIMIT });
+        if out.len() > limit {
+            return Err(PolicyError::TooManyRules { limit });
         }
     }
     out.sort_unstable_by_key(|(k, _)| (k.data, k.prefix_len));
@@ -148,7 +150,11 @@ pub fn rule_entries_of(
 
 /// The rules grouped by (identity, family), in key order; protocol is checked per proto
 /// when compiling.
-fn group_rules<'a>(rules: &'a [Rule], extra: &'a [Rule]) -> Result<Vec<Group<'a>>, PolicyError> {
+fn group_rules<'a>(
+    rules: &'a [Rule],
+    extra: &'a [Rule],
+    limit: usize,
+) -> Result<Vec<Group<'a>>, PolicyError> {
     let mut groups: BTreeMap<(u32, u8), Vec<Item<'a>>> = BTreeMap::new();
     for (i, rule) in rules.iter().chain(extra).enumerate() {
         if rule.to_ident != 0 {
@@ -156,7 +162,7 @@ fn group_rules<'a>(rules: &'a [Rule], extra: &'a [Rule]) -> Result<Vec<Group<'a>
             // current listeners of that identity (see `daemon`).
             continue;
         }
-        let id = u32::try_from(i).map_err(|_| PolicyError::TooManyRules { limit: LIMIT })?;
+        let id = u32::try_from(i).map_err(|_| PolicyError::TooManyRules { limit })?;
         groups
             .entry((rule.ident, family_of(&rule.cidr)))
             .or_default()
@@ -179,6 +185,7 @@ const PARALLEL_FROM: usize = 50_000;
 fn compile_groups(
     groups: &[Group<'_>],
     generation: u32,
+    limit: usize,
 ) -> Result<Vec<(RuleKey, RuleValue)>, PolicyError> {
     let mut out: Vec<(RuleKey, RuleValue)> = Vec::new();
     for ((ident, _family), items) in groups {
@@ -202,8 +209,8 @@ fn compile_groups(
                     refs += usize::from(b - a) + 1 + all.len();
                 }
             }
-            if out.len() + refs > LIMIT.saturating_mul(4) {
-                return Err(PolicyError::TooManyRules { limit: LIMIT });
+            if out.len() + refs > limit.saturating_mul(4) {
+                return Err(PolicyError::TooManyRules { limit });
             }
             let mut by_port: BTreeMap<u16, Vec<&Item<'_>>> = BTreeMap::new();
             for it in &items {
@@ -223,8 +230,8 @@ fn compile_groups(
                 group.extend(all.iter().copied());
                 emit_group(&mut out, generation, *ident, proto, port, &group);
             }
-            if out.len() > LIMIT {
-                return Err(PolicyError::TooManyRules { limit: LIMIT });
+            if out.len() > limit {
+                return Err(PolicyError::TooManyRules { limit });
             }
         }
     }

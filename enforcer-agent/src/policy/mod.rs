@@ -189,7 +189,7 @@ pub enum PolicyError {
     )]
     InvalidBundle(String),
     #[error(
-        "the policy compiles to more than {limit} kernel rule entries; use fewer or wider port ranges (a range is expanded to one entry per port) or fewer CIDRs"
+        "the policy compiles to more than {limit} kernel rule entries; use fewer or wider port ranges (a range is expanded to one entry per port) or fewer CIDRs, or give the agent room with `enforcer-agent run --max-rules N`"
     )]
     TooManyRules { limit: usize },
 }

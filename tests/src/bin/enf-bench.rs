@@ -494,7 +494,7 @@ fn apply_benchmark(
     let cg = TestCgroup::new("b-apply");
     let agent = Agent::start_bytes(
         &policy::encode_bundle(&bench_policy(&cg.rel, worker_sha, l, 10)),
-        &[],
+        &["--max-rules", "1100000"],
     );
     let_settle();
     let mut rows = Vec::new();
@@ -985,7 +985,9 @@ fn run(out: &Path, rounds: usize) -> Result<(), String> {
         let bundle = policy::encode_bundle(&p);
         eprintln!("enf-bench: starting an agent with {rules} rules");
         let t0 = Instant::now();
-        let agent = Agent::start_bytes(&bundle, &[]);
+        // Room for the policy (the default --max-rules is 131,072).
+        let room = (rules + rules / 10).max(u64::from(enforcer_common::DEFAULT_MAX_RULES));
+        let agent = Agent::start_bytes(&bundle, &["--max-rules", &room.to_string()]);
         let start_ms = t0.elapsed().as_secs_f64() * 1e3;
         let apply_ms = agent
             .log()

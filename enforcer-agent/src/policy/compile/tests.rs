@@ -228,12 +228,18 @@ fn too_many_rules() {
             })
         })
         .collect();
-    let e = rule_entries(&policy_with(rules, 1), 0);
+    let p = policy_with(rules, 1);
+    // Beyond the agent's capacity (`--max-rules`): refused, naming the limit.
+    let e = rule_entries_of(&p.rules, &[], 0, 100_000);
     assert!(
-        matches!(e, Err(PolicyError::TooManyRules { .. })),
+        matches!(e, Err(PolicyError::TooManyRules { limit: 100_000 })),
         "{:?}",
         e.map(|v| v.len())
     );
+    // Within it: compiled.
+    let small = policy_with(p.rules[..1].to_vec(), 1);
+    let ok = rule_entries_of(&small.rules, &[], 0, 200_000).map(|v| v.len());
+    assert!(matches!(ok, Ok(n) if n > 100_000), "{ok:?}");
 }
 
 #[test]
@@ -262,7 +268,7 @@ fn large_policies_compile_the_same_on_several_threads() -> Result<(), PolicyErro
         .collect();
     let p = policy_with(rules, 300);
     let parallel = rule_entries(&p, 1)?;
-    let mut sequential = compile_groups(&group_rules(&p.rules, &[])?, 1)?;
+    let mut sequential = compile_groups(&group_rules(&p.rules, &[], LIMIT)?, 1, LIMIT)?;
     sequential.sort_unstable_by_key(|(k, _)| (k.data, k.prefix_len));
     assert!(parallel.len() > PARALLEL_FROM);
     assert!(
