@@ -103,6 +103,16 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// What this kernel offers the enforcer (root): each feature found or missing, and what
+    /// the agent does without it. Exit 1 when `run` would refuse this kernel.
+    Probe {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Diagnostics: load one cgroup_sock_addr program of the embedded object through the
+    /// agent's loader and unload it (root). `enf_reject` shows what a kernel refusal prints.
+    #[command(hide = true)]
+    LoadProgram { name: String },
     /// Detach everything and remove the pinned state (enforcement stops).
     Uninstall {
         #[arg(long, default_value = DEFAULT_PIN_DIR)]
@@ -362,6 +372,49 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Cmd::Probe { json } => {
+            let p = enforcer_agent::probe::Probe::run();
+            let verdict = p.check();
+            if json {
+                let mut v = serde_json::to_value(&p)?;
+                v["supported"] = serde_json::Value::Bool(verdict.is_ok());
+                v["min_kernel"] = serde_json::Value::String(format!(
+                    "{}.{}",
+                    enforcer_agent::probe::MIN_KERNEL.0,
+                    enforcer_agent::probe::MIN_KERNEL.1
+                ));
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                println!("kernel {}", p.release);
+                print_features(
+                    p.features
+                        .iter()
+                        .map(|f| (f.name, f.required, f.found, f.detail.as_str(), f.without)),
+                );
+            }
+            match verdict {
+                Ok(()) => Ok(ExitCode::SUCCESS),
+                Err(e) => {
+                    eprintln!("enforcer-agent: {e}");
+                    Ok(ExitCode::FAILURE)
+                }
+            }
+        }
+        Cmd::LoadProgram { name } => {
+            let name: &'static str = [
+                enforcer_common::PROG_CONNECT4,
+                enforcer_common::PROG_CONNECT6,
+                enforcer_common::PROG_SENDMSG4,
+                enforcer_common::PROG_SENDMSG6,
+                enforcer_common::PROG_REJECT,
+            ]
+            .into_iter()
+            .find(|n| *n == name)
+            .with_context(|| format!("no cgroup_sock_addr program `{name}` in the object"))?;
+            enforcer_agent::kernel::load_sock_addr_program(name)?;
+            eprintln!("{name}: loaded and unloaded");
+            Ok(ExitCode::SUCCESS)
+        }
         Cmd::Uninstall { bpffs_dir } => {
             enforcer_agent::kernel::uninstall(&bpffs_dir)?;
             eprintln!(
@@ -464,10 +517,16 @@ fn print_status(s: &api::Status) {
             println!("  {d}");
         }
     }
-    println!("kernel features:");
-    for f in &s.kernel_features {
-        println!("  {f}");
-    }
+    println!("kernel {}: features", s.kernel_release);
+    print_features(s.features.iter().map(|f| {
+        (
+            f.name.as_str(),
+            f.required,
+            f.found,
+            f.detail.as_str(),
+            f.without.as_str(),
+        )
+    }));
     println!("attached:");
     for a in &s.attached {
         println!("  {:<40} {}", a.program, a.target);
@@ -495,5 +554,18 @@ fn print_status(s: &api::Status) {
             u.cgroup,
             u.destinations.join(", ")
         );
+    }
+}
+
+/// One line per feature: name, found/missing, and for a missing one what the agent does.
+fn print_features<'a>(features: impl Iterator<Item = (&'a str, bool, bool, &'a str, &'a str)>) {
+    for (name, required, found, detail, without) in features {
+        let need = if required { "required" } else { "optional" };
+        if found {
+            println!("  {name:<34} found    ({need}) {detail}");
+        } else {
+            println!("  {name:<34} MISSING  ({need}) {detail}");
+            println!("  {:<34}          without it: {without}", "");
+        }
     }
 }
