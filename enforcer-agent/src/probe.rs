@@ -189,12 +189,12 @@ impl Probe {
             },
             HOLD_WITHOUT_BTF,
         );
-        add(
-            "prog_cgroup_sock_addr",
-            true,
-            yes_no(is_program_supported(ProgramType::CgroupSockAddr)),
-            REFUSE,
-        );
+        for (name, t) in [
+            ("prog_cgroup_sock_addr", ProgramType::CgroupSockAddr),
+            ("prog_raw_tracepoint", ProgramType::RawTracePoint),
+        ] {
+            add(name, true, yes_no(is_program_supported(t)), REFUSE);
+        }
         for (name, attach) in [
             ("attach_connect4", ATTACH_INET4_CONNECT),
             ("attach_connect6", ATTACH_INET6_CONNECT),
@@ -209,12 +209,6 @@ impl Probe {
             );
         }
         add("cgroup_bpf_link", true, cgroup_link(), REFUSE);
-        add(
-            "prog_raw_tracepoint",
-            true,
-            yes_no(is_program_supported(ProgramType::RawTracePoint)),
-            REFUSE,
-        );
         for (name, t) in [
             ("map_hash", MapType::Hash),
             ("map_lru_hash", MapType::LruHash),

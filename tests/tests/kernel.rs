@@ -68,6 +68,23 @@ fn s(a: std::net::SocketAddr) -> String {
     a.to_string()
 }
 
+/// Exec re-attests: `app` exec'ing `other` is judged as `other` (unattested: denied), never
+/// with the identity of the program before it; `other` exec'ing `app` gains `app`'s identity.
+fn assert_exec_reattests(st: &Setup, tcp4: &str) {
+    let other = st.other.to_string_lossy().into_owned();
+    assert_eq!(
+        run_in(&st.cg, &st.app, &["exec", &other, "tcp", tcp4]),
+        EPERM,
+        "exec must re-attest: the new program never keeps the identity of the one before it"
+    );
+    let app = st.app.to_string_lossy().into_owned();
+    assert_eq!(
+        run_in(&st.cg, &st.other, &["exec", &app, "tcp", tcp4]),
+        OK,
+        "exec of the allowed binary gains its identity"
+    );
+}
+
 #[test]
 fn enforce_tcp_udp_ipv4_ipv6() {
     if !require_root("enforce_tcp_udp_ipv4_ipv6") {
@@ -316,20 +333,7 @@ fn fork_inherits_exec_reattests_exit_removes() {
         OK,
         "a forked child keeps its parent's identity"
     );
-    // app execs other: the new program is judged as itself (unattested -> deny)
-    let other = st.other.to_string_lossy().into_owned();
-    assert_eq!(
-        run_in(&st.cg, &st.app, &["exec", &other, "tcp", &tcp4]),
-        EPERM,
-        "exec must re-attest"
-    );
-    // other execs app: gains app's identity
-    let app = st.app.to_string_lossy().into_owned();
-    assert_eq!(
-        run_in(&st.cg, &st.other, &["exec", &app, "tcp", &tcp4]),
-        OK,
-        "exec of the allowed binary"
-    );
+    assert_exec_reattests(&st, &tcp4);
     // A forked child of an unattested parent stays unattested.
     assert_eq!(run_in(&st.cg, &st.other, &["fork", "tcp", &tcp4]), EPERM);
     // exit removes the entry at once
@@ -814,18 +818,7 @@ fn without_btf_every_exec_is_held_and_enforcement_holds() {
         EPERM,
         "an unknown binary must stay denied without BTF"
     );
-    let other = st.other.to_string_lossy().into_owned();
-    assert_eq!(
-        run_in(&st.cg, &st.app, &["exec", &other, "tcp", &tcp4]),
-        EPERM,
-        "an exec must never keep the identity of the program before it"
-    );
-    let app = st.app.to_string_lossy().into_owned();
-    assert_eq!(
-        run_in(&st.cg, &st.other, &["exec", &app, "tcp", &tcp4]),
-        OK,
-        "exec of the allowed binary: held, attested, allowed"
-    );
+    assert_exec_reattests(&st, &tcp4);
     assert_eq!(
         run_in(&st.cg, &st.app, &["fork", "tcp", &tcp4]),
         EPERM,

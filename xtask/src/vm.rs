@@ -497,11 +497,44 @@ fn keep_vmlinuz(dir: &Path, tree: &Path, debs: &[PathBuf]) -> Result<Option<Path
     Ok(Some(kept))
 }
 
+/// Removes the .debs of a kernel whose vmlinuz is kept (left by an older vm-test), naming
+/// them in its `source` marker when that is empty.
+fn prune_debs(cache: &Path, dir: &Path, pkg: &str) -> Result<()> {
+    let binary = pkg.replacen("linux-image-", "linux-binary-", 1);
+    let mut debs = Vec::new();
+    for prefix in [format!("{pkg}_"), format!("{binary}_")] {
+        if let Some(d) = find_deb(cache, &prefix)? {
+            debs.push(d);
+        }
+    }
+    if debs.is_empty() {
+        return Ok(());
+    }
+    let marker = dir.join("source");
+    if fs::read_to_string(&marker)
+        .unwrap_or_default()
+        .trim()
+        .is_empty()
+    {
+        let names: String = debs
+            .iter()
+            .filter_map(|d| d.file_name())
+            .map(|n| format!("{}\n", n.to_string_lossy()))
+            .collect();
+        fs::write(&marker, names).with_context(|| format!("writing {}", marker.display()))?;
+    }
+    for d in &debs {
+        fs::remove_file(d).with_context(|| format!("removing {}", d.display()))?;
+    }
+    Ok(())
+}
+
 /// Returns (package name, path of vmlinuz).
 fn fetch_kernel(vm: &Path, k: &KernelLine, refresh: bool) -> Result<(String, PathBuf)> {
     let kernels = vm.join("kernels");
-    if !refresh && let Some(kept) = kept_kernel(&kernels, k) {
-        return Ok(kept);
+    if !refresh && let Some((pkg, v)) = kept_kernel(&kernels, k) {
+        prune_debs(&vm.join("cache"), &kernels.join(&pkg), &pkg)?;
+        return Ok((pkg, v));
     }
     let aptdir = vm.join("apt").join(k.suite);
     for d in [
@@ -573,6 +606,7 @@ fn fetch_kernel(vm: &Path, k: &KernelLine, refresh: bool) -> Result<(String, Pat
     }
     // A tree extracted by an older vm-test: keep its vmlinuz, drop the rest.
     if let Some(v) = keep_vmlinuz(&dir, &dir, &[])? {
+        prune_debs(&vm.join("cache"), &dir, &pkg)?;
         return Ok((pkg, v));
     }
     let cache = vm.join("cache");
@@ -1358,6 +1392,9 @@ fn test_cell(r: &GuestResult, test: &str) -> String {
     }
 }
 
+/// Kernel log lines printed for a failed guest.
+const DMESG_TAIL: usize = 200;
+
 /// What a failed guest leaves to read: verifier logs of rejected programs and the kernel log.
 fn failure_details(label: &str, r: &GuestResult) -> String {
     let mut out = String::new();
@@ -1371,9 +1408,14 @@ fn failure_details(label: &str, r: &GuestResult) -> String {
             "\n--- {label}: no kernel log (the guest stopped before it could print one) ---\n"
         ));
     } else {
+        // The end of the kernel log is where a failure shows; the boot is in the console log.
+        let lines: Vec<&str> = r.dmesg.lines().collect();
+        let start = lines.len().saturating_sub(DMESG_TAIL);
         out.push_str(&format!(
-            "\n--- {label}: kernel log (dmesg) ---\n{}\n--- end of kernel log ---\n",
-            r.dmesg
+            "\n--- {label}: kernel log (dmesg, last {} of {} lines; all of it is in the console log) ---\n{}\n--- end of kernel log ---\n",
+            lines.len() - start,
+            lines.len(),
+            lines[start..].join("\n")
         ));
     }
     out
@@ -1479,7 +1521,13 @@ fn matrix_markdown(names: &[&str], results: &[(String, GuestResult)]) -> String 
         md.push_str(&format!(
             "\nWhat the agent prints when the kernel verifier rejects one of its programs (`enforcer-agent load-program enf_reject`, a program that is wrong on purpose), on {}:\n\n```text\n{}\n```\n",
             col(i, r),
-            r.reject.trim()
+            r.reject
+                .lines()
+                // Timings change from run to run; the table should not.
+                .filter(|l| !l.starts_with("verification time"))
+                .collect::<Vec<_>>()
+                .join("\n")
+                .trim()
         ));
     }
     md

@@ -373,6 +373,7 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Probe { json } => {
+            init_logging();
             let p = enforcer_agent::probe::Probe::run();
             let verdict = p.check();
             if json {
@@ -432,14 +433,7 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
             metrics_addr,
             events_file,
         } => {
-            tracing_subscriber::fmt()
-                .with_env_filter(
-                    tracing_subscriber::EnvFilter::try_from_env("ENFORCER_LOG")
-                        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-                )
-                .with_writer(std::io::stderr)
-                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-                .init();
+            init_logging();
             let (p, source) = match &file {
                 Some(f) => {
                     let name = f.display().to_string();
@@ -484,6 +478,18 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// Logs to stderr (`ENFORCER_LOG` filters, default info).
+fn init_logging() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("ENFORCER_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
 }
 
 fn describe(d: &api::Decision) -> String {
