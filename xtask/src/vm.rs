@@ -9,7 +9,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     fs,
-    io::{BufRead as _, BufReader, Write as _},
+    io::{BufReader, Write as _},
     os::unix::fs::PermissionsExt as _,
     path::{Path, PathBuf},
     process::{Command, Stdio},
@@ -1091,9 +1091,14 @@ impl GuestResult {
 
 fn boot(kernel: &Path, initrd: &Path, log: &Path, timeout: Duration) -> Result<GuestResult> {
     let t0 = Instant::now();
+    // The serial console goes straight to a file: a pipe that fills up makes QEMU's UART
+    // drop (and garble) guest output, which lost test lines under load.
+    let _ = fs::remove_file(log);
     let mut c = clean_command("qemu-system-x86_64");
     c.args(["-accel", "tcg", "-cpu", "max", "-m", "2048", "-smp", "2"])
-        .args(["-nographic", "-no-reboot"])
+        .args(["-display", "none", "-monitor", "none", "-no-reboot"])
+        .arg("-serial")
+        .arg(format!("file:{}", log.display()))
         .arg("-kernel")
         .arg(kernel)
         .arg("-initrd")
@@ -1103,36 +1108,36 @@ fn boot(kernel: &Path, initrd: &Path, log: &Path, timeout: Duration) -> Result<G
             "console=ttyS0 panic=-1 quiet random.trust_cpu=on",
         ])
         .stdin(Stdio::null())
-        .stdout(Stdio::piped())
+        .stdout(Stdio::null())
         .stderr(Stdio::piped());
     let mut child = c.spawn().context("starting qemu-system-x86_64")?;
-    let stdout = child.stdout.take().context("qemu stdout")?;
     let stderr = child.stderr.take().context("qemu stderr")?;
-    let mut file = fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
-    let reader = std::thread::spawn(move || {
-        let mut r = BufReader::new(stdout);
-        let mut raw = Vec::new();
-        loop {
-            raw.clear();
-            match r.read_until(b'\n', &mut raw) {
-                Ok(0) | Err(_) => break,
-                Ok(_) => {
-                    let _ = file.write_all(&raw);
-                    let line = String::from_utf8_lossy(&raw);
-                    let line = line.trim_end();
-                    let line = line.find("=== VMTEST").map_or(line, |i| &line[i..]);
-                    if line.starts_with("test ")
-                        || line.starts_with("running ")
-                        || line.contains("=== VMTEST")
-                        || line.starts_with("vm-test:")
-                    {
-                        eprintln!("  guest| {line}");
-                    }
-                }
+    // Progress: the test lines of the console file as they arrive.
+    let mut shown = 0usize;
+    let mut progress = move || {
+        let Ok(bytes) = fs::read(log) else {
+            return;
+        };
+        let Some(end) = bytes.iter().rposition(|b| *b == b'\n') else {
+            return;
+        };
+        if end < shown {
+            return;
+        }
+        for raw in bytes[shown..=end].split(|b| *b == b'\n') {
+            let line = String::from_utf8_lossy(raw);
+            let line = line.trim_end();
+            let line = line.find("=== VMTEST").map_or(line, |i| &line[i..]);
+            if line.starts_with("test ")
+                || line.starts_with("running ")
+                || line.contains("=== VMTEST")
+                || line.starts_with("vm-test:")
+            {
+                eprintln!("  guest| {line}");
             }
         }
-        let _ = file.flush();
-    });
+        shown = end + 1;
+    };
     let err_reader = std::thread::spawn(move || {
         let mut s = String::new();
         let _ = std::io::Read::read_to_string(&mut BufReader::new(stderr), &mut s);
@@ -1143,6 +1148,7 @@ fn boot(kernel: &Path, initrd: &Path, log: &Path, timeout: Duration) -> Result<G
         if child.try_wait()?.is_some() {
             break;
         }
+        progress();
         if t0.elapsed() > timeout {
             timed_out = true;
             eprintln!(
@@ -1155,7 +1161,7 @@ fn boot(kernel: &Path, initrd: &Path, log: &Path, timeout: Duration) -> Result<G
         }
         std::thread::sleep(Duration::from_millis(200));
     }
-    let _ = reader.join();
+    progress();
     let qemu_err = err_reader.join().unwrap_or_default();
     if !qemu_err.trim().is_empty() {
         eprintln!("xtask: qemu stderr: {}", qemu_err.trim());
