@@ -227,6 +227,30 @@ pub struct Status {
     pub uncovered_window_secs: u64,
     #[prost(uint64, tag = "12")]
     pub events_lost: u64,
+    /// `uname -r` of the node.
+    #[prost(string, tag = "13")]
+    pub kernel_release: String,
+    /// What the agent probed of the kernel at start.
+    #[prost(message, repeated, tag = "14")]
+    pub features: Vec<KernelFeature>,
+}
+
+/// One kernel feature the agent probed at start.
+#[derive(Clone, PartialEq, prost::Message, Serialize)]
+pub struct KernelFeature {
+    #[prost(string, tag = "1")]
+    pub name: String,
+    /// Missing and required: the agent refuses to start.
+    #[prost(bool, tag = "2")]
+    pub required: bool,
+    #[prost(bool, tag = "3")]
+    pub found: bool,
+    /// What was found, or why it is missing.
+    #[prost(string, tag = "4")]
+    pub detail: String,
+    /// What the agent does without it.
+    #[prost(string, tag = "5")]
+    pub without: String,
 }
 
 #[derive(Clone, PartialEq, prost::Message, Serialize)]

@@ -19,7 +19,6 @@ use tokio::{
 
 use crate::{
     attest::{self, HashCache},
-    btf,
     kernel::Kernel,
     listeners::{self, Listener},
     policy::{self, Classes, Policy, ProcessFacts},
@@ -89,7 +88,7 @@ pub struct Agent {
     /// sha256 of the compiled policy in force (computed once per apply).
     pub(crate) policy_hash: String,
     /// What the agent found of the kernel at start.
-    pub(crate) features: Vec<String>,
+    pub(crate) probe: crate::probe::Probe,
     /// API side: recent decisions, `events --follow` clients, unattested traffic.
     pub(crate) feed: crate::server::Feed,
     pub(crate) metrics: crate::metrics::Metrics,
@@ -119,25 +118,38 @@ impl Agent {
     /// Loads (or takes over) the kernel state, attests every process, applies the policy and
     /// attaches to the policy's scopes.
     pub fn start(opts: &Options) -> Result<Self> {
-        let cg_mount = attest::cgroup2_mount()
-            .context("finding the cgroup2 mount (the enforcer needs cgroup v2)")?;
-        let offsets = btf::kernel_offsets().context(
-            "reading kernel struct offsets from /sys/kernel/btf/vmlinux (a kernel with CONFIG_DEBUG_INFO_BTF is required)",
-        )?;
+        // What the kernel offers, before anything is loaded: refuse a kernel that lacks a
+        // required feature, log what is lost without an optional one.
+        let probe = crate::probe::Probe::run();
+        probe.check()?;
+        probe.log_degradations();
+        let cg_mount = match &probe.cgroup2 {
+            Some(m) => m.clone(),
+            None => attest::cgroup2_mount()
+                .context("finding the cgroup2 mount (the enforcer needs cgroup v2)")?,
+        };
+        // No usable BTF: `valid = 0` (also over offsets a previous agent pinned), so the
+        // kernel treats every exec as never seen: held and attested, never trusted by key.
+        let offsets = probe.offsets.unwrap_or_default();
         // Everything about the policy that can be refused is refused before the kernel is
         // touched: a rejected policy leaves no pin and no attachment behind.
         scope_dirs(&opts.policy, &cg_mount)?;
         policy::rule_entries_of(&opts.policy.rules, &[], 0, opts.max_rules as usize)
             .map_err(anyhow::Error::new)?;
         let fresh = !opts.pin_dir.join(MAP_CONFIG).exists();
-        let started = Self::start_kernel(opts, cg_mount, offsets);
+        let started = Self::start_kernel(opts, cg_mount, offsets, probe);
         if started.is_err() && fresh {
             let _ = crate::kernel::uninstall(&opts.pin_dir);
         }
         started
     }
 
-    fn start_kernel(opts: &Options, cg_mount: PathBuf, offsets: KernelOffsets) -> Result<Self> {
+    fn start_kernel(
+        opts: &Options,
+        cg_mount: PathBuf,
+        offsets: KernelOffsets,
+        probe: crate::probe::Probe,
+    ) -> Result<Self> {
         let mut kernel = Kernel::load(&opts.pin_dir, opts.max_rules)?;
         if kernel.max_rules != opts.max_rules as usize {
             tracing::warn!(
@@ -186,7 +198,7 @@ impl Agent {
             listeners: BTreeSet::new(),
             policy_source: opts.policy_source.clone(),
             policy_hash: String::new(),
-            features: Vec::new(),
+            probe,
             feed: crate::server::Feed::default(),
             metrics: crate::metrics::Metrics::new(),
             events_out: match &opts.events_file {
@@ -203,14 +215,6 @@ impl Agent {
             last_fill: Instant::now(),
         };
         agent.kernel.attach_tracepoints()?;
-        agent.features = vec![
-            format!("cgroup2 at {}", agent.cg_mount.display()),
-            "BTF struct offsets (exec-time identity)".into(),
-            "ring buffer events".into(),
-            "cgroup sock_addr connect4/connect6/sendmsg4/sendmsg6 (bpf_link)".into(),
-            "raw tracepoints sched_process_fork/exec/exit".into(),
-            format!("pins under {}", opts.pin_dir.display()),
-        ];
         agent.scan_cgroups();
         let t0 = Instant::now();
         let n = agent.scan_processes();

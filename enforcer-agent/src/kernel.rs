@@ -11,7 +11,7 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, CgroupArray, HashMap, LpmTrie, MapData, PerCpuArray, RingBuf, lpm_trie::Key},
     programs::{
-        CgroupAttachMode, CgroupSockAddr, RawTracePoint,
+        CgroupAttachMode, CgroupSockAddr, ProgramError, RawTracePoint,
         links::{FdLink, PinnedLink},
     },
 };
@@ -42,6 +42,18 @@ pub enum KernelError {
     Missing {
         kind: &'static str,
         name: &'static str,
+    },
+    #[error(
+        "the kernel (release {release}) refused to load program {program} ({kind}): {error}\n--- verifier log of {program}: {shown} of {total} lines ---\n{log}\n--- end of verifier log ---\nThis agent build and this kernel do not fit: run a kernel from the README's kernel table (5.10 or later), or report the log above with `uname -r` and the agent version"
+    )]
+    Rejected {
+        program: &'static str,
+        kind: &'static str,
+        release: String,
+        error: String,
+        log: String,
+        shown: usize,
+        total: usize,
     },
     #[error("{what} failed: {detail}")]
     Op { what: String, detail: String },
@@ -223,12 +235,10 @@ impl Kernel {
             .load(OBJECT)
             .map_err(|e| KernelError::Load(Box::new(e)))?;
         for (_, name) in HOOKS {
-            let prog: &mut CgroupSockAddr = program(&mut ebpf, name)?;
-            prog.load().map_err(op(format!("loading program {name}")))?;
+            load_program::<CgroupSockAddr>(&mut ebpf, name)?;
         }
         for (name, _) in TRACEPOINTS {
-            let prog: &mut RawTracePoint = program(&mut ebpf, name)?;
-            prog.load().map_err(op(format!("loading program {name}")))?;
+            load_program::<RawTracePoint>(&mut ebpf, name)?;
         }
         let maps = Maps {
             procs: take(&mut ebpf, MAP_PROCS)?,
@@ -923,10 +933,110 @@ where
     })
 }
 
+/// A program type the agent loads, with the name its errors give it.
+trait Loadable {
+    const KIND: &'static str;
+    fn load_it(&mut self) -> Result<(), ProgramError>;
+}
+
+impl Loadable for CgroupSockAddr {
+    const KIND: &'static str = "cgroup_sock_addr";
+    fn load_it(&mut self) -> Result<(), ProgramError> {
+        self.load()
+    }
+}
+
+impl Loadable for RawTracePoint {
+    const KIND: &'static str = "raw_tracepoint";
+    fn load_it(&mut self) -> Result<(), ProgramError> {
+        self.load()
+    }
+}
+
+/// Verifier log lines kept in a rejection message (its end says why).
+const VERIFIER_TAIL: usize = 60;
+
+/// Loads one program into the kernel; a refusal names the program, its type, the kernel
+/// release and carries the end of the verifier log.
+fn load_program<'a, T: Loadable + 'a>(
+    ebpf: &'a mut Ebpf,
+    name: &'static str,
+) -> Result<(), KernelError>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program>,
+{
+    let prog: &mut T = program(ebpf, name)?;
+    prog.load_it().map_err(|e| rejected(name, T::KIND, e))
+}
+
+fn rejected(program: &'static str, kind: &'static str, e: ProgramError) -> KernelError {
+    let (error, full) = match e {
+        ProgramError::LoadError {
+            io_error,
+            verifier_log,
+        } => (io_error.to_string(), verifier_log.to_string()),
+        other => {
+            let mut error = other.to_string();
+            let mut src = std::error::Error::source(&other);
+            while let Some(s) = src {
+                error.push_str(": ");
+                error.push_str(&s.to_string());
+                src = s.source();
+            }
+            (error, String::new())
+        }
+    };
+    let lines: Vec<&str> = full.lines().filter(|l| !l.trim().is_empty()).collect();
+    let total = lines.len();
+    let shown = total.min(VERIFIER_TAIL);
+    let log = if total == 0 {
+        "(the kernel gave no verifier log)".to_string()
+    } else {
+        lines[total - shown..].join("\n")
+    };
+    KernelError::Rejected {
+        program,
+        kind,
+        release: crate::probe::kernel_release(),
+        error,
+        log,
+        shown,
+        total,
+    }
+}
+
+/// Loads the cgroup_sock_addr program `name` of the embedded object through the agent's own
+/// loader, then unloads it: nothing is attached, the maps it needs are created in a scratch
+/// folder under `/sys/fs/bpf` and unpinned at once. For diagnostics and tests (the object
+/// holds [`PROG_REJECT`], which the verifier must refuse).
+pub fn load_sock_addr_program(name: &'static str) -> Result<(), KernelError> {
+    if OBJECT.is_empty() {
+        return Err(KernelError::NoObject);
+    }
+    let scratch = Path::new(BPFFS).join(format!("enforcer-load-{}", std::process::id()));
+    ensure_bpffs(&scratch)?;
+    fs::create_dir_all(&scratch).map_err(|err| KernelError::PinDir {
+        path: scratch.clone(),
+        err,
+    })?;
+    let loaded = EbpfLoader::new()
+        .default_map_pin_directory(&scratch)
+        .load(OBJECT)
+        .map_err(|e| KernelError::Load(Box::new(e)));
+    // The maps were pinned only because the object asks for it: unpin them now.
+    if let Ok(rd) = fs::read_dir(&scratch) {
+        for e in rd.flatten() {
+            let _ = fs::remove_file(e.path());
+        }
+    }
+    let _ = fs::remove_dir(&scratch);
+    load_program::<CgroupSockAddr>(&mut loaded?, name)
+}
+
 const BPFFS: &str = "/sys/fs/bpf";
 const BPF_FS_MAGIC: i64 = 0xcafe4a11;
 
-fn is_bpffs(path: &Path) -> bool {
+pub(crate) fn is_bpffs(path: &Path) -> bool {
     nix::sys::statfs::statfs(path).is_ok_and(|s| s.filesystem_type().0 == BPF_FS_MAGIC)
 }
 

@@ -12,4 +12,5 @@ pub mod kernel;
 pub mod listeners;
 pub mod metrics;
 pub mod policy;
+pub mod probe;
 pub mod server;

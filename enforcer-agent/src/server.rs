@@ -330,7 +330,31 @@ impl Agent {
             .collect();
         let uncovered = self.uncovered();
         api::Status {
-            kernel_features: self.features.clone(),
+            kernel_features: self
+                .probe
+                .features
+                .iter()
+                .map(|f| {
+                    if f.found {
+                        format!("{}: {}", f.name, f.detail)
+                    } else {
+                        format!("{}: MISSING ({}); {}", f.name, f.detail, f.without)
+                    }
+                })
+                .collect(),
+            kernel_release: self.probe.release.clone(),
+            features: self
+                .probe
+                .features
+                .iter()
+                .map(|f| api::KernelFeature {
+                    name: f.name.into(),
+                    required: f.required,
+                    found: f.found,
+                    detail: f.detail.clone(),
+                    without: f.without.into(),
+                })
+                .collect(),
             attached,
             maps,
             policy_source: self.policy_source.clone(),

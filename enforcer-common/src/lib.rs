@@ -36,6 +36,8 @@ pub const PROG_SENDMSG6: &str = "enf_sendmsg6";
 pub const PROG_FORK: &str = "enf_fork";
 pub const PROG_EXEC: &str = "enf_exec";
 pub const PROG_EXIT: &str = "enf_exit";
+/// A program the verifier must reject; loaded only by tests, to check the rejection message.
+pub const PROG_REJECT: &str = "enf_reject";
 
 /// Programs that only allow (the floor of any cgroup hook), loaded by the benchmark only.
 pub const BENCH_PROGS: [(&str, &str); 4] = [
@@ -60,6 +62,7 @@ const _: () = {
     assert!(short(MAP_UNCOVERED) && short(MAP_HOSTS));
     assert!(short(PROG_CONNECT4) && short(PROG_CONNECT6) && short(PROG_SENDMSG4));
     assert!(short(PROG_SENDMSG6) && short(PROG_FORK) && short(PROG_EXEC) && short(PROG_EXIT));
+    assert!(short(PROG_REJECT));
 };
 
 // ---- capacities ----

@@ -343,6 +343,17 @@ pub fn bench_sm_allow6(_ctx: SockAddrContext) -> i32 {
     ALLOW
 }
 
+// A program the verifier must refuse (it reads far past the end of its context). The agent
+// never loads it in production: the tests load it through the agent's own loader to check
+// what an operator sees when the kernel rejects a program.
+#[cgroup_sock_addr(connect4)]
+pub fn enf_reject(ctx: SockAddrContext) -> i32 {
+    // SAFETY: none, on purpose: the verifier rejects this load ("invalid bpf_context access").
+    let v =
+        unsafe { core::ptr::read_volatile((ctx.sock_addr as *const u8).add(4000).cast::<u32>()) };
+    (v & 1) as i32
+}
+
 // ---------------------------------------------------------------- process tracking
 
 #[inline(always)]
@@ -408,12 +419,16 @@ pub fn enf_exit(ctx: RawTracePointContext) -> i32 {
 }
 
 fn try_exit(_ctx: &RawTracePointContext) -> Result<(), i32> {
-    let o = offsets().ok_or(0)?;
-    // SAFETY: plain helper call and probe reads.
-    let live = unsafe {
-        let task = bpf_get_current_task();
-        let signal = read::<u64>(task, o.task_signal)?;
-        read::<i32>(signal, o.signal_live)?
+    let live = match offsets() {
+        // SAFETY: plain helper call and probe reads.
+        Some(o) => unsafe {
+            let task = bpf_get_current_task();
+            let signal = read::<u64>(task, o.task_signal)?;
+            read::<i32>(signal, o.signal_live)?
+        },
+        // No offsets (no usable BTF): the main thread's exit ends the entry; a process that
+        // lives on without its main thread is then untracked, so denied (fail closed).
+        None => i32::from(bpf_get_current_pid_tgid() as u32 != tgid()),
     };
     if live != 0 {
         return Ok(()); // a thread ended; the process lives on
@@ -510,23 +525,31 @@ fn in_scope(cfg: &Config) -> bool {
 }
 
 fn try_exec(ctx: &RawTracePointContext) -> Result<(), i32> {
-    let o = offsets().ok_or(0)?;
+    // Without offsets (no usable BTF) the file is never recognised: every exec is pending,
+    // and held in an enforced scope until the agent attests it (fail closed, never open).
+    let o = offsets();
     let cfg = CONFIG.get(0).ok_or(0)?;
     let pid = tgid();
     let bprm: u64 = ctx.arg(2);
-    let key = exe_key(o, bprm).unwrap_or_default();
+    let key = match o {
+        Some(o) => exe_key(o, bprm).unwrap_or_default(),
+        None => ExeKey::default(),
+    };
     // SAFETY: plain helper calls and probe reads.
     let (cgroup_id, uid, start_ns) = unsafe {
         let task = bpf_get_current_task();
         (
             bpf_get_current_cgroup_id(),
             bpf_get_current_uid_gid() as u32,
-            read::<u64>(task, o.task_start_boottime).unwrap_or(0),
+            match o {
+                Some(o) => read::<u64>(task, o.task_start_boottime).unwrap_or(0),
+                None => 0,
+            },
         )
     };
-    let exe_id = match unsafe { EXES.get(&key) } {
-        Some(id) => *id,
-        None => EXE_UNKNOWN,
+    let exe_id = match (o, unsafe { EXES.get(&key) }) {
+        (Some(_), Some(id)) => *id,
+        _ => EXE_UNKNOWN,
     };
     let uses_cgroups = cfg.generations[0].uses_cgroups | cfg.generations[1].uses_cgroups;
     let cgroup_unknown = uses_cgroups != 0 && unsafe { CGROUPS.get(&cgroup_id) }.is_none();

@@ -325,6 +325,8 @@ pub struct Agent {
     pub policy_path: PathBuf,
     /// Extra `run` arguments.
     pub extra: Vec<String>,
+    /// Extra environment of the agent process (e.g. `ENFORCER_PROBE_DENY`).
+    pub env: Vec<(String, String)>,
 }
 
 impl Agent {
@@ -340,6 +342,11 @@ impl Agent {
 
     /// Starts an agent on a policy given as bytes (YAML or a compiled bundle).
     pub fn start_bytes(policy: &[u8], extra: &[&str]) -> Self {
+        Self::start_env(policy, extra, &[])
+    }
+
+    /// [`Agent::start_bytes`] with extra environment for the agent process.
+    pub fn start_env(policy: &[u8], extra: &[&str], env: &[(&str, &str)]) -> Self {
         let state_dir = TempDir::new("state");
         let policy_path = state_dir.path("policy.yaml");
         fs::write(&policy_path, policy).expect("writing the policy");
@@ -354,6 +361,10 @@ impl Agent {
             stderr: Arc::default(),
             policy_path,
             extra: extra.iter().map(|s| s.to_string()).collect(),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
         };
         a.spawn();
         a
@@ -374,6 +385,7 @@ impl Agent {
             .arg("--unpin-on-exit")
             .args(&self.extra)
             .env("ENFORCER_LOG", "enforcer_agent=debug")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         let mut child = c.spawn().expect("spawning enforcer-agent");
@@ -442,6 +454,31 @@ impl Agent {
         assert_eq!(code, 0, "enforcer-agent {args:?} failed: {err}");
         serde_json::from_str(&out)
             .unwrap_or_else(|e| panic!("enforcer-agent {args:?}: not JSON ({e}): {out}"))
+    }
+
+    /// True when the agent's kernel probe (`status --json`) found `feature`. When it did not,
+    /// prints `vm-test: skipped: kernel lacks FEATURE (test TEST)` past the test harness's
+    /// output capture (so `cargo xtask vm-test` shows the cell as skipped) and the test returns.
+    /// A missing kernel feature is a reason to skip even under CI=true; nothing else is.
+    pub fn has_feature(&self, feature: &str, test: &str) -> bool {
+        let status = self.cli_json(&["status"]);
+        let features = status["features"]
+            .as_array()
+            .unwrap_or_else(|| panic!("status --json has no `features` list: {status}"));
+        let f = features
+            .iter()
+            .find(|f| f["name"] == feature)
+            .unwrap_or_else(|| panic!("the agent probed no feature named {feature:?}: {status}"));
+        if f["found"] == true {
+            return true;
+        }
+        use std::io::Write as _;
+        let _ = writeln!(
+            std::io::stderr(),
+            "vm-test: skipped: kernel lacks {feature} (test {test}): {}",
+            f["detail"]
+        );
+        false
     }
 
     pub fn log(&self) -> String {

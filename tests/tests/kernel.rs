@@ -68,6 +68,23 @@ fn s(a: std::net::SocketAddr) -> String {
     a.to_string()
 }
 
+/// Exec re-attests: `app` exec'ing `other` is judged as `other` (unattested: denied), never
+/// with the identity of the program before it; `other` exec'ing `app` gains `app`'s identity.
+fn assert_exec_reattests(st: &Setup, tcp4: &str) {
+    let other = st.other.to_string_lossy().into_owned();
+    assert_eq!(
+        run_in(&st.cg, &st.app, &["exec", &other, "tcp", tcp4]),
+        EPERM,
+        "exec must re-attest: the new program never keeps the identity of the one before it"
+    );
+    let app = st.app.to_string_lossy().into_owned();
+    assert_eq!(
+        run_in(&st.cg, &st.other, &["exec", &app, "tcp", tcp4]),
+        OK,
+        "exec of the allowed binary gains its identity"
+    );
+}
+
 #[test]
 fn enforce_tcp_udp_ipv4_ipv6() {
     if !require_root("enforce_tcp_udp_ipv4_ipv6") {
@@ -199,6 +216,9 @@ fn identity_in_force_at_first_connect_after_exec() {
     let st = setup("exec");
     let sha = sha256_file(&st.app);
     let agent = Agent::start(&policy(&st.cg.rel, "enforce", "deny", &sha, &st.l));
+    if !agent.has_feature("btf", "identity_in_force_at_first_connect_after_exec") {
+        return;
+    }
     let held = || kernel_counter(&agent.pin_dir, enforcer_common::CNT_HELD);
     let tcp4 = s(st.l.tcp4);
     // A file never seen before: a fresh copy with the allowed content, new inode.
@@ -250,6 +270,9 @@ fn rewritten_in_place_loses_identity() {
     let st = setup("rewrite");
     let sha = sha256_file(&st.app);
     let agent = Agent::start(&policy(&st.cg.rel, "enforce", "deny", &sha, &st.l));
+    if !agent.has_feature("btf", "rewritten_in_place_loses_identity") {
+        return;
+    }
     let tcp4 = s(st.l.tcp4);
     let target = st.dir.path("target");
     copy_probe(Path::new(PROBE_BIN), &target, None);
@@ -300,6 +323,9 @@ fn fork_inherits_exec_reattests_exit_removes() {
     let st = setup("fork");
     let sha = sha256_file(&st.app);
     let agent = Agent::start(&policy(&st.cg.rel, "enforce", "deny", &sha, &st.l));
+    if !agent.has_feature("btf", "fork_inherits_exec_reattests_exit_removes") {
+        return;
+    }
     let tcp4 = s(st.l.tcp4);
     // forked child of app, no exec: app's identity
     assert_eq!(
@@ -307,20 +333,7 @@ fn fork_inherits_exec_reattests_exit_removes() {
         OK,
         "a forked child keeps its parent's identity"
     );
-    // app execs other: the new program is judged as itself (unattested -> deny)
-    let other = st.other.to_string_lossy().into_owned();
-    assert_eq!(
-        run_in(&st.cg, &st.app, &["exec", &other, "tcp", &tcp4]),
-        EPERM,
-        "exec must re-attest"
-    );
-    // other execs app: gains app's identity
-    let app = st.app.to_string_lossy().into_owned();
-    assert_eq!(
-        run_in(&st.cg, &st.other, &["exec", &app, "tcp", &tcp4]),
-        OK,
-        "exec of the allowed binary"
-    );
+    assert_exec_reattests(&st, &tcp4);
     // A forked child of an unattested parent stays unattested.
     assert_eq!(run_in(&st.cg, &st.other, &["fork", "tcp", &tcp4]), EPERM);
     // exit removes the entry at once
@@ -354,6 +367,9 @@ fn kill9_keeps_enforcement_and_restart_takes_over() {
     let st = setup("kill9");
     let sha = sha256_file(&st.app);
     let mut agent = Agent::start(&policy(&st.cg.rel, "enforce", "deny", &sha, &st.l));
+    if !agent.has_feature("btf", "kill9_keeps_enforcement_and_restart_takes_over") {
+        return;
+    }
     let tcp4 = s(st.l.tcp4);
     let_settle();
     assert_eq!(run_in(&st.cg, &st.app, &["tcp", &tcp4]), OK);
@@ -774,4 +790,169 @@ fn identity_destination_follows_listeners() {
         EPERM,
         "db is gone: nothing to allow"
     );
+}
+
+/// Without usable kernel BTF (forced with the `ENFORCER_PROBE_DENY=btf` test knob, which can
+/// only take trust away) the agent starts, says what it loses, and still fails closed: every
+/// exec is held until the agent hashes it, a known binary is then allowed, an unknown one
+/// denied, an exec never keeps the old program's identity, and a forked child with no exec
+/// is denied.
+#[test]
+fn without_btf_every_exec_is_held_and_enforcement_holds() {
+    if !require_root("without_btf_every_exec_is_held_and_enforcement_holds") {
+        return;
+    }
+    let st = setup("nobtf");
+    let sha = sha256_file(&st.app);
+    let yaml = policy(&st.cg.rel, "enforce", "deny", &sha, &st.l);
+    let agent = Agent::start_env(yaml.as_bytes(), &[], &[("ENFORCER_PROBE_DENY", "btf")]);
+    let status = agent.cli_json(&["status"]);
+    let btf = status["features"]
+        .as_array()
+        .and_then(|fs| fs.iter().find(|f| f["name"] == "btf"))
+        .unwrap_or_else(|| panic!("status --json lists no btf feature: {status}"));
+    assert_eq!(btf["found"], false, "{btf}");
+    assert!(
+        btf["without"].as_str().is_some_and(|w| w.contains("held")),
+        "status must say what the agent does without BTF: {btf}"
+    );
+    assert!(
+        agent.log().contains("lacks btf"),
+        "the agent must log the degradation:\n{}",
+        agent.log()
+    );
+    let (code, out, _) = agent.cli(&["status"]);
+    assert_eq!(code, 0);
+    assert!(out.contains("btf") && out.contains("MISSING"), "{out}");
+
+    let held = || kernel_counter(&agent.pin_dir, enforcer_common::CNT_HELD);
+    let tcp4 = s(st.l.tcp4);
+    let_settle();
+    for round in 0..3 {
+        let before = held();
+        assert_eq!(
+            run_in(&st.cg, &st.app, &["tcp", &tcp4]),
+            OK,
+            "round {round}: the allowed binary must be allowed once attested\n{}",
+            agent.log()
+        );
+        assert_eq!(
+            held() - before,
+            1,
+            "round {round}: without BTF even a known file must be held at exec (the kernel cannot recognise it)"
+        );
+    }
+    assert_eq!(
+        run_in(&st.cg, &st.other, &["tcp", &tcp4]),
+        EPERM,
+        "an unknown binary must stay denied without BTF"
+    );
+    assert_exec_reattests(&st, &tcp4);
+    assert_eq!(
+        run_in(&st.cg, &st.app, &["fork", "tcp", &tcp4]),
+        EPERM,
+        "without BTF a forked child that does not exec has no kernel entry: denied (fail closed)"
+    );
+}
+
+/// When the kernel verifier refuses a program, the agent's loader names the program, its
+/// type and the kernel release, and carries the verifier's own words. `enf_reject` (in the
+/// object, never loaded in production) reads past the end of its context on purpose.
+#[test]
+fn rejected_program_prints_name_kernel_and_verifier_log() {
+    if !require_root("rejected_program_prints_name_kernel_and_verifier_log") {
+        return;
+    }
+    let release = fs::read_to_string("/proc/sys/kernel/osrelease")
+        .expect("reading /proc/sys/kernel/osrelease")
+        .trim()
+        .to_string();
+    let check = |msg: &str| {
+        for needle in [
+            enforcer_common::PROG_REJECT,
+            "cgroup_sock_addr",
+            release.as_str(),
+            "invalid bpf_context access",
+            "verifier log",
+            "5.10 or later",
+        ] {
+            assert!(msg.contains(needle), "no {needle:?} in:\n{msg}");
+        }
+    };
+    // The library's loader, as the agent calls it.
+    let err = enforcer_agent::kernel::load_sock_addr_program(enforcer_common::PROG_REJECT)
+        .expect_err("the verifier must reject enf_reject");
+    check(&err.to_string());
+    // The agent binary prints it as one error on stderr and exits 1.
+    let (code, _, stderr) = run_cmd(&agent_bin(), &["load-program", "enf_reject"]);
+    assert_eq!(code, 1, "{stderr}");
+    check(&stderr);
+    // The same loader accepts a real program, and leaves no pin behind.
+    let (code, _, stderr) = run_cmd(&agent_bin(), &["load-program", "enf_connect4"]);
+    assert_eq!(code, 0, "{stderr}");
+    let leftover: Vec<_> = fs::read_dir("/sys/fs/bpf")
+        .expect("reading /sys/fs/bpf")
+        .flatten()
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with("enforcer-load-")
+        })
+        .map(|e| e.path())
+        .collect();
+    assert!(leftover.is_empty(), "scratch pins left: {leftover:?}");
+}
+
+/// A kernel that lacks a required feature is refused before anything is loaded, with one
+/// message naming the feature, the kernel release and the minimum supported kernel.
+#[test]
+fn missing_required_feature_refuses_to_start() {
+    if !require_root("missing_required_feature_refuses_to_start") {
+        return;
+    }
+    let (code, out, err) = run_cmd(&agent_bin(), &["probe", "--json"]);
+    assert_eq!(code, 0, "this kernel must be supported: {out}\n{err}");
+    let probe: serde_json::Value = serde_json::from_str(&out).expect("probe --json is JSON");
+    assert_eq!(probe["supported"], true, "{probe}");
+    let release = probe["release"].as_str().expect("release").to_string();
+    let dir = TempDir::new("refuse");
+    let policy_path = dir.path("p.yaml");
+    fs::write(
+        &policy_path,
+        "apiVersion: enforcer/v1\nkind: Policy\ntrustDomain: t.example.org\nmode: audit\n",
+    )
+    .expect("writing the policy");
+    let pins = std::path::PathBuf::from("/sys/fs/bpf").join(unique("refuse"));
+    let out = std::process::Command::new(agent_bin())
+        .arg("run")
+        .arg("--policy")
+        .arg(&policy_path)
+        .arg("--bpffs-dir")
+        .arg(pins.join("v1"))
+        .arg("--state-dir")
+        .arg(dir.path("state"))
+        .arg("--api-socket")
+        .arg(dir.path("api.sock"))
+        .env("ENFORCER_PROBE_DENY", "map_ringbuf")
+        .output()
+        .expect("running the agent");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let pinned = pins.exists();
+    remove_pins(&pins);
+    assert!(!out.status.success(), "must refuse: {stderr}");
+    for needle in [
+        "map_ringbuf",
+        release.as_str(),
+        "5.10",
+        "nothing was loaded",
+    ] {
+        assert!(stderr.contains(needle), "no {needle:?} in: {stderr}");
+    }
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_eq!(
+        stderr.lines().filter(|l| l.contains("error")).count(),
+        1,
+        "one clear message: {stderr}"
+    );
+    assert!(!pinned, "nothing may be pinned: {}", pins.display());
 }

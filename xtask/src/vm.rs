@@ -9,7 +9,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     fs,
-    io::{BufRead as _, BufReader, Write as _},
+    io::{BufReader, Write as _},
     os::unix::fs::PermissionsExt as _,
     path::{Path, PathBuf},
     process::{Command, Stdio},
@@ -62,6 +62,7 @@ struct Opts {
     kernels: Vec<&'static KernelLine>,
     timeout: Duration,
     refresh: bool,
+    update_readme: bool,
     filter: Vec<String>,
 }
 
@@ -69,6 +70,7 @@ fn parse_args(args: &[String]) -> Result<Opts> {
     let mut kernels = Vec::new();
     let mut timeout = DEFAULT_TIMEOUT;
     let mut refresh = false;
+    let mut update_readme = false;
     let mut filter = Vec::new();
     let mut it = args.iter();
     while let Some(a) = it.next() {
@@ -113,8 +115,9 @@ fn parse_args(args: &[String]) -> Result<Opts> {
                 );
             }
             "--refresh" => refresh = true,
+            "--update-readme" => update_readme = true,
             s if s.starts_with('-') => bail!(
-                "unknown option `{s}` (vm-test [--kernel 5.10|6.1|6.12|7.2|all] [--timeout SECS] [--refresh] [TEST-FILTER...])"
+                "unknown option `{s}` (vm-test [--kernel 5.10|6.1|6.12|7.2|all] [--timeout SECS] [--refresh] [--update-readme] [TEST-FILTER...])"
             ),
             s => filter.push(s.to_string()),
         }
@@ -133,6 +136,7 @@ fn parse_args(args: &[String]) -> Result<Opts> {
         kernels,
         timeout,
         refresh,
+        update_readme,
         filter,
     })
 }
@@ -172,6 +176,7 @@ pub(crate) fn vm_test(root: &Path, args: &[String]) -> Result<()> {
     build_initramfs(&initrd, &busybox, &tests_bin, &agent, &probe, &opts.filter)?;
 
     let mut results: Vec<(String, GuestResult)> = Vec::new();
+    let mut names: Vec<&str> = Vec::new();
     for (k, (pkg, kimg)) in opts.kernels.iter().zip(&vmlinuz) {
         let log = vm.join(format!("{}.log", k.name));
         step(&format!(
@@ -186,6 +191,7 @@ pub(crate) fn vm_test(root: &Path, args: &[String]) -> Result<()> {
             r.summary()
         );
         results.push((format!("{} ({})", k.name, kernel_release(pkg)), r));
+        names.push(k.name);
     }
 
     print_table(&results);
@@ -200,7 +206,19 @@ pub(crate) fn vm_test(root: &Path, args: &[String]) -> Result<()> {
                 log.display()
             );
             print!("{}", log_tail(&log));
+            print!("{}", failure_details(label, r));
         }
+    }
+    let md = matrix_markdown(&names, &results);
+    let matrix = vm.join("matrix.md");
+    fs::write(&matrix, &md).with_context(|| format!("writing {}", matrix.display()))?;
+    println!("\n{md}");
+    eprintln!(
+        "xtask: kernel x feature and kernel x test tables: {}",
+        matrix.display()
+    );
+    if opts.update_readme {
+        update_readme(&root.join("README.md"), &md)?;
     }
     eprintln!("xtask: vm-test took {:.1}s", t0.elapsed().as_secs_f64());
     if failed {
@@ -404,8 +422,120 @@ fn lists_fresh(aptdir: &Path) -> bool {
             })
 }
 
+/// The kernel kept under `target/vm/kernels/<package>/vmlinuz` (with `source`, the .deb it
+/// came from); the newest of this line, unless `--refresh` asks apt for a newer one.
+fn kept_kernel(kernels: &Path, k: &KernelLine) -> Option<(String, PathBuf)> {
+    let prefix = format!("linux-image-{}", k.name);
+    let mut found: Vec<(String, PathBuf)> = fs::read_dir(kernels)
+        .ok()?
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let rest = name.strip_prefix(&prefix)?;
+            let v = e.path().join("vmlinuz");
+            ((rest.starts_with('.') || rest.starts_with('-')) && v.is_file()).then_some((name, v))
+        })
+        .collect();
+    found.sort_by(|a, b| vercmp(&a.0, &b.0));
+    found.pop()
+}
+
+/// boot/vmlinuz-X, or usr/lib/modules/X/vmlinuz (the layout of newer Debian kernels).
+fn find_vmlinuz(root: &Path) -> Option<PathBuf> {
+    let in_boot = fs::read_dir(root.join("boot")).ok().and_then(|rd| {
+        rd.filter_map(|e| e.ok()).map(|e| e.path()).find(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("vmlinuz-"))
+        })
+    });
+    in_boot.or_else(|| {
+        fs::read_dir(root.join("usr").join("lib").join("modules"))
+            .ok()?
+            .filter_map(|e| e.ok())
+            .map(|e| e.path().join("vmlinuz"))
+            .find(|p| p.is_file())
+    })
+}
+
+/// Keeps `vmlinuz` of an extracted tree as `dir/vmlinuz` (plus `dir/source`), then removes the
+/// tree and the .debs: what boots is all a second run needs.
+fn keep_vmlinuz(dir: &Path, tree: &Path, debs: &[PathBuf]) -> Result<Option<PathBuf>> {
+    let Some(v) = find_vmlinuz(tree) else {
+        return Ok(None);
+    };
+    let kept = dir.join("vmlinuz");
+    let tmp = dir.join("vmlinuz.partial");
+    fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    fs::copy(&v, &tmp).with_context(|| format!("copying {}", v.display()))?;
+    let source: String = debs
+        .iter()
+        .filter_map(|d| d.file_name())
+        .map(|n| format!("{}\n", n.to_string_lossy()))
+        .collect();
+    fs::write(dir.join("source"), source).context("writing the kernel's source marker")?;
+    fs::rename(&tmp, &kept).with_context(|| format!("renaming {}", tmp.display()))?;
+    // Everything else of the package: the extracted modules and the .debs (hundreds of MB).
+    if let Ok(rd) = fs::read_dir(dir) {
+        for e in rd.flatten() {
+            let n = e.file_name();
+            if n != "vmlinuz" && n != "source" {
+                let p = e.path();
+                let _ = if p.is_dir() {
+                    fs::remove_dir_all(&p)
+                } else {
+                    fs::remove_file(&p)
+                };
+            }
+        }
+    }
+    if tree != dir {
+        let _ = fs::remove_dir_all(tree);
+    }
+    for d in debs {
+        let _ = fs::remove_file(d);
+    }
+    Ok(Some(kept))
+}
+
+/// Removes the .debs of a kernel whose vmlinuz is kept (left by an older vm-test), naming
+/// them in its `source` marker when that is empty.
+fn prune_debs(cache: &Path, dir: &Path, pkg: &str) -> Result<()> {
+    let binary = pkg.replacen("linux-image-", "linux-binary-", 1);
+    let mut debs = Vec::new();
+    for prefix in [format!("{pkg}_"), format!("{binary}_")] {
+        if let Some(d) = find_deb(cache, &prefix)? {
+            debs.push(d);
+        }
+    }
+    if debs.is_empty() {
+        return Ok(());
+    }
+    let marker = dir.join("source");
+    if fs::read_to_string(&marker)
+        .unwrap_or_default()
+        .trim()
+        .is_empty()
+    {
+        let names: String = debs
+            .iter()
+            .filter_map(|d| d.file_name())
+            .map(|n| format!("{}\n", n.to_string_lossy()))
+            .collect();
+        fs::write(&marker, names).with_context(|| format!("writing {}", marker.display()))?;
+    }
+    for d in &debs {
+        fs::remove_file(d).with_context(|| format!("removing {}", d.display()))?;
+    }
+    Ok(())
+}
+
 /// Returns (package name, path of vmlinuz).
 fn fetch_kernel(vm: &Path, k: &KernelLine, refresh: bool) -> Result<(String, PathBuf)> {
+    let kernels = vm.join("kernels");
+    if !refresh && let Some((pkg, v)) = kept_kernel(&kernels, k) {
+        prune_debs(&vm.join("cache"), &kernels.join(&pkg), &pkg)?;
+        return Ok((pkg, v));
+    }
     let aptdir = vm.join("apt").join(k.suite);
     for d in [
         aptdir.join("lists").join("partial"),
@@ -470,6 +600,15 @@ fn fetch_kernel(vm: &Path, k: &KernelLine, refresh: bool) -> Result<(String, Pat
             break n.to_string();
         }
     };
+    let dir = kernels.join(&pkg);
+    if dir.join("vmlinuz").is_file() {
+        return Ok((pkg, dir.join("vmlinuz")));
+    }
+    // A tree extracted by an older vm-test: keep its vmlinuz, drop the rest.
+    if let Some(v) = keep_vmlinuz(&dir, &dir, &[])? {
+        prune_debs(&vm.join("cache"), &dir, &pkg)?;
+        return Ok((pkg, v));
+    }
     let cache = vm.join("cache");
     let deb = match find_deb(&cache, &format!("{pkg}_"))? {
         Some(d) => d,
@@ -482,31 +621,10 @@ fn fetch_kernel(vm: &Path, k: &KernelLine, refresh: bool) -> Result<(String, Pat
                 .with_context(|| format!("apt-get download left no {pkg} .deb"))?
         }
     };
-    let dir = vm.join("kernels").join(&pkg);
-    let boot = dir.join("boot");
-    // boot/vmlinuz-X, or usr/lib/modules/X/vmlinuz (the layout of newer Debian kernels).
-    let modules = dir.join("usr").join("lib").join("modules");
-    let find_vmlinuz = || -> Option<PathBuf> {
-        let in_boot = fs::read_dir(&boot).ok().and_then(|rd| {
-            rd.filter_map(|e| e.ok()).map(|e| e.path()).find(|p| {
-                p.file_name()
-                    .is_some_and(|n| n.to_string_lossy().starts_with("vmlinuz-"))
-            })
-        });
-        in_boot.or_else(|| {
-            fs::read_dir(&modules)
-                .ok()?
-                .filter_map(|e| e.ok())
-                .map(|e| e.path().join("vmlinuz"))
-                .find(|p| p.is_file())
-        })
-    };
-    if let Some(v) = find_vmlinuz() {
-        return Ok((pkg, v));
-    }
+    let tree = vm.join("extract").join(&pkg);
     step(&format!("extracting {}", deb.display()));
-    extract_deb(&deb, &dir)?;
-    if let Some(v) = find_vmlinuz() {
+    extract_deb(&deb, &tree)?;
+    if let Some(v) = keep_vmlinuz(&dir, &tree, std::slice::from_ref(&deb))? {
         return Ok((pkg, v));
     }
     // Newer Debian kernels (7.x in sid) split the image: linux-image-X depends on
@@ -527,8 +645,8 @@ fn fetch_kernel(vm: &Path, k: &KernelLine, refresh: bool) -> Result<(String, Pat
         }
     };
     step(&format!("extracting {}", bdeb.display()));
-    extract_deb(&bdeb, &dir)?;
-    let v = find_vmlinuz().with_context(|| {
+    extract_deb(&bdeb, &tree)?;
+    let v = keep_vmlinuz(&dir, &tree, &[deb.clone(), bdeb.clone()])?.with_context(|| {
         format!(
             "neither {} nor {} has boot/vmlinuz-*",
             deb.display(),
@@ -672,7 +790,17 @@ for t in /tests/*; do
   "$t" --test-threads=1 @FILTER@ 2>&1 || rc=$?
 done
 echo "=== VMTEST EXIT $rc"
-dmesg | grep -E 'BUG:|WARNING:|Oops|Call Trace|verifier|[Bb][Pp][Ff].*([Ee]rror|[Ff]ail|[Dd]enied)' | tail -n 40 | sed 's/^/dmesg: /'
+echo "=== VMTEST PROBE BEGIN"
+/bin/enforcer-agent probe --json 2>/dev/null
+echo "=== VMTEST PROBE END"
+echo "=== VMTEST REJECT BEGIN"
+/bin/enforcer-agent load-program enf_reject 2>&1
+echo "=== VMTEST REJECT END"
+if [ "$rc" != 0 ]; then
+  echo "=== VMTEST DMESG BEGIN"
+  dmesg
+  echo "=== VMTEST DMESG END"
+fi
 poweroff -f
 "#;
 
@@ -919,6 +1047,16 @@ struct GuestResult {
     exit: Option<i32>,
     timed_out: bool,
     wall: Duration,
+    /// Tests that returned early because the kernel lacks a feature: test -> feature.
+    skipped_for: BTreeMap<String, String>,
+    /// `enforcer-agent probe --json` run in the guest.
+    probe: Option<serde_json::Value>,
+    /// What `enforcer-agent load-program enf_reject` printed in the guest.
+    reject: String,
+    /// The guest's kernel log (only when its tests failed).
+    dmesg: String,
+    /// Verifier log blocks the agent printed (outside the `enf_reject` demonstration).
+    verifier: Vec<String>,
 }
 
 impl GuestResult {
@@ -953,9 +1091,14 @@ impl GuestResult {
 
 fn boot(kernel: &Path, initrd: &Path, log: &Path, timeout: Duration) -> Result<GuestResult> {
     let t0 = Instant::now();
+    // The serial console goes straight to a file: a pipe that fills up makes QEMU's UART
+    // drop (and garble) guest output, which lost test lines under load.
+    let _ = fs::remove_file(log);
     let mut c = clean_command("qemu-system-x86_64");
     c.args(["-accel", "tcg", "-cpu", "max", "-m", "2048", "-smp", "2"])
-        .args(["-nographic", "-no-reboot"])
+        .args(["-display", "none", "-monitor", "none", "-no-reboot"])
+        .arg("-serial")
+        .arg(format!("file:{}", log.display()))
         .arg("-kernel")
         .arg(kernel)
         .arg("-initrd")
@@ -965,36 +1108,36 @@ fn boot(kernel: &Path, initrd: &Path, log: &Path, timeout: Duration) -> Result<G
             "console=ttyS0 panic=-1 quiet random.trust_cpu=on",
         ])
         .stdin(Stdio::null())
-        .stdout(Stdio::piped())
+        .stdout(Stdio::null())
         .stderr(Stdio::piped());
     let mut child = c.spawn().context("starting qemu-system-x86_64")?;
-    let stdout = child.stdout.take().context("qemu stdout")?;
     let stderr = child.stderr.take().context("qemu stderr")?;
-    let mut file = fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
-    let reader = std::thread::spawn(move || {
-        let mut r = BufReader::new(stdout);
-        let mut raw = Vec::new();
-        loop {
-            raw.clear();
-            match r.read_until(b'\n', &mut raw) {
-                Ok(0) | Err(_) => break,
-                Ok(_) => {
-                    let _ = file.write_all(&raw);
-                    let line = String::from_utf8_lossy(&raw);
-                    let line = line.trim_end();
-                    let line = line.find("=== VMTEST").map_or(line, |i| &line[i..]);
-                    if line.starts_with("test ")
-                        || line.starts_with("running ")
-                        || line.contains("=== VMTEST")
-                        || line.starts_with("vm-test:")
-                    {
-                        eprintln!("  guest| {line}");
-                    }
-                }
+    // Progress: the test lines of the console file as they arrive.
+    let mut shown = 0usize;
+    let mut progress = move || {
+        let Ok(bytes) = fs::read(log) else {
+            return;
+        };
+        let Some(end) = bytes.iter().rposition(|b| *b == b'\n') else {
+            return;
+        };
+        if end < shown {
+            return;
+        }
+        for raw in bytes[shown..=end].split(|b| *b == b'\n') {
+            let line = String::from_utf8_lossy(raw);
+            let line = line.trim_end();
+            let line = line.find("=== VMTEST").map_or(line, |i| &line[i..]);
+            if line.starts_with("test ")
+                || line.starts_with("running ")
+                || line.contains("=== VMTEST")
+                || line.starts_with("vm-test:")
+            {
+                eprintln!("  guest| {line}");
             }
         }
-        let _ = file.flush();
-    });
+        shown = end + 1;
+    };
     let err_reader = std::thread::spawn(move || {
         let mut s = String::new();
         let _ = std::io::Read::read_to_string(&mut BufReader::new(stderr), &mut s);
@@ -1005,6 +1148,7 @@ fn boot(kernel: &Path, initrd: &Path, log: &Path, timeout: Duration) -> Result<G
         if child.try_wait()?.is_some() {
             break;
         }
+        progress();
         if t0.elapsed() > timeout {
             timed_out = true;
             eprintln!(
@@ -1017,7 +1161,7 @@ fn boot(kernel: &Path, initrd: &Path, log: &Path, timeout: Duration) -> Result<G
         }
         std::thread::sleep(Duration::from_millis(200));
     }
-    let _ = reader.join();
+    progress();
     let qemu_err = err_reader.join().unwrap_or_default();
     if !qemu_err.trim().is_empty() {
         eprintln!("xtask: qemu stderr: {}", qemu_err.trim());
@@ -1034,6 +1178,13 @@ fn parse_log(text: &str) -> GuestResult {
     let mut expected = None;
     let mut exit = None;
     let mut pending: Option<String> = None;
+    let mut skipped_for = BTreeMap::new();
+    let mut block: Option<(&str, Vec<String>)> = None;
+    let mut probe_text = String::new();
+    let mut reject = String::new();
+    let mut dmesg = String::new();
+    let mut verifier: Vec<String> = Vec::new();
+    let mut in_verifier: Option<Vec<String>> = None;
     let outcome = |s: &str| -> Option<Outcome> {
         let s = s.trim();
         if s.starts_with("ok") {
@@ -1049,6 +1200,60 @@ fn parse_log(text: &str) -> GuestResult {
     for line in text.lines() {
         let line = line.trim_end_matches('\r');
         let line = line.find("=== VMTEST").map_or(line, |i| &line[i..]);
+        // Marked blocks: the probe's JSON, the rejection demonstration, the kernel log.
+        if let Some(rest) = line.strip_prefix("=== VMTEST ") {
+            match rest.trim().split_once(' ') {
+                Some((what, "BEGIN")) if what != "EXIT" => {
+                    block = Some(match what {
+                        "PROBE" => ("probe", Vec::new()),
+                        "REJECT" => ("reject", Vec::new()),
+                        _ => ("dmesg", Vec::new()),
+                    });
+                    continue;
+                }
+                Some((_, "END")) => {
+                    if let Some((what, lines)) = block.take() {
+                        let text = lines.join("\n");
+                        match what {
+                            "probe" => probe_text = text,
+                            "reject" => reject = text,
+                            _ => dmesg = text,
+                        }
+                    }
+                    continue;
+                }
+                _ => {}
+            }
+        }
+        if let Some((what, lines)) = &mut block {
+            if *what != "probe" || !line.starts_with('[') || line.trim() == "[" {
+                lines.push(line.to_string());
+            }
+            continue;
+        }
+        // A verifier log the agent printed (a rejected program), kept whole.
+        if line.contains("--- verifier log of ") {
+            in_verifier = Some(Vec::new());
+        }
+        if let Some(v) = &mut in_verifier {
+            v.push(line.to_string());
+            if line.contains("--- end of verifier log ---") {
+                verifier.push(v.join("\n"));
+                in_verifier = None;
+            }
+        }
+        if let Some(i) = line.find("vm-test: skipped: kernel lacks ") {
+            let rest = &line[i + "vm-test: skipped: kernel lacks ".len()..];
+            let feature = rest.split_whitespace().next().unwrap_or("?").to_string();
+            let test = rest
+                .split_once("(test ")
+                .and_then(|(_, t)| t.split_once(')'))
+                .map(|(t, _)| t.to_string())
+                .or_else(|| pending.clone());
+            if let Some(t) = test {
+                skipped_for.insert(t, feature);
+            }
+        }
         if let Some(rest) = line.strip_prefix("=== VMTEST EXIT ") {
             exit = rest.trim().parse().ok();
             continue;
@@ -1088,12 +1293,27 @@ fn parse_log(text: &str) -> GuestResult {
             }
         }
     }
+    if let Some(v) = in_verifier {
+        verifier.push(v.join("\n"));
+    }
+    for t in skipped_for.keys() {
+        if let Some(o) = tests.get_mut(t)
+            && *o == Outcome::Pass
+        {
+            *o = Outcome::Skipped;
+        }
+    }
     GuestResult {
         tests,
         expected,
         exit,
         timed_out: false,
         wall: Duration::ZERO,
+        skipped_for,
+        probe: serde_json::from_str(probe_text.trim()).ok(),
+        reject,
+        dmesg,
+        verifier,
     }
 }
 
@@ -1118,12 +1338,7 @@ fn print_table(results: &[(String, GuestResult)]) {
     for n in &names {
         print!("{n:w0$}");
         for ((_, r), w) in results.iter().zip(&widths) {
-            let cell = match r.tests.get(*n) {
-                Some(Outcome::Pass) => "pass",
-                Some(Outcome::Fail) => "FAIL",
-                Some(Outcome::Skipped) => "skipped",
-                None => "-",
-            };
+            let cell = test_cell(r, n);
             print!("  {cell:w$}");
         }
         println!();
@@ -1168,4 +1383,268 @@ fn log_tail(log: &Path) -> String {
         out.push('\n');
     }
     out
+}
+
+/// One cell of the kernel x test table.
+fn test_cell(r: &GuestResult, test: &str) -> String {
+    match r.tests.get(test) {
+        Some(Outcome::Pass) => "pass".into(),
+        Some(Outcome::Fail) => "FAIL".into(),
+        Some(Outcome::Skipped) => match r.skipped_for.get(test) {
+            Some(f) => format!("skipped ({f})"),
+            None => "skipped".into(),
+        },
+        None => "-".into(),
+    }
+}
+
+/// Kernel log lines printed for a failed guest.
+const DMESG_TAIL: usize = 200;
+
+/// What a failed guest leaves to read: verifier logs of rejected programs and the kernel log.
+fn failure_details(label: &str, r: &GuestResult) -> String {
+    let mut out = String::new();
+    for v in &r.verifier {
+        out.push_str(&format!(
+            "\n--- {label}: a program was rejected by the verifier ---\n{v}\n"
+        ));
+    }
+    if r.dmesg.trim().is_empty() {
+        out.push_str(&format!(
+            "\n--- {label}: no kernel log (the guest stopped before it could print one) ---\n"
+        ));
+    } else {
+        // The end of the kernel log is where a failure shows; the boot is in the console log.
+        let lines: Vec<&str> = r.dmesg.lines().collect();
+        let start = lines.len().saturating_sub(DMESG_TAIL);
+        out.push_str(&format!(
+            "\n--- {label}: kernel log (dmesg, last {} of {} lines; all of it is in the console log) ---\n{}\n--- end of kernel log ---\n",
+            lines.len() - start,
+            lines.len(),
+            lines[start..].join("\n")
+        ));
+    }
+    out
+}
+
+/// The kernel x feature table (from each guest's `enforcer-agent probe --json`), the kernel x
+/// test table, and what a rejected program prints on the oldest kernel, as Markdown.
+fn matrix_markdown(names: &[&str], results: &[(String, GuestResult)]) -> String {
+    let col = |i: usize, r: &GuestResult| -> String {
+        let release = r
+            .probe
+            .as_ref()
+            .and_then(|p| p["release"].as_str())
+            .unwrap_or("?");
+        format!("{} (`{release}`)", names.get(i).copied().unwrap_or("?"))
+    };
+    let header = |first: &str| -> String {
+        let mut h = format!("| {first} |");
+        let mut sep = String::from("| --- |");
+        for (i, (_, r)) in results.iter().enumerate() {
+            h.push_str(&format!(" {} |", col(i, r)));
+            sep.push_str(" --- |");
+        }
+        format!("{h}\n{sep}\n")
+    };
+    let mut md = String::new();
+    md.push_str("Kernel x feature, as `enforcer-agent probe` finds it in each guest (required: the agent refuses to start without it; optional: it starts and says what it loses):\n\n");
+    md.push_str(&header("feature"));
+    // Rows in the probe's order, from the first guest that printed one.
+    let mut rows: Vec<(String, bool, String)> = Vec::new();
+    for (_, r) in results {
+        if let Some(fs) = r.probe.as_ref().and_then(|p| p["features"].as_array()) {
+            for f in fs {
+                let name = f["name"].as_str().unwrap_or("?").to_string();
+                if !rows.iter().any(|(n, _, _)| *n == name) {
+                    rows.push((
+                        name,
+                        f["required"] == true,
+                        f["without"].as_str().unwrap_or("").to_string(),
+                    ));
+                }
+            }
+        }
+    }
+    for (name, required, _) in &rows {
+        let need = if *required { "required" } else { "optional" };
+        md.push_str(&format!("| `{name}` ({need}) |"));
+        for (_, r) in results {
+            let f = r.probe.as_ref().and_then(|p| {
+                p["features"]
+                    .as_array()?
+                    .iter()
+                    .find(|f| f["name"] == name.as_str())
+                    .cloned()
+            });
+            let cell = match f {
+                Some(f) if f["found"] == true => "yes",
+                Some(_) => "**missing**",
+                None => "-",
+            };
+            md.push_str(&format!(" {cell} |"));
+        }
+        md.push('\n');
+    }
+    md.push_str("| agent starts |");
+    for (_, r) in results {
+        let cell = match r.probe.as_ref().map(|p| p["supported"] == true) {
+            Some(true) => "yes",
+            Some(false) => "**refuses**",
+            None => "-",
+        };
+        md.push_str(&format!(" {cell} |"));
+    }
+    md.push_str("\n\nWithout an optional feature:\n\n");
+    for (name, required, without) in &rows {
+        if !required {
+            md.push_str(&format!("- `{name}`: {without}.\n"));
+        }
+    }
+    md.push_str("\nKernel x test (`tests/tests/kernel.rs` and `tests/tests/operator.rs`, run inside each guest):\n\n");
+    md.push_str(&header("test"));
+    let mut tests: BTreeSet<&str> = BTreeSet::new();
+    for (_, r) in results {
+        tests.extend(r.tests.keys().map(String::as_str));
+    }
+    for t in &tests {
+        md.push_str(&format!("| `{t}` |"));
+        for (_, r) in results {
+            md.push_str(&format!(" {} |", test_cell(r, t)));
+        }
+        md.push('\n');
+    }
+    md.push_str("| (guest) |");
+    for (_, r) in results {
+        md.push_str(&format!(" {} |", if r.ok() { "ok" } else { "**FAILED**" }));
+    }
+    md.push('\n');
+    if let Some((i, (_, r))) = results
+        .iter()
+        .enumerate()
+        .find(|(_, (_, r))| !r.reject.trim().is_empty())
+    {
+        md.push_str(&format!(
+            "\nWhat the agent prints when the kernel verifier rejects one of its programs (`enforcer-agent load-program enf_reject`, a program that is wrong on purpose), on {}:\n\n```text\n{}\n```\n",
+            col(i, r),
+            r.reject
+                .lines()
+                // Timings change from run to run; the table should not.
+                .map(|l| if l.starts_with("verification time") {
+                    "verification time … usec"
+                } else {
+                    l
+                })
+                .collect::<Vec<_>>()
+                .join("\n")
+                .trim()
+        ));
+    }
+    md
+}
+
+const README_BEGIN: &str = "<!-- kernel-matrix:begin -->";
+const README_END: &str = "<!-- kernel-matrix:end -->";
+
+/// Replaces the marked section of README.md with the tables.
+fn update_readme(readme: &Path, md: &str) -> Result<()> {
+    let text =
+        fs::read_to_string(readme).with_context(|| format!("reading {}", readme.display()))?;
+    let (Some(b), Some(e)) = (text.find(README_BEGIN), text.find(README_END)) else {
+        bail!(
+            "{} has no `{README_BEGIN}` ... `{README_END}` section; add the two markers where the tables go",
+            readme.display()
+        );
+    };
+    if e < b {
+        bail!(
+            "{}: `{README_END}` comes before `{README_BEGIN}`",
+            readme.display()
+        );
+    }
+    let new = format!(
+        "{}{README_BEGIN}\n<!-- generated by `cargo xtask vm-test --kernel all --update-readme`; do not edit by hand -->\n\n{}\n{}",
+        &text[..b],
+        md.trim_end(),
+        &text[e..]
+    );
+    fs::write(readme, new).with_context(|| format!("writing {}", readme.display()))?;
+    eprintln!("xtask: updated the kernel matrix in {}", readme.display());
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parse_log_reads_skips_probe_reject_and_dmesg() {
+        let log = "\
+=== VMTEST BEGIN 5.10.0-46-amd64 cpus=2\r
+running 3 tests\r
+test a_test ... ok\r
+test needs_btf ... vm-test: skipped: kernel lacks btf (test needs_btf): \"no BTF\"\r
+ok\r
+test broken ... [   12.3] some kernel line\r
+enforcer-agent: error: the kernel (release 5.10) refused to load program enf_x (raw_tracepoint): Permission denied\r
+--- verifier log of enf_x: 2 of 2 lines ---\r
+0: (b7) r0 = 0\r
+invalid bpf_context access off=4000 size=4\r
+--- end of verifier log ---\r
+FAILED\r
+=== VMTEST EXIT 101\r
+=== VMTEST PROBE BEGIN\r
+{\"release\": \"5.10.0-46-amd64\", \"supported\": true,\r
+ \"features\": [{\"name\": \"btf\", \"required\": false, \"found\": false, \"without\": \"held\"}]}\r
+=== VMTEST PROBE END\r
+=== VMTEST REJECT BEGIN\r
+rejected text\r
+=== VMTEST REJECT END\r
+=== VMTEST DMESG BEGIN\r
+[    0.0] Linux version 5.10\r
+=== VMTEST DMESG END\r
+";
+        let r = parse_log(log);
+        assert_eq!(r.expected, Some(3));
+        assert_eq!(r.exit, Some(101));
+        assert!(r.tests["a_test"] == Outcome::Pass);
+        assert!(r.tests["needs_btf"] == Outcome::Skipped);
+        assert!(r.tests["broken"] == Outcome::Fail);
+        assert_eq!(test_cell(&r, "needs_btf"), "skipped (btf)");
+        assert_eq!(test_cell(&r, "a_test"), "pass");
+        let probe = r.probe.as_ref().expect("probe JSON parsed");
+        assert_eq!(probe["release"], "5.10.0-46-amd64");
+        assert_eq!(r.reject, "rejected text");
+        assert!(r.dmesg.contains("Linux version"), "{}", r.dmesg);
+        assert_eq!(r.verifier.len(), 1);
+        assert!(r.verifier[0].contains("invalid bpf_context access"));
+        let details = failure_details("5.10", &r);
+        assert!(details.contains("rejected by the verifier") && details.contains("kernel log"));
+        let md = matrix_markdown(&["5.10"], &[("5.10".into(), r)]);
+        assert!(md.contains("| `btf` (optional) | **missing** |"), "{md}");
+        assert!(md.contains("| `needs_btf` | skipped (btf) |"), "{md}");
+        assert!(md.contains("rejected text"), "{md}");
+    }
+
+    #[test]
+    fn readme_section_is_replaced_between_markers() {
+        let dir = std::env::temp_dir().join(format!("vmtest-readme-{}", std::process::id()));
+        fs::create_dir_all(&dir).expect("mkdir");
+        let readme = dir.join("README.md");
+        fs::write(
+            &readme,
+            format!("a\n{README_BEGIN}\nold\n{README_END}\nb\n"),
+        )
+        .expect("write");
+        update_readme(&readme, "new table\n").expect("update");
+        let text = fs::read_to_string(&readme).expect("read");
+        assert!(text.starts_with("a\n") && text.ends_with(&format!("{README_END}\nb\n")));
+        assert!(
+            text.contains("new table") && !text.contains("old"),
+            "{text}"
+        );
+        fs::write(&readme, "no markers").expect("write");
+        assert!(update_readme(&readme, "x").is_err());
+        let _ = fs::remove_dir_all(&dir);
+    }
 }

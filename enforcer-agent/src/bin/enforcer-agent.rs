@@ -108,6 +108,16 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// What this kernel offers the enforcer (root): each feature found or missing, and what
+    /// the agent does without it. Exit 1 when `run` would refuse this kernel.
+    Probe {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Diagnostics: load one cgroup_sock_addr program of the embedded object through the
+    /// agent's loader and unload it (root). `enf_reject` shows what a kernel refusal prints.
+    #[command(hide = true)]
+    LoadProgram { name: String },
     /// Detach everything and remove the pinned state (enforcement stops).
     Uninstall {
         #[arg(long, default_value = DEFAULT_PIN_DIR)]
@@ -390,6 +400,50 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Cmd::Probe { json } => {
+            init_logging();
+            let p = enforcer_agent::probe::Probe::run();
+            let verdict = p.check();
+            if json {
+                let mut v = serde_json::to_value(&p)?;
+                v["supported"] = serde_json::Value::Bool(verdict.is_ok());
+                v["min_kernel"] = serde_json::Value::String(format!(
+                    "{}.{}",
+                    enforcer_agent::probe::MIN_KERNEL.0,
+                    enforcer_agent::probe::MIN_KERNEL.1
+                ));
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                println!("kernel {}", p.release);
+                print_features(
+                    p.features
+                        .iter()
+                        .map(|f| (f.name, f.required, f.found, f.detail.as_str(), f.without)),
+                );
+            }
+            match verdict {
+                Ok(()) => Ok(ExitCode::SUCCESS),
+                Err(e) => {
+                    eprintln!("enforcer-agent: {e}");
+                    Ok(ExitCode::FAILURE)
+                }
+            }
+        }
+        Cmd::LoadProgram { name } => {
+            let name: &'static str = [
+                enforcer_common::PROG_CONNECT4,
+                enforcer_common::PROG_CONNECT6,
+                enforcer_common::PROG_SENDMSG4,
+                enforcer_common::PROG_SENDMSG6,
+                enforcer_common::PROG_REJECT,
+            ]
+            .into_iter()
+            .find(|n| *n == name)
+            .with_context(|| format!("no cgroup_sock_addr program `{name}` in the object"))?;
+            enforcer_agent::kernel::load_sock_addr_program(name)?;
+            eprintln!("{name}: loaded and unloaded");
+            Ok(ExitCode::SUCCESS)
+        }
         Cmd::Uninstall { bpffs_dir } => {
             enforcer_agent::kernel::uninstall(&bpffs_dir)?;
             eprintln!(
@@ -408,14 +462,7 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
             events_file,
             max_rules,
         } => {
-            tracing_subscriber::fmt()
-                .with_env_filter(
-                    tracing_subscriber::EnvFilter::try_from_env("ENFORCER_LOG")
-                        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-                )
-                .with_writer(std::io::stderr)
-                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-                .init();
+            init_logging();
             let (p, source) = match &file {
                 Some(f) => {
                     let name = f.display().to_string();
@@ -463,6 +510,18 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
     }
 }
 
+/// Logs to stderr (`ENFORCER_LOG` filters, default info).
+fn init_logging() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("ENFORCER_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+}
+
 fn describe(d: &api::Decision) -> String {
     format!(
         "{}: pid {} ({}, identity {}) -> {}:{}/{} by {}",
@@ -494,10 +553,16 @@ fn print_status(s: &api::Status) {
             println!("  {d}");
         }
     }
-    println!("kernel features:");
-    for f in &s.kernel_features {
-        println!("  {f}");
-    }
+    println!("kernel {}: features", s.kernel_release);
+    print_features(s.features.iter().map(|f| {
+        (
+            f.name.as_str(),
+            f.required,
+            f.found,
+            f.detail.as_str(),
+            f.without.as_str(),
+        )
+    }));
     println!("attached:");
     for a in &s.attached {
         println!("  {:<40} {}", a.program, a.target);
@@ -525,5 +590,18 @@ fn print_status(s: &api::Status) {
             u.cgroup,
             u.destinations.join(", ")
         );
+    }
+}
+
+/// One line per feature: name, found/missing, and for a missing one what the agent does.
+fn print_features<'a>(features: impl Iterator<Item = (&'a str, bool, bool, &'a str, &'a str)>) {
+    for (name, required, found, detail, without) in features {
+        let need = if required { "required" } else { "optional" };
+        if found {
+            println!("  {name:<34} found    ({need}) {detail}");
+        } else {
+            println!("  {name:<34} MISSING  ({need}) {detail}");
+            println!("  {:<34}          without it: {without}", "");
+        }
     }
 }
