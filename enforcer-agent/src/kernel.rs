@@ -268,6 +268,11 @@ impl Kernel {
         };
         let cfg = k.config()?;
         k.took_over = cfg.abi_version != 0;
+        if !k.took_over {
+            // Maps no agent has configured yet: no rule was ever written (the ABI version is
+            // set before any). Knowing that spares reading back a large, empty hash table.
+            k.rules_written = [Some(Vec::new()), Some(Vec::new())];
+        }
         if k.took_over && cfg.abi_version != ABI_VERSION {
             return Err(KernelError::AbiMismatch {
                 path: pin_dir.to_path_buf(),
@@ -472,8 +477,8 @@ impl Kernel {
             detail: batch_error(&e),
         };
         let fd = self.maps.hosts_fd.fd().as_fd();
-        // The first chunk on this thread: it also tells whether the kernel has batches.
-        let first = keys.len().min(BATCH);
+        // A first small chunk on this thread tells whether the kernel has batches.
+        let first = keys.len().min(256);
         match map_batch(
             BPF_MAP_UPDATE_BATCH,
             fd,
@@ -496,9 +501,13 @@ impl Kernel {
         if keys.is_empty() {
             return Ok(());
         }
-        let workers = std::thread::available_parallelism()
-            .map_or(1, |n| n.get())
-            .clamp(1, 4);
+        let workers = if keys.len() < 2048 {
+            1
+        } else {
+            std::thread::available_parallelism()
+                .map_or(1, |n| n.get())
+                .clamp(1, 4)
+        };
         let per = keys.len().div_ceil(workers);
         let results: Vec<Result<(), io::Error>> = std::thread::scope(|s| {
             let handles: Vec<_> = keys

@@ -103,8 +103,26 @@ pub struct Listeners {
     stop: Arc<AtomicBool>,
 }
 
+/// Pins the calling thread to one CPU (best effort).
+fn pin_thread(cpu: Option<usize>) {
+    if let Some(cpu) = cpu {
+        // SAFETY: a zeroed cpu_set_t with one bit set, for the calling thread.
+        unsafe {
+            let mut set: libc::cpu_set_t = std::mem::zeroed();
+            libc::CPU_SET(cpu, &mut set);
+            libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set);
+        }
+    }
+}
+
 impl Listeners {
     pub fn new() -> Self {
+        Self::on_cpu(None)
+    }
+
+    /// Listeners whose threads run on `cpu` only (the benchmark keeps them off the CPU its
+    /// workers are measured on).
+    pub fn on_cpu(cpu: Option<usize>) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
         let t4 = TcpListener::bind("127.0.0.1:0").expect("binding 127.0.0.1");
         let t6 = TcpListener::bind("[::1]:0").expect("binding [::1]");
@@ -126,6 +144,7 @@ impl Listeners {
             // Blocking accept: a polling accept loop makes every connect wait for it.
             let stop = stop.clone();
             std::thread::spawn(move || {
+                pin_thread(cpu);
                 while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                     let _ = l.accept();
                 }
@@ -136,6 +155,7 @@ impl Listeners {
                 .expect("timeout");
             let stop = stop.clone();
             std::thread::spawn(move || {
+                pin_thread(cpu);
                 let mut buf = [0u8; 64];
                 while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                     let _ = u.recv(&mut buf);

@@ -24,7 +24,7 @@ struct Item<'a> {
     id: u32,
     rule: &'a Rule,
     /// Inclusive ranges; empty = all ports.
-    ports: Vec<(u16, u16)>,
+    ports: &'a [(u16, u16)],
 }
 
 fn family_of(net: &IpNet) -> u8 {
@@ -43,21 +43,24 @@ fn proto_applies(p: Protocol, proto: u8) -> bool {
 }
 
 /// Ranges as given, or empty when they cover every port.
-fn normalized_ports(ports: &[(u16, u16)]) -> Vec<(u16, u16)> {
-    let mut sorted = ports.to_vec();
-    sorted.sort_unstable();
-    let mut merged: Vec<(u16, u16)> = Vec::new();
-    for (a, b) in sorted {
-        match merged.last_mut() {
-            Some(last) if a <= last.1.saturating_add(1) => last.1 = last.1.max(b),
-            _ => merged.push((a, b)),
+fn normalized_ports(ports: &[(u16, u16)]) -> &[(u16, u16)] {
+    let covers_all = match ports {
+        [] | [(1, u16::MAX)] => true,
+        [_] => false,
+        _ => {
+            let mut sorted = ports.to_vec();
+            sorted.sort_unstable();
+            let mut merged: Vec<(u16, u16)> = Vec::new();
+            for (a, b) in sorted {
+                match merged.last_mut() {
+                    Some(last) if a <= last.1.saturating_add(1) => last.1 = last.1.max(b),
+                    _ => merged.push((a, b)),
+                }
+            }
+            merged == [(1, u16::MAX)]
         }
-    }
-    if merged == [(1, u16::MAX)] {
-        Vec::new()
-    } else {
-        ports.to_vec()
-    }
+    };
+    if covers_all { &[] } else { ports }
 }
 
 fn key_of(generation: u32, ident: u32, proto: u8, port: u16, net: &IpNet) -> RuleKey {
@@ -205,7 +208,7 @@ fn compile_groups(
             // Bound the work before expanding ranges.
             let mut refs = all.len();
             for it in &items {
-                for &(a, b) in &it.ports {
+                for &(a, b) in it.ports {
                     refs += usize::from(b - a) + 1 + all.len();
                 }
             }
@@ -214,7 +217,7 @@ fn compile_groups(
             }
             let mut by_port: BTreeMap<u16, Vec<&Item<'_>>> = BTreeMap::new();
             for it in &items {
-                for &(a, b) in &it.ports {
+                for &(a, b) in it.ports {
                     for p in a..=b {
                         let g = by_port.entry(p).or_default();
                         // An item's pushes are consecutive: overlapping ranges of one rule
@@ -250,7 +253,7 @@ fn emit_group(
         return;
     }
     let denies: Vec<&&Item<'_>> = items.iter().filter(|it| it.rule.deny).collect();
-    let mut entries: BTreeMap<(u32, [u8; 16]), (RuleKey, RuleValue)> = BTreeMap::new();
+    let start = out.len();
     for it in items {
         let value = if it.rule.deny {
             RuleValue {
@@ -268,18 +271,24 @@ fn emit_group(
                 rule: it.id,
             }
         };
-        let key = key_of(generation, ident, proto, port, &it.rule.cidr);
-        let rank = |v: &RuleValue| (v.verdict != VERDICT_DENY, v.rule);
-        entries
-            .entry((key.prefix_len, key.data.addr))
-            .and_modify(|(_, old)| {
-                if rank(&value) < rank(old) {
-                    *old = value;
-                }
-            })
-            .or_insert((key, value));
+        out.push((key_of(generation, ident, proto, port, &it.rule.cidr), value));
     }
-    out.extend(entries.into_values());
+    // One entry per prefix: a deny wins, then the lowest rule id.
+    let group = &mut out[start..];
+    let rank = |v: &RuleValue| (v.verdict != VERDICT_DENY, v.rule);
+    group.sort_unstable_by(|a, b| {
+        (a.0.prefix_len, a.0.data.addr)
+            .cmp(&(b.0.prefix_len, b.0.data.addr))
+            .then_with(|| rank(&a.1).cmp(&rank(&b.1)))
+    });
+    let mut keep = start;
+    for i in start..out.len() {
+        if i == start || out[i].0 != out[keep - 1].0 {
+            out[keep] = out[i];
+            keep += 1;
+        }
+    }
+    out.truncate(keep);
 }
 
 /// Bytes of the key data as the kernel's LPM trie compares them.

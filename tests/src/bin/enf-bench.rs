@@ -40,7 +40,8 @@ fn main() {
         }
         Some("apply") => {
             // The compile/apply part alone (for working on apply speed).
-            let l = Listeners::new();
+            // Listener threads on CPU 0, workers measured on CPU 1.
+            let l = Listeners::on_cpu(Some(0));
             let dir = TempDir::new("bench-apply");
             let worker = dir.path("worker");
             let run = || -> Result<Vec<String>, String> {
@@ -318,8 +319,8 @@ const WORKLOADS: [(&str, usize); 9] = [
     ("udp-connect6", 50000),
     ("sendto4", 30000),
     ("sendto6", 30000),
-    ("tcp-connect4", 3000),
-    ("tcp-connect6", 3000),
+    ("tcp-connect4", 6000),
+    ("tcp-connect6", 6000),
     ("udp-send-connected4", 30000),
     ("getpid", 50000),
     ("udp-connect4-mapped", 50000),
@@ -717,6 +718,8 @@ fn attach_floor(cg: &TestCgroup) -> Result<aya::Ebpf, String> {
 
 struct MapMem {
     map_type: u32,
+    key_size: u64,
+    value_size: u64,
     max_entries: u64,
     memlock: u64,
 }
@@ -744,6 +747,8 @@ fn map_memory(pid: u32) -> Vec<MapMem> {
                 field("map_id:"),
                 MapMem {
                     map_type: field("map_type:") as u32,
+                    key_size: field("key_size:"),
+                    value_size: field("value_size:"),
                     max_entries: field("max_entries:"),
                     memlock: field("memlock:"),
                 },
@@ -799,30 +804,44 @@ fn exec_and_memory(
         .ok_or("agent not running")?;
     // Kernel memory: the rule maps (host hash, LPM trie) grow per rule; the others are
     // preallocated.
-    let is_rule_map = |m: &MapMem| m.max_entries == u64::from(enforcer_common::MAX_RULES);
-    let rule_mem: Vec<u64> = agents
-        .iter()
-        .filter_map(|a| a.child.as_ref().map(|c| c.id()))
-        .map(|pid| {
-            map_memory(pid)
-                .iter()
-                .filter(|m| is_rule_map(m))
-                .map(|m| m.memlock)
-                .sum()
-        })
-        .collect();
-    let mut memory = serde_json::json!({"rule_maps_memlock_bytes": rule_mem});
-    if let (Some(a), Some(b)) = (rule_mem.first(), rule_mem.last()) {
-        let per_rule = (*b as f64 - *a as f64) / (1_000_000.0 - 10.0);
-        memory["bytes_per_rule"] = per_rule.into();
-        notes.push(format!("Kernel memory: the rule maps (ENF_HOSTS hash for single hosts, ENF_RULES LPM trie for prefixes; allocated per entry, never preallocated) hold {a} B at 10 rules and {b} B at 1,000,000: {per_rule:.0} B per rule (memlock from fdinfo)."));
+    // ENF_HOSTS (hash, 28-byte key, 8-byte value) and ENF_RULES (LPM trie).
+    let is_rule_map =
+        |m: &MapMem| m.map_type == 11 || (m.map_type == 1 && m.key_size == 28 && m.value_size == 8);
+    let mut rule_mem = Vec::new();
+    let mut mem_notes = Vec::new();
+    for (a, rules) in agents.iter().zip(RULE_COUNTS) {
+        let Some(pid) = a.child.as_ref().map(|c| c.id()) else {
+            continue;
+        };
+        let maps: Vec<MapMem> = map_memory(pid)
+            .into_iter()
+            .filter(|m| is_rule_map(m))
+            .collect();
+        let bytes: u64 = maps.iter().map(|m| m.memlock).sum();
+        let capacity = maps.iter().map(|m| m.max_entries).max().unwrap_or(0) / 2;
+        mem_notes.push(format!(
+            "{} rules ({} per policy of room): {:.1} MiB ({:.0} B per rule)",
+            rules,
+            capacity,
+            bytes as f64 / 1048576.0,
+            bytes as f64 / rules as f64
+        ));
+        rule_mem.push(
+            serde_json::json!({"rules": rules, "max_rules": capacity, "memlock_bytes": bytes}),
+        );
     }
+    let memory = serde_json::json!({"rule_maps": rule_mem});
+    notes.push(format!(
+        "Kernel memory of the rule maps (memlock from fdinfo; ENF_HOSTS hash for single hosts, allocated per entry, plus its bucket array sized by `--max-rules` x 2 policies; ENF_RULES LPM trie for prefixes, per entry): {}.",
+        mem_notes.join("; ")
+    ));
     let prealloc: u64 = map_memory(apid)
         .iter()
         .filter(|m| !is_rule_map(m) && m.map_type != 27)
         .map(|m| m.memlock)
         .sum();
     notes.push(format!("Kernel memory of the preallocated maps (processes, executables, cgroups, identity classes: up to 65,536 identity match keys, config, counters): {} KiB in all, whatever the policy, so an identity costs no kernel memory beyond its share of those tables.", prealloc / 1024));
+    let mut memory = memory;
     memory["prealloc_bytes"] = prealloc.into();
 
     // Exec storm with a known binary, 2 spawners (one per core), as fast as they go.
@@ -930,7 +949,8 @@ fn run(out: &Path, rounds: usize) -> Result<(), String> {
         return Err("the benchmark needs root (it attaches programs and creates cgroups)".into());
     }
     fs::create_dir_all(out).map_err(|e| format!("creating {}: {e}", out.display()))?;
-    let l = Listeners::new();
+    // Listener threads on CPU 0, workers measured on CPU 1.
+    let l = Listeners::on_cpu(Some(0));
     let dir = TempDir::new("bench");
     let me = std::env::current_exe().map_err(|e| e.to_string())?;
     let worker = dir.path("worker");
