@@ -104,7 +104,7 @@ pub struct Listeners {
 }
 
 /// Pins the calling thread to one CPU (best effort).
-fn pin_thread(cpu: Option<usize>) {
+pub fn pin_thread(cpu: Option<usize>) {
     if let Some(cpu) = cpu {
         // SAFETY: a zeroed cpu_set_t with one bit set, for the calling thread.
         unsafe {

@@ -496,24 +496,30 @@ fn rejected_policy_changes_nothing() {
     }
     let dir = TempDir::new("reject");
     let p = dir.path("p.yaml");
-    fs::write(&p, "apiVersion: enforcer/v1\nkind: Policy\ntrustDomain: x.org\nscope: [\"/no-such-cgroup-enftest\"]\n").expect("w");
     let pins = Path::new("/sys/fs/bpf").join(unique("rejected"));
-    let (code, _, err) = run_cmd(
-        &agent_bin(),
-        &[
+    let pin_dir = pins.join("v1");
+    let state = dir.path("s");
+    // Runs the agent on `p` with `extra` flags: it must exit 1 and leave no pin behind.
+    let refused = |extra: &[&str]| -> String {
+        let mut args = vec![
             "run",
             "--policy",
             p.to_str().expect("p"),
             "--bpffs-dir",
-            pins.join("v1").to_str().expect("p"),
+            pin_dir.to_str().expect("p"),
             "--state-dir",
-            dir.path("s").to_str().expect("p"),
-        ],
-    );
-    let left = pins.exists();
-    remove_pins(&pins);
-    assert!(!left, "a refused policy left pins under {}", pins.display());
-    assert_eq!(code, 1, "{err}");
+            state.to_str().expect("p"),
+        ];
+        args.extend_from_slice(extra);
+        let (code, _, err) = run_cmd(&agent_bin(), &args);
+        let left = pins.exists();
+        remove_pins(&pins);
+        assert!(!left, "a refused policy left pins under {}", pins.display());
+        assert_eq!(code, 1, "{err}");
+        err
+    };
+    fs::write(&p, "apiVersion: enforcer/v1\nkind: Policy\ntrustDomain: x.org\nscope: [\"/no-such-cgroup-enftest\"]\n").expect("w");
+    let err = refused(&[]);
     assert!(err.contains("no-such-cgroup-enftest"), "{err}");
 
     // More rule entries than --max-rules gives room for: refused before the kernel is touched.
@@ -522,24 +528,7 @@ fn rejected_policy_changes_nothing() {
         .map(|i| format!("      - to: {{cidr: 10.0.0.{i}/32, ports: [80]}}\n"))
         .collect();
     fs::write(&p, format!("apiVersion: enforcer/v1\nkind: Policy\ntrustDomain: x.org\nscope: [\"{}\"]\nidentities:\n  - name: a\n    match:\n      - uid: [4242]\nrules:\n  - identity: a\n    egress:\n{egress}", cg.rel)).expect("w");
-    let (code, _, err) = run_cmd(
-        &agent_bin(),
-        &[
-            "run",
-            "--policy",
-            p.to_str().expect("p"),
-            "--max-rules",
-            "8",
-            "--bpffs-dir",
-            pins.join("v1").to_str().expect("p"),
-            "--state-dir",
-            dir.path("s").to_str().expect("p"),
-        ],
-    );
-    let left = pins.exists();
-    remove_pins(&pins);
-    assert!(!left, "a refused policy left pins under {}", pins.display());
-    assert_eq!(code, 1, "{err}");
+    let err = refused(&["--max-rules", "8"]);
     assert!(
         err.contains("more than 8 kernel rule entries") && err.contains("--max-rules"),
         "{err}"

@@ -145,22 +145,8 @@ fn worker(args: &[String]) {
         .and_then(|a| a.parse().ok())
         .unwrap_or_else(|| "127.0.0.1:9".parse().expect("addr"));
     let n: usize = args.get(2).and_then(|a| a.parse().ok()).unwrap_or(10000);
-    // One CPU for every measurement: no migration noise between configurations.
-    // SAFETY: a zeroed cpu_set_t with one bit set, for this thread.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(1, &mut set);
-        libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set);
-    }
-    let (sa, len) = sockaddr(&addr);
+    let (sa, len, fam, udp) = worker_setup(&addr);
     let sap = (&sa as *const libc::sockaddr_storage).cast::<libc::sockaddr>();
-    let fam = if addr.is_ipv4() {
-        libc::AF_INET
-    } else {
-        libc::AF_INET6
-    };
-    // SAFETY: plain socket syscalls on fds this function owns.
-    let udp = unsafe { libc::socket(fam, libc::SOCK_DGRAM, 0) };
     if op == "udp-send-connected4" || op == "udp-send-connected6" {
         // SAFETY: as above.
         unsafe { libc::connect(udp, sap, len) };
@@ -213,6 +199,29 @@ fn worker(args: &[String]) {
     println!("{p50} {mean:.1}");
 }
 
+/// A measuring worker's set-up: pinned to CPU 1 (one CPU for every measurement, no migration
+/// noise between configurations), the destination as a sockaddr, its address family, and a
+/// UDP socket of that family.
+fn worker_setup(
+    addr: &SocketAddr,
+) -> (
+    libc::sockaddr_storage,
+    libc::socklen_t,
+    libc::c_int,
+    libc::c_int,
+) {
+    pin_thread(Some(1));
+    let (sa, len) = sockaddr(addr);
+    let fam = if addr.is_ipv4() {
+        libc::AF_INET
+    } else {
+        libc::AF_INET6
+    };
+    // SAFETY: a new socket, owned by the caller.
+    let udp = unsafe { libc::socket(fam, libc::SOCK_DGRAM, 0) };
+    (sa, len, fam, udp)
+}
+
 fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
@@ -234,21 +243,8 @@ fn trace(args: &[String]) {
         .unwrap_or_else(|| "127.0.0.1:9".parse().expect("addr"));
     let stop = PathBuf::from(args.get(2).map(String::as_str).unwrap_or("/nonexistent"));
     let window = PathBuf::from(args.get(3).map(String::as_str).unwrap_or("/nonexistent"));
-    // SAFETY: a zeroed cpu_set_t with one bit set, for this thread.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(1, &mut set);
-        libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set);
-    }
-    let (sa, len) = sockaddr(&addr);
+    let (sa, len, _, udp) = worker_setup(&addr);
     let sap = (&sa as *const libc::sockaddr_storage).cast::<libc::sockaddr>();
-    let fam = if addr.is_ipv4() {
-        libc::AF_INET
-    } else {
-        libc::AF_INET6
-    };
-    // SAFETY: a socket this function owns.
-    let udp = unsafe { libc::socket(fam, libc::SOCK_DGRAM, 0) };
     // (start, latency, failed)
     let mut v: Vec<(u64, u32, bool)> = Vec::with_capacity(1 << 22);
     'outer: loop {

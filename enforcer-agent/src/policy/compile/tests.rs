@@ -72,21 +72,27 @@ fn policy_with(rules: Vec<Rule>, idents: usize) -> Policy {
     }
 }
 
+/// A rule to `cidr` for one of `idents` identities, a deny one time in `deny_one_in`, with
+/// random ports and protocol.
+fn random_rule(r: &mut Rng, cidr: IpNet, idents: usize, deny_one_in: usize) -> Rule {
+    Rule {
+        to_ident: 0,
+        ident: 1 + u32::try_from(r.below(idents)).unwrap_or(0),
+        deny: r.below(deny_one_in) == 0,
+        cidr,
+        ports: PORT_SETS[r.below(PORT_SETS.len())].to_vec(),
+        protocol: [Protocol::Tcp, Protocol::Udp, Protocol::Any][r.below(3)],
+        line: 0,
+        text: String::new(),
+    }
+}
+
 fn random_policy(r: &mut Rng) -> Policy {
     let n = r.below(8);
     let rules = (0..n)
         .filter_map(|_| {
             let cidr: IpNet = NETS[r.below(NETS.len())].parse().ok()?;
-            Some(Rule {
-                to_ident: 0,
-                ident: 1 + u32::try_from(r.below(2)).unwrap_or(0),
-                deny: r.below(3) == 0,
-                cidr,
-                ports: PORT_SETS[r.below(PORT_SETS.len())].to_vec(),
-                protocol: [Protocol::Tcp, Protocol::Udp, Protocol::Any][r.below(3)],
-                line: 0,
-                text: String::new(),
-            })
+            Some(random_rule(r, cidr, 2, 3))
         })
         .collect();
     policy_with(rules, 2)
@@ -254,16 +260,7 @@ fn large_policies_compile_the_same_on_several_threads() -> Result<(), PolicyErro
                     .parse()
                     .ok()?
             };
-            Some(Rule {
-                to_ident: 0,
-                ident: 1 + u32::try_from(r.below(300)).unwrap_or(0),
-                deny: r.below(20) == 0,
-                cidr,
-                ports: PORT_SETS[r.below(PORT_SETS.len())].to_vec(),
-                protocol: [Protocol::Tcp, Protocol::Udp, Protocol::Any][r.below(3)],
-                line: 0,
-                text: String::new(),
-            })
+            Some(random_rule(&mut r, cidr, 300, 20))
         })
         .collect();
     let p = policy_with(rules, 300);
