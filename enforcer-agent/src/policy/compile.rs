@@ -1,10 +1,12 @@
-//! Rules -> `ENF_RULES` LPM entries, and the kernel's lookup mirrored in Rust.
+//! Rules -> rule entries (single hosts for `ENF_HOSTS`, shorter prefixes for the `ENF_RULES`
+//! LPM trie; the kernel module splits them), and the kernel's lookup mirrored in Rust.
 //!
 //! Layout: per (generation, identity, protocol, family, port) a group of CIDR prefixes. Port 0
 //! holds the entries that apply to every port; every port named by some entry gets its own
 //! group holding its entries plus copies of the port-0 ones. Deny precedence is compiled in:
 //! an allow whose prefix lies inside a deny prefix of its group is stored as a deny. The
-//! kernel looks up the real port, then port 0, and denies when nothing matches.
+//! kernel looks up the real port, then port 0, and denies when nothing matches. A host entry is
+//! always the longest match of its group, so trying the hash before the trie changes nothing.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
