@@ -442,7 +442,7 @@ fn bench(root: &Path, args: &[String]) -> Result<()> {
         "enf-bench",
     ]);
     status(c, "building enf-bench")?;
-    let rounds = args.first().map(String::as_str).unwrap_or("5");
+    let rounds = args.first().map(String::as_str).unwrap_or("7");
     step(&format!("measuring ({rounds} interleaved rounds)"));
     let mut c = Command::new(root.join("target").join("release").join("enf-bench"));
     c.arg("run")
@@ -464,7 +464,7 @@ fn bench(root: &Path, args: &[String]) -> Result<()> {
     status(c, "report.py")?;
     let body = std::fs::read_to_string(&fragment).context("reading the report")?;
     let md = format!(
-        "# Benchmarks\n\nReproduce on a machine of this kind, as root: `cargo xtask bench` (optionally the number of rounds, default 5). Raw numbers: `target/bench/results.json`.\n\n{body}"
+        "# Benchmarks\n\nReproduce on a machine of this kind, as root: `cargo xtask bench` (optionally the number of rounds, default 7; at least 5 for a meaningful median). Raw numbers: `target/bench/results.json`.\n\n{body}"
     );
     std::fs::write(root.join("BENCHMARKS.md"), md).context("writing BENCHMARKS.md")?;
     print!("{body}");

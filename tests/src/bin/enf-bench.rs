@@ -32,7 +32,7 @@ fn main() {
         Some("worker") => worker(&args[1..]),
         Some("run") => {
             let out = PathBuf::from(args.get(1).map(String::as_str).unwrap_or("target/bench"));
-            let rounds = args.get(2).and_then(|r| r.parse().ok()).unwrap_or(5);
+            let rounds = args.get(2).and_then(|r| r.parse().ok()).unwrap_or(7);
             if let Err(e) = run(&out, rounds) {
                 eprintln!("enf-bench: {e}");
                 std::process::exit(1);
