@@ -472,10 +472,7 @@ impl Kernel {
         keys: &[RuleKeyData],
         values: &[RuleValue],
     ) -> Result<(), KernelError> {
-        let fail = |e: io::Error| KernelError::Op {
-            what: format!("writing map {MAP_HOSTS} ({} entries)", keys.len()),
-            detail: batch_error(&e),
-        };
+        let fail = |e: io::Error| batch_failed("writing", keys.len(), &e);
         let fd = self.maps.hosts_fd.fd().as_fd();
         // A first small chunk on this thread tells whether the kernel has batches.
         let first = keys.len().min(256);
@@ -557,12 +554,7 @@ impl Kernel {
                     }
                     return Ok(());
                 }
-                Err((_, e)) => {
-                    return Err(KernelError::Op {
-                        what: format!("clearing map {MAP_HOSTS} ({} entries)", keys.len()),
-                        detail: batch_error(&e),
-                    });
-                }
+                Err((_, e)) => return Err(batch_failed("clearing", keys.len(), &e)),
             }
         }
         Ok(())
@@ -919,12 +911,17 @@ fn batch_unsupported(e: &io::Error) -> bool {
     )
 }
 
-fn batch_error(e: &io::Error) -> String {
-    match e.raw_os_error() {
+/// A batch of `ENF_HOSTS` that failed: what was done to how many entries, and what to do.
+fn batch_failed(doing: &str, entries: usize, e: &io::Error) -> KernelError {
+    let detail = match e.raw_os_error() {
         Some(libc::E2BIG | libc::ENOMEM) => format!(
             "{e}; the map is full or the kernel is out of memory: reduce the number of rules or raise `run --max-rules`"
         ),
         _ => e.to_string(),
+    };
+    KernelError::Op {
+        what: format!("{doing} map {MAP_HOSTS} ({entries} entries)"),
+        detail,
     }
 }
 

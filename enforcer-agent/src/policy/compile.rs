@@ -255,7 +255,7 @@ fn emit_group(
         return;
     }
     let denies: Vec<&&Item<'_>> = items.iter().filter(|it| it.rule.deny).collect();
-    let start = out.len();
+    let mut group = Vec::with_capacity(items.len());
     for it in items {
         let value = if it.rule.deny {
             RuleValue {
@@ -273,24 +273,17 @@ fn emit_group(
                 rule: it.id,
             }
         };
-        out.push((key_of(generation, ident, proto, port, &it.rule.cidr), value));
+        group.push((key_of(generation, ident, proto, port, &it.rule.cidr), value));
     }
     // One entry per prefix: a deny wins, then the lowest rule id.
-    let group = &mut out[start..];
     let rank = |v: &RuleValue| (v.verdict != VERDICT_DENY, v.rule);
     group.sort_unstable_by(|a, b| {
         (a.0.prefix_len, a.0.data.addr)
             .cmp(&(b.0.prefix_len, b.0.data.addr))
             .then_with(|| rank(&a.1).cmp(&rank(&b.1)))
     });
-    let mut keep = start;
-    for i in start..out.len() {
-        if i == start || out[i].0 != out[keep - 1].0 {
-            out[keep] = out[i];
-            keep += 1;
-        }
-    }
-    out.truncate(keep);
+    group.dedup_by_key(|e| e.0);
+    out.append(&mut group);
 }
 
 /// Bytes of the key data as the kernel's LPM trie compares them.

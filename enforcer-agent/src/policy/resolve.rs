@@ -6,7 +6,7 @@ use std::collections::{BTreeSet, HashMap};
 use enforcer_common::{ANY, BIN_NONE, CG_NONE, IdMatchKey};
 
 use super::glob::cgroup_glob_match;
-use super::{MatchEntry, Policy};
+use super::{Identity, MatchEntry, Policy};
 
 /// Facts of one process.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -89,11 +89,11 @@ fn ident_of(i: usize) -> u32 {
     u32::try_from(i + 1).unwrap_or(u32::MAX)
 }
 
-fn resolve_probe(policy: &Policy, p: &Probe<'_>) -> Resolution {
+fn resolve_probe(identities: &[Identity], p: &Probe<'_>) -> Resolution {
     // Best entry per identity: (specificity, identity index, entry index).
     let mut best: Option<((u8, usize), usize, usize)> = None;
     let mut tie: Option<(usize, usize)> = None;
-    for (i, id) in policy.identities.iter().enumerate() {
+    for (i, id) in identities.iter().enumerate() {
         let mut mine: Option<((u8, usize), usize)> = None;
         for (j, e) in id.matches.iter().enumerate() {
             if holds(e, p) {
@@ -125,12 +125,12 @@ fn resolve_probe(policy: &Policy, p: &Probe<'_>) -> Resolution {
             tie: None,
         };
     };
-    let entry = &policy.identities[i].matches[j];
+    let entry = &identities[i].matches[j];
     let tie = tie.map(|(a, b)| {
         format!(
             "identities[{a}] {:?} and identities[{b}] {:?} matched with equal specificity ({}); chose identities[{a}]",
-            policy.identities[a].name,
-            policy.identities[b].name,
+            identities[a].name,
+            identities[b].name,
             selectors(entry)
         )
     });
@@ -148,7 +148,7 @@ fn resolve_probe(policy: &Policy, p: &Probe<'_>) -> Resolution {
 pub fn resolve(policy: &Policy, facts: &ProcessFacts<'_>) -> Resolution {
     let cg = |g: &str| facts.cgroup.is_some_and(|c| cgroup_glob_match(g, c));
     resolve_probe(
-        policy,
+        &policy.identities,
         &Probe {
             sha256: facts.sha256,
             exe_path: facts.exe_path,
@@ -161,7 +161,8 @@ pub fn resolve(policy: &Policy, facts: &ProcessFacts<'_>) -> Resolution {
 /// Interning tables of the kernel's binary and cgroup classes for one policy.
 #[derive(Debug, Clone)]
 pub struct Classes {
-    policy: Policy,
+    /// The policy's identities: all classes need (never its possibly million rules).
+    identities: Vec<Identity>,
     sha_atoms: Vec<[u8; 32]>,
     path_atoms: Vec<String>,
     globs: Vec<String>,
@@ -190,16 +191,7 @@ impl Classes {
             uid.extend(e.uid.iter().copied());
         }
         Classes {
-            // Identities are all classes need: never copy the (possibly million) rules.
-            policy: Policy {
-                trust_domain: policy.trust_domain.clone(),
-                mode: policy.mode,
-                unattested: policy.unattested,
-                scope: policy.scope.clone(),
-                report_allow: policy.report_allow,
-                identities: policy.identities.clone(),
-                rules: Vec::new(),
-            },
+            identities: policy.identities.clone(),
             sha_atoms: sha.into_iter().collect(),
             path_atoms: path.into_iter().collect(),
             globs: glob.into_iter().collect(),
@@ -272,7 +264,7 @@ impl Classes {
             cgroup: &in_class,
             uid,
         };
-        resolve_probe(&self.policy, &probe).ident
+        resolve_probe(&self.identities, &probe).ident
     }
 
     /// Every `IdMatchKey -> identity` entry needed for all classes interned so far (class 0

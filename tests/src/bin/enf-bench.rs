@@ -47,13 +47,8 @@ fn main() {
             let run = || -> Result<Vec<String>, String> {
                 let me = std::env::current_exe().map_err(|e| e.to_string())?;
                 let bytes = fs::read(&me).map_err(|e| e.to_string())?;
-                fs::write(&worker, &bytes).map_err(|e| e.to_string())?;
-                use std::os::unix::fs::PermissionsExt as _;
-                fs::set_permissions(&worker, fs::Permissions::from_mode(0o755))
-                    .map_err(|e| e.to_string())?;
-                use sha2::Digest as _;
-                let sha: [u8; 32] = sha2::Sha256::digest(&bytes).into();
-                Ok(apply_benchmark(&l, &worker, sha, &dir)?.0)
+                write_exe(&worker, &bytes)?;
+                Ok(apply_benchmark(&l, &worker, sha256(&bytes), &dir)?.0)
             };
             match run() {
                 Ok(notes) => notes.iter().for_each(|n| println!("- {n}")),
@@ -220,6 +215,19 @@ fn worker_setup(
     // SAFETY: a new socket, owned by the caller.
     let udp = unsafe { libc::socket(fam, libc::SOCK_DGRAM, 0) };
     (sa, len, fam, udp)
+}
+
+/// Writes an executable file (mode 0755).
+fn write_exe(path: &Path, bytes: &[u8]) -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt as _;
+    fs::write(path, bytes).map_err(|e| format!("writing {}: {e}", path.display()))?;
+    fs::set_permissions(path, fs::Permissions::from_mode(0o755))
+        .map_err(|e| format!("making {} executable: {e}", path.display()))
+}
+
+fn sha256(bytes: &[u8]) -> [u8; 32] {
+    use sha2::Digest as _;
+    sha2::Sha256::digest(bytes).into()
 }
 
 fn monotonic_ns() -> u64 {
@@ -917,9 +925,7 @@ fn exec_and_memory(
         let p = dir.path(&format!("true-{size}"));
         let mut b = base.clone();
         b.resize(size.max(base.len()), 0);
-        fs::write(&p, &b).map_err(|e| e.to_string())?;
-        use std::os::unix::fs::PermissionsExt as _;
-        fs::set_permissions(&p, fs::Permissions::from_mode(0o755)).map_err(|e| e.to_string())?;
+        write_exe(&p, &b)?;
         sizes.push((label, p));
     }
     let_settle();
@@ -952,7 +958,7 @@ fn run(out: &Path, rounds: usize) -> Result<(), String> {
     let worker = dir.path("worker");
     let unattested = dir.path("worker-unattested");
     let bytes = fs::read(&me).map_err(|e| e.to_string())?;
-    fs::write(&worker, &bytes).map_err(|e| e.to_string())?;
+    write_exe(&worker, &bytes)?;
     let mut other = bytes.clone();
     let pat = b"ENFBENCH-MARKER0";
     let at = other
@@ -960,15 +966,8 @@ fn run(out: &Path, rounds: usize) -> Result<(), String> {
         .position(|w| w == pat)
         .ok_or("no marker in the bench binary")?;
     other[at + pat.len() - 1] = b'1';
-    fs::write(&unattested, &other).map_err(|e| e.to_string())?;
-    for p in [&worker, &unattested] {
-        use std::os::unix::fs::PermissionsExt as _;
-        fs::set_permissions(p, fs::Permissions::from_mode(0o755)).map_err(|e| e.to_string())?;
-    }
-    let worker_sha: [u8; 32] = {
-        use sha2::Digest as _;
-        sha2::Sha256::digest(&bytes).into()
-    };
+    write_exe(&unattested, &other)?;
+    let worker_sha = sha256(&bytes);
 
     let mut configs: Vec<Config> = Vec::new();
     let base = std::rc::Rc::new(TestCgroup::new("b-none"));
