@@ -45,6 +45,8 @@ pub struct Options {
     pub metrics_addr: Option<std::net::SocketAddr>,
     /// Rule entries a policy may compile to (`--max-rules`); sizes the rule maps.
     pub max_rules: u32,
+    /// When `run` began (the "agent ready" log line says how long the start took).
+    pub started: std::time::Instant,
 }
 
 /// One executable the agent hashed, by its `exe_id`.
@@ -774,7 +776,11 @@ impl Agent {
             None => None,
         };
         self.policy_fingerprint = opts.policy_path.as_deref().and_then(fingerprint);
-        tracing::info!(api = %opts.api_socket.display(), "agent ready");
+        tracing::info!(
+            api = %opts.api_socket.display(),
+            startup_ms = opts.started.elapsed().as_millis() as u64,
+            "agent ready"
+        );
         let mut ticks: u64 = 0;
         let mut lost_seen = self.kernel.counter(CNT_EVENTS_LOST);
         loop {

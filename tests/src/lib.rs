@@ -275,9 +275,70 @@ pub fn run_in_as(cg: &TestCgroup, bin: &Path, args: &[&str], uid: u32) -> i32 {
 
 /// Spawns `bin args...` inside `cg`, optionally as another uid (and gid).
 pub fn spawn_in_as(cg: &TestCgroup, bin: &Path, args: &[&str], uid: Option<u32>) -> Child {
+    spawn_with(cg, bin, args, uid, Stdio::null())
+}
+
+/// Spawns the probe `bin gate args...` inside `cg`: it execs at once (so it is attested as any
+/// process is) but runs `args` only when the test calls [`open_gate`]. Tests use it where a
+/// process must act after something else happened (the agent is up, `explain` has answered),
+/// instead of a fixed delay that races it.
+pub fn spawn_gated_in(cg: &TestCgroup, bin: &Path, args: &[&str]) -> Child {
+    let mut all = vec!["gate"];
+    all.extend_from_slice(args);
+    spawn_with(cg, bin, &all, None, Stdio::piped())
+}
+
+/// Lets a process from [`spawn_gated_in`] run its command (writes a byte and closes its stdin).
+pub fn open_gate(child: &mut Child) {
+    use std::io::Write as _;
+    let mut stdin = child
+        .stdin
+        .take()
+        .expect("a gated process (spawn_gated_in) whose gate is still closed");
+    stdin
+        .write_all(b"g")
+        .unwrap_or_else(|e| panic!("opening the gate of {}: {e}", child.id()));
+}
+
+/// Polls `probe` every 10 ms until it returns `Some`, and panics with `what` and the last
+/// state `show` describes after `timeout`. The tests wait for the agent with this, never with
+/// a fixed sleep.
+pub fn wait_for<T>(what: &str, timeout: Duration, mut probe: impl FnMut() -> Option<T>) -> T {
+    let t0 = Instant::now();
+    loop {
+        if let Some(v) = probe() {
+            return v;
+        }
+        assert!(
+            t0.elapsed() < timeout,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// How long a test waits for something the agent does asynchronously (an event, a metric, a
+/// listing) before it fails: far above any normal delay, even in a TCG guest.
+pub const AGENT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Waits until `pid` (a child of ours) is stopped (`T` in /proc/PID/stat), e.g. held by the
+/// kernel at exec; panics with `what` after [`AGENT_TIMEOUT`].
+pub fn wait_stopped(pid: u32, what: &str) {
+    wait_for(
+        &format!("{what} (process {pid} stopped)"),
+        AGENT_TIMEOUT,
+        || {
+            let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            let state = stat.rsplit_once(')')?.1.trim_start().chars().next()?;
+            (state == 'T').then_some(())
+        },
+    );
+}
+
+fn spawn_with(cg: &TestCgroup, bin: &Path, args: &[&str], uid: Option<u32>, stdin: Stdio) -> Child {
     let procs = cg.dir.join("cgroup.procs");
     let mut c = Command::new(bin);
-    c.args(args).stdin(Stdio::null()).stdout(Stdio::null());
+    c.args(args).stdin(stdin).stdout(Stdio::null());
     // SAFETY: only async-signal-safe calls (open/write/close) between fork and exec.
     unsafe {
         let path = std::ffi::CString::new(procs.as_os_str().as_encoded_bytes()).expect("path");
@@ -392,6 +453,8 @@ impl Agent {
 
     /// (Re)starts the agent process on the same pins and state.
     pub fn spawn(&mut self) {
+        // A restart: wait for this process's "agent ready", not the previous one's.
+        let ready_before = self.count_log("agent ready");
         let mut c = Command::new(agent_bin());
         c.arg("run")
             .arg("--policy")
@@ -426,13 +489,15 @@ impl Agent {
         self.child = Some(child);
         let t0 = Instant::now();
         loop {
-            if self
-                .stderr
-                .lock()
-                .expect("lock")
-                .iter()
-                .any(|l| l.contains("agent ready"))
-            {
+            if self.count_log("agent ready") > ready_before {
+                // Past libtest's capture, so `cargo xtask vm-test` can tabulate start times
+                // per kernel and a slow start is visible, not hidden by a timeout.
+                use std::io::Write as _;
+                let _ = writeln!(
+                    std::io::stderr(),
+                    "vm-test: agent ready in {} ms",
+                    t0.elapsed().as_millis()
+                );
                 return;
             }
             if let Some(status) = self
@@ -450,6 +515,16 @@ impl Agent {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// Lines of the agent's log (all its runs) that contain `needle`.
+    fn count_log(&self, needle: &str) -> usize {
+        self.stderr
+            .lock()
+            .expect("lock")
+            .iter()
+            .filter(|l| l.contains(needle))
+            .count()
     }
 
     /// This agent's API socket.
@@ -513,6 +588,28 @@ impl Agent {
             .iter()
             .filter_map(|l| serde_json::from_str(l).ok())
             .collect()
+    }
+
+    /// Waits until the events the agent printed so far satisfy `done`, and returns them;
+    /// panics with `what` and the events after [`AGENT_TIMEOUT`].
+    pub fn wait_events(
+        &self,
+        what: &str,
+        done: impl Fn(&[serde_json::Value]) -> bool,
+    ) -> Vec<serde_json::Value> {
+        let t0 = Instant::now();
+        loop {
+            let evs = self.events();
+            if done(&evs) {
+                return evs;
+            }
+            assert!(
+                t0.elapsed() < AGENT_TIMEOUT,
+                "no {what} within {AGENT_TIMEOUT:?} in the events {evs:?}\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 
     /// Replaces the policy file and sends SIGHUP (the agent re-reads it, all or nothing).

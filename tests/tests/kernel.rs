@@ -152,8 +152,15 @@ fn enforce_tcp_udp_ipv4_ipv6() {
         "a process outside the scope must not be judged"
     );
     // Deny events name the identity and the rule.
-    std::thread::sleep(Duration::from_millis(300));
-    let evs = agent.events();
+    let is_app_deny = |e: &serde_json::Value| {
+        e["verdict"] == "deny" && e["identity"] == "spiffe://test.example.org/app"
+    };
+    let is_unattested_deny = |e: &serde_json::Value| {
+        e["verdict"] == "deny" && e["identity"].is_null() && e["rule"] == "unattested"
+    };
+    let evs = agent.wait_events("deny events for app and for the unattested copy", |evs| {
+        evs.iter().any(is_app_deny) && evs.iter().any(is_unattested_deny)
+    });
     let deny = evs
         .iter()
         .find(|e| e["verdict"] == "deny" && e["identity"] == "spiffe://test.example.org/app")
@@ -191,18 +198,15 @@ fn audit_mode_allows_and_reports() {
         OK,
         "audit mode must not deny unattested"
     );
-    std::thread::sleep(Duration::from_millis(300));
-    let evs = agent.events();
-    assert!(
-        evs.iter().any(|e| e["verdict"] == "audit"
-            && e["port"] == st.l.extra4.port()
-            && e["protocol"] == "tcp"),
-        "no audit event for the would-be deny in {evs:?}"
-    );
-    assert!(
-        evs.iter()
-            .any(|e| e["verdict"] == "audit" && e["identity"].is_null() && e["protocol"] == "udp"),
-        "no audit event for the unattested sendto in {evs:?}"
+    let would_deny = |e: &serde_json::Value| {
+        e["verdict"] == "audit" && e["port"] == st.l.extra4.port() && e["protocol"] == "tcp"
+    };
+    let unattested = |e: &serde_json::Value| {
+        e["verdict"] == "audit" && e["identity"].is_null() && e["protocol"] == "udp"
+    };
+    agent.wait_events(
+        "audit events for the would-be deny and for the unattested sendto",
+        |evs| evs.iter().any(would_deny) && evs.iter().any(unattested),
     );
 }
 
@@ -391,17 +395,9 @@ fn kill9_keeps_enforcement_and_restart_takes_over() {
     copy_probe(Path::new(PROBE_BIN), &fresh, None);
     let child = spawn_in(&st.cg, &fresh, &["tcp", &tcp4]);
     let pid = child.id();
-    std::thread::sleep(Duration::from_millis(500));
-    let state =
-        fs::read_to_string(format!("/proc/{pid}/stat")).expect("reading the held probe's stat");
-    let st_char = state
-        .rsplit_once(')')
-        .and_then(|(_, r)| r.trim_start().chars().next());
-    assert_eq!(
-        st_char,
-        Some('T'),
-        "a never-seen binary must be held while the agent is down: {state}"
-    );
+    // Held: stopped by the kernel at exec (waited for, not slept for: a slow machine only
+    // takes longer to get there).
+    wait_stopped(pid, "a never-seen binary held while the agent is down");
     agent.spawn();
     let (code, _) = wait_traced(child);
     assert_eq!(
@@ -580,8 +576,13 @@ fn policy_apply_is_atomic_and_all_or_nothing() {
     // numbering under it (it stops at its first denied connect).
     let stop = st.dir.path("stop");
     let stop_s = stop.to_string_lossy().into_owned();
+    let allowed = || kernel_counter(&agent.pin_dir, enforcer_common::CNT_ALLOW);
+    let before = allowed();
     let mut looper = spawn_in(&st.cg, &st.app, &["loop-until", &stop_s, "tcp", &tcp4]);
-    std::thread::sleep(Duration::from_millis(300));
+    // The swaps start once the looper is connecting (the kernel counts its allows).
+    wait_for("the looper's first allowed connects", AGENT_TIMEOUT, || {
+        (allowed() >= before + 10).then_some(())
+    });
     let mut ended = None;
     for i in 0..20 {
         agent.reload(if i % 2 == 0 { &p2 } else { &p1 });
@@ -702,15 +703,27 @@ fn processes_running_before_the_agent_are_attested() {
     let st = setup("prior");
     let sha = sha256_file(&st.app);
     let tcp4 = s(st.l.tcp4);
-    // Started (and exec'd) before any agent: they connect once the agent is up.
-    let early_app = spawn_in(&st.cg, &st.app, &["after", "3000", "tcp", &tcp4]);
-    let early_other = spawn_in(&st.cg, &st.other, &["after", "3000", "tcp", &tcp4]);
+    // Started (and exec'd) before any agent; they connect only when the test opens their
+    // gate, after the agent is up and answers `status` (never after a fixed delay, which a
+    // slow start would outrun).
+    let mut early_app = spawn_gated_in(&st.cg, &st.app, &["tcp", &tcp4]);
+    let mut early_other = spawn_gated_in(&st.cg, &st.other, &["tcp", &tcp4]);
     let agent = Agent::start(&policy(&st.cg.rel, "enforce", "deny", &sha, &st.l));
     assert!(
         agent.log().contains("attested running processes"),
         "{}",
         agent.log()
     );
+    let status = agent.cli_json(&["status"]);
+    assert!(
+        status["attached"]
+            .as_array()
+            .is_some_and(|a| a.iter().any(|a| a["program"] == "cgroup/connect4"
+                && a["target"].as_str().is_some_and(|t| t.contains(&st.cg.rel)))),
+        "connect4 must be attached to the scope before the gates open: {status}"
+    );
+    open_gate(&mut early_app);
+    open_gate(&mut early_other);
     let (app_code, _) = wait_traced(early_app);
     let (other_code, _) = wait_traced(early_other);
     assert_eq!(

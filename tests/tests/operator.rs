@@ -103,17 +103,28 @@ fn explain_agrees_with_the_kernel() {
     let mut cases = 0;
     let mut mismatches = Vec::new();
     for _batch in 0..8 {
-        // Spawn a batch that waits, explain each pid, then let them connect.
+        // Spawn a batch behind closed gates, wait until the kernel has attested each pid,
+        // explain each, then open the gates and let them connect.
         let mut batch = Vec::new();
         for _ in 0..15 {
             let bin = rng.pick(&bins).clone();
             let cg = *rng.pick(&cgs);
             let dst = *rng.pick(&dsts);
             let cmd = *rng.pick(&cmds);
-            let child = spawn_in(cg, &bin, &["after", "3000", cmd, &dst.to_string()]);
+            let child = spawn_gated_in(cg, &bin, &[cmd, &dst.to_string()]);
             batch.push((child, bin, cg.rel.clone(), dst, cmd));
         }
-        std::thread::sleep(Duration::from_millis(300));
+        for (child, ..) in &batch {
+            let pid = child.id();
+            wait_for(
+                &format!("the kernel to attest pid {pid}"),
+                AGENT_TIMEOUT,
+                || {
+                    kernel_proc(&w.agent.pin_dir, pid)
+                        .filter(|p| p.flags & enforcer_common::PROC_PENDING == 0)
+                },
+            );
+        }
         let mut verdicts = Vec::new();
         for (child, _, _, dst, cmd) in &batch {
             let proto = if *cmd == "tcp" { "tcp" } else { "udp" };
@@ -128,6 +139,9 @@ fn explain_agrees_with_the_kernel() {
                 proto,
             ]);
             verdicts.push(d);
+        }
+        for (child, ..) in &mut batch {
+            open_gate(child);
         }
         for ((child, bin, cg, dst, cmd), d) in batch.into_iter().zip(verdicts) {
             let (code, _) = wait_traced(child);
@@ -167,9 +181,20 @@ fn status_identities_events_json() {
     let tcp4 = w.l.tcp4.to_string();
     assert_eq!(run_in(&w.cg, &w.app, &["tcp", &tcp4]), OK);
     assert_eq!(run_in(&w.cg, &w.other, &["tcp", &tcp4]), EPERM);
-    std::thread::sleep(Duration::from_millis(300));
 
-    let s = w.agent.cli_json(&["status"]);
+    // The unattested connect reaches the coverage report once the agent has read its event.
+    let s = wait_for(
+        "`other` listed as uncovered in status",
+        AGENT_TIMEOUT,
+        || {
+            let s = w.agent.cli_json(&["status"]);
+            s["uncovered"]
+                .as_array()?
+                .iter()
+                .any(|u| u["exe"].as_str().is_some_and(|e| e.ends_with("/other")))
+                .then_some(s)
+        },
+    );
     assert_eq!(s["mode"], "enforce", "{s}");
     assert!(
         s["policy_hash"].as_str().is_some_and(|h| h.len() == 64),
@@ -220,12 +245,17 @@ fn status_identities_events_json() {
 
     // identities lists a live process with its identity; attest --json gives the same facts.
     let mut sleeper = spawn_in(&w.cg, &w.app, &["sleep", "20"]);
-    std::thread::sleep(Duration::from_millis(300));
-    let ids = w.agent.cli_json(&["identities"]);
-    let me = ids
-        .as_array()
-        .and_then(|a| a.iter().find(|p| p["pid"] == sleeper.id()))
-        .unwrap_or_else(|| panic!("pid {} not in identities: {ids}", sleeper.id()));
+    let me = wait_for(
+        &format!("pid {} listed by `identities`", sleeper.id()),
+        AGENT_TIMEOUT,
+        || {
+            let ids = w.agent.cli_json(&["identities"]);
+            ids.as_array()?
+                .iter()
+                .find(|p| p["pid"] == sleeper.id())
+                .cloned()
+        },
+    );
     assert_eq!(me["identity"], "spiffe://t.org/app");
     for key in ["pid", "exe", "sha256", "cgroup", "uid"] {
         assert!(!me[key].is_null(), "identities lacks {key}: {me}");
@@ -276,10 +306,12 @@ fn status_identities_events_json() {
         .stdout(std::process::Stdio::piped())
         .spawn()
         .expect("events --follow");
-    std::thread::sleep(Duration::from_millis(300));
+    // The follower subscribes asynchronously: repeat the decision until it shows one (a
+    // fixed sleep would race the subscription).
     let denied_dst = format!("127.0.0.2:{}", w.l.udp4.port());
-    assert_eq!(run_in(&w.cg, &w.app, &["sendto", &denied_dst]), EPERM);
-    let line = first_line_with(&mut follow, "127.0.0.2");
+    let line = first_line_with(&mut follow, "127.0.0.2", || {
+        assert_eq!(run_in(&w.cg, &w.app, &["sendto", &denied_dst]), EPERM);
+    });
     let e: serde_json::Value = serde_json::from_str(&line).expect("JSON");
     assert_eq!(e["verdict"], "deny");
     assert_eq!(e["identity"], "spiffe://t.org/app");
@@ -296,9 +328,11 @@ fn status_identities_events_json() {
         .stdout(std::process::Stdio::piped())
         .spawn()
         .expect("events --follow --all");
-    std::thread::sleep(Duration::from_millis(300));
-    assert_eq!(run_in(&w.cg, &w.app, &["udp", &w.l.udp6.to_string()]), OK);
-    let line = first_line_with(&mut follow_all, &format!("\"port\":{}", w.l.udp6.port()));
+    let line = first_line_with(
+        &mut follow_all,
+        &format!("\"port\":{}", w.l.udp6.port()),
+        || assert_eq!(run_in(&w.cg, &w.app, &["udp", &w.l.udp6.to_string()]), OK),
+    );
     let e: serde_json::Value = serde_json::from_str(&line).expect("JSON");
     assert_eq!(e["verdict"], "allow");
 
@@ -316,7 +350,11 @@ fn status_identities_events_json() {
 
 /// The first stdout line of a streaming child containing `needle` (10 s at most); the child
 /// is ended.
-fn first_line_with(child: &mut std::process::Child, needle: &str) -> String {
+fn first_line_with(
+    child: &mut std::process::Child,
+    needle: &str,
+    mut trigger: impl FnMut(),
+) -> String {
     let stdout = child.stdout.take().expect("stdout");
     let needle = needle.to_string();
     let (tx, rx) = std::sync::mpsc::channel();
@@ -332,10 +370,21 @@ fn first_line_with(child: &mut std::process::Child, needle: &str) -> String {
             }
         }
     });
-    let got = rx.recv_timeout(Duration::from_secs(10));
+    // Trigger the decision again every half second until the streaming command shows it.
+    let t0 = std::time::Instant::now();
+    let got = loop {
+        trigger();
+        match rx.recv_timeout(Duration::from_millis(500)) {
+            Ok(line) => break Some(line),
+            Err(_) if t0.elapsed() < AGENT_TIMEOUT => {}
+            Err(_) => break None,
+        }
+    };
     let _ = child.kill();
     let _ = child.wait();
-    got.expect("the streaming command did not show the expected decision within 10 s")
+    got.unwrap_or_else(|| {
+        panic!("the streaming command did not show the expected decision within {AGENT_TIMEOUT:?}")
+    })
 }
 
 /// Inserts a rule entry the policy does not have into the active generation.
@@ -538,17 +587,20 @@ fn metrics_file_watch_completions() {
     );
     let tcp4 = l.tcp4.to_string();
     assert_eq!(run_in(&cg, &app, &["tcp", &tcp4]), EPERM);
-    std::thread::sleep(Duration::from_millis(300));
-    let m = http_get(maddr, "/metrics");
-    assert!(m.starts_with("HTTP/1.1 200"), "{m}");
+    let is_deny_line = |l: &str| {
+        l.starts_with("enforcer_decisions_total{")
+            && l.contains("spiffe://t.org/app")
+            && l.contains("deny")
+    };
+    let m = wait_for("the app identity's deny in /metrics", AGENT_TIMEOUT, || {
+        let m = http_get(maddr, "/metrics");
+        assert!(m.starts_with("HTTP/1.1 200"), "{m}");
+        m.lines().any(is_deny_line).then_some(m)
+    });
     let line = m
         .lines()
-        .find(|l| {
-            l.starts_with("enforcer_decisions_total{")
-                && l.contains("spiffe://t.org/app")
-                && l.contains("deny")
-        })
-        .unwrap_or_else(|| panic!("no deny decision for the app identity in:\n{m}"));
+        .find(|l| is_deny_line(l))
+        .expect("the line just seen");
     assert!(
         line.rsplit(' ')
             .next()
@@ -568,9 +620,13 @@ fn metrics_file_watch_completions() {
     assert!(m.contains("enforcer_events_lost_total"), "{m}");
     assert!(http_get(maddr, "/other").starts_with("HTTP/1.1 404"));
     // --events-file: the decisions as JSON lines in that file.
-    let evs = fs::read_to_string(&events_file).expect("reading the events file");
-    let e: serde_json::Value =
-        serde_json::from_str(evs.lines().next().expect("an event line")).expect("JSON line");
+    let first = wait_for("a line in the events file", AGENT_TIMEOUT, || {
+        let evs = fs::read_to_string(&events_file).ok()?;
+        let line = evs.lines().next()?;
+        // Only a whole line (the writer may be mid-line).
+        evs.contains('\n').then(|| line.to_string())
+    });
+    let e: serde_json::Value = serde_json::from_str(&first).expect("JSON line");
     assert_eq!(e["verdict"], "deny");
     assert_eq!(e["identity"], "spiffe://t.org/app");
 

@@ -1057,11 +1057,24 @@ struct GuestResult {
     dmesg: String,
     /// Verifier log blocks the agent printed (outside the `enf_reject` demonstration).
     verifier: Vec<String>,
+    /// How long each agent start took, spawn to "agent ready", in ms (`vm-test: agent ready
+    /// in N ms`, printed by the test harness past libtest's capture).
+    ready_ms: Vec<u64>,
 }
 
 impl GuestResult {
     fn ok(&self) -> bool {
         self.exit == Some(0) && !self.timed_out && !self.tests.values().any(|o| *o == Outcome::Fail)
+    }
+
+    /// "median / max ms (N starts)" of the agent's start times, or "-".
+    fn ready_summary(&self) -> String {
+        let mut v = self.ready_ms.clone();
+        v.sort_unstable();
+        match (v.get(v.len() / 2), v.last()) {
+            (Some(med), Some(max)) => format!("{med} / {max} ms ({} starts)", v.len()),
+            _ => "-".into(),
+        }
     }
 
     fn summary(&self) -> String {
@@ -1185,6 +1198,7 @@ fn parse_log(text: &str) -> GuestResult {
     let mut dmesg = String::new();
     let mut verifier: Vec<String> = Vec::new();
     let mut in_verifier: Option<Vec<String>> = None;
+    let mut ready_ms = Vec::new();
     let outcome = |s: &str| -> Option<Outcome> {
         let s = s.trim();
         if s.starts_with("ok") {
@@ -1240,6 +1254,12 @@ fn parse_log(text: &str) -> GuestResult {
             if line.contains("--- end of verifier log ---") {
                 verifier.push(v.join("\n"));
                 in_verifier = None;
+            }
+        }
+        if let Some(i) = line.find("vm-test: agent ready in ") {
+            let rest = &line[i + "vm-test: agent ready in ".len()..];
+            if let Some(ms) = rest.split_whitespace().next().and_then(|n| n.parse().ok()) {
+                ready_ms.push(ms);
             }
         }
         if let Some(i) = line.find("vm-test: skipped: kernel lacks ") {
@@ -1314,6 +1334,7 @@ fn parse_log(text: &str) -> GuestResult {
         reject,
         dmesg,
         verifier,
+        ready_ms,
     }
 }
 
@@ -1357,6 +1378,10 @@ fn print_table(results: &[(String, GuestResult)]) {
         print!("  {cell:w$}");
     }
     println!();
+    println!("\nagent start, spawn to ready (median / max):");
+    for (l, r) in results {
+        println!("  {l}: {}", r.ready_summary());
+    }
 }
 
 /// The `failures:` section libtest prints (when present) and the last lines of the console.
@@ -1519,6 +1544,11 @@ fn matrix_markdown(names: &[&str], results: &[(String, GuestResult)]) -> String 
         md.push_str(&format!(" {} |", if r.ok() { "ok" } else { "**FAILED**" }));
     }
     md.push('\n');
+    md.push_str("| agent start, spawn to ready (median / max) |");
+    for (_, r) in results {
+        md.push_str(&format!(" {} |", r.ready_summary()));
+    }
+    md.push('\n');
     if let Some((i, (_, r))) = results
         .iter()
         .enumerate()
@@ -1582,7 +1612,10 @@ mod tests {
         let log = "\
 === VMTEST BEGIN 5.10.0-46-amd64 cpus=2\r
 running 3 tests\r
-test a_test ... ok\r
+test a_test ... vm-test: agent ready in 900 ms\r
+vm-test: agent ready in 1200 ms\r
+vm-test: agent ready in 700 ms\r
+ok\r
 test needs_btf ... vm-test: skipped: kernel lacks btf (test needs_btf): \"no BTF\"\r
 ok\r
 test broken ... [   12.3] some kernel line\r
@@ -1624,6 +1657,12 @@ rejected text\r
         assert!(md.contains("| `btf` (optional) | **missing** |"), "{md}");
         assert!(md.contains("| `needs_btf` | skipped (btf) |"), "{md}");
         assert!(md.contains("rejected text"), "{md}");
+        assert!(
+            md.contains(
+                "| agent start, spawn to ready (median / max) | 900 / 1200 ms (3 starts) |"
+            ),
+            "{md}"
+        );
     }
 
     #[test]

@@ -462,6 +462,7 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
             events_file,
             max_rules,
         } => {
+            let started = std::time::Instant::now();
             init_logging();
             let (p, source) = match &file {
                 Some(f) => {
@@ -496,6 +497,7 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
                 metrics_addr,
                 events_file,
                 max_rules,
+                started,
             };
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()

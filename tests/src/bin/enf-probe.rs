@@ -8,7 +8,8 @@
 //!   enf-probe exec PATH ARGS...      exec PATH ARGS (to test re-attestation at exec)
 //!   enf-probe loop-until PATH CMD... run CMD until PATH exists; 13 at the first denial
 //!   enf-probe listen ADDR:PORT SECS  a TCP listener, accepting for SECS seconds
-//!   enf-probe after MS CMD...        sleep MS milliseconds, then run CMD
+//!   enf-probe gate CMD...            wait for a byte (or EOF) on stdin, then run CMD: the test
+//!                                    opens the gate once the agent is up (never a fixed delay)
 //!   enf-probe sleep SECS             sleep (a process to inspect)
 //! Exit status: 0 connected/sent, 13 EPERM (the kernel denied), 2 any other failure.
 
@@ -140,11 +141,19 @@ fn run(args: &[String]) -> i32 {
             }
             0
         }
-        "after" => {
-            // after MS CMD...: sleep MS milliseconds, then run CMD.
-            let ms: u64 = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(1000);
-            std::thread::sleep(Duration::from_millis(ms));
-            run(&args[2..])
+        "gate" => {
+            // gate CMD...: block on stdin until the test writes a byte (or closes it), then run
+            // CMD. A read error (no stdin at all) is a failure, never an early start.
+            use std::io::Read as _;
+            let mut b = [0u8; 1];
+            match std::io::stdin().read_exact(&mut b) {
+                Ok(()) => run(&args[1..]),
+                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => run(&args[1..]),
+                Err(e) => {
+                    eprintln!("enf-probe: gate: reading stdin: {e}");
+                    2
+                }
+            }
         }
         "sleep" => {
             let secs = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(60);
