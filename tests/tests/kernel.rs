@@ -958,3 +958,62 @@ fn missing_required_feature_refuses_to_start() {
     );
     assert!(!pinned, "nothing may be pinned: {}", pins.display());
 }
+
+/// `systemdUnit`: the unit that owns the process's cgroup, derived from the cgroup path by the
+/// agent, gives the identity in the kernel (through the cgroup's class): any binary in the
+/// unit and in a sub-cgroup the unit delegates; nothing in another unit or outside any unit.
+#[test]
+fn systemd_unit_selector_from_the_cgroup_path() {
+    if !require_root("systemd_unit_selector_from_the_cgroup_path") {
+        return;
+    }
+    let st = setup("unit");
+    let me = std::process::id();
+    let unit = format!("enftest-web-{me}.service");
+    let web = st.cg.child(&unit);
+    let worker = web.child("worker");
+    let db = st.cg.child(&format!("enftest-db-{me}.service"));
+    let tcp4 = s(st.l.tcp4);
+    let yaml = format!(
+        "apiVersion: enforcer/v1\nkind: Policy\ntrustDomain: t.org\nmode: enforce\nunattested: deny\nscope: [\"{}\"]\nidentities:\n  - name: web\n    match:\n      - systemdUnit: [\"enftest-web-*.service\"]\nrules:\n  - identity: web\n    egress:\n      - to: {{cidr: 127.0.0.1/32, ports: [{}], protocol: tcp}}\n",
+        st.cg.rel,
+        st.l.tcp4.port()
+    );
+    let agent = Agent::start(&yaml);
+    for (cg, want, what) in [
+        (&web, OK, "a process of the unit"),
+        (&worker, OK, "a process in a sub-cgroup the unit delegates"),
+        (&db, EPERM, "a process of another unit"),
+        (&st.cg, EPERM, "a process outside any unit"),
+    ] {
+        for bin in [&st.app, &st.other] {
+            assert_eq!(
+                run_in(cg, bin, &["tcp", &tcp4]),
+                want,
+                "{what} ({}, {})\n{}",
+                cg.rel,
+                bin.display(),
+                agent.log()
+            );
+        }
+    }
+    // The identity is the unit's, and `attest` shows the unit to paste into a policy.
+    let mut sleeper = spawn_in(&worker, &st.app, &["sleep", "20"]);
+    let listed = wait_for("the unit's process in `identities`", AGENT_TIMEOUT, || {
+        let ids = agent.cli_json(&["identities"]);
+        ids.as_array()?
+            .iter()
+            .find(|p| p["pid"] == sleeper.id())
+            .cloned()
+    });
+    assert_eq!(listed["identity"], "spiffe://t.org/web", "{listed}");
+    let (code, out, err) = run_cmd(
+        &agent_bin(),
+        &["attest", "--pid", &sleeper.id().to_string(), "--json"],
+    );
+    assert_eq!(code, 0, "{err}");
+    let a: serde_json::Value = serde_json::from_str(&out).expect("attest --json");
+    assert_eq!(a["systemd_unit"], unit.as_str(), "{a}");
+    sleeper.kill().expect("kill our sleeper");
+    sleeper.wait().expect("reap");
+}

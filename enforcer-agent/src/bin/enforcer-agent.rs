@@ -386,16 +386,22 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
             let f = attest::attest_pid(&mut cache, pid)
                 .with_context(|| format!("attesting pid {pid}"))?;
             let sha = hex::encode(f.sha256);
+            let unit = policy::systemd_unit(&f.cgroup);
             if json {
                 let v = serde_json::json!({
                     "pid": f.pid, "exe": f.exe_path, "sha256": sha, "cgroup": f.cgroup,
-                    "uid": f.uid, "gid": f.gid,
+                    "systemd_unit": unit, "uid": f.uid, "gid": f.gid,
                 });
                 println!("{v}");
             } else {
                 println!("# pid {} exe {} gid {}", f.pid, f.exe_path, f.gid);
                 println!("- binarySha256: [{sha}]");
                 println!("  cgroup: [\"{}\"]", f.cgroup);
+                match unit {
+                    // An alternative to the cgroup line: the unit survives a slice rename.
+                    Some(u) => println!("  # or, instead of cgroup: systemdUnit: [\"{u}\"]"),
+                    None => println!("  # no systemd unit owns this cgroup"),
+                }
                 println!("  uid: [{}]", f.uid);
             }
             Ok(ExitCode::SUCCESS)

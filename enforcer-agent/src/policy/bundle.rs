@@ -2,6 +2,7 @@
 
 use sha2::{Digest, Sha256};
 
+use super::cgroup_attr::unit_glob_problem;
 use super::check::entries_overlap;
 use super::glob::glob_problem;
 use super::{
@@ -11,8 +12,11 @@ use super::{
 
 /// Field 1 of every bundle.
 const MAGIC: &[u8] = b"ENFORCER-POLICY";
-/// Version of the bundle format (field 2).
-pub const BUNDLE_FORMAT: u32 = 1;
+/// Version of the bundle format (field 2). 2 added `systemdUnit` (match field 5): an agent
+/// that ignored it would widen identities, so older agents must refuse these bundles.
+pub const BUNDLE_FORMAT: u32 = 2;
+/// Oldest format this agent reads (a format-1 bundle has no field it does not know).
+const BUNDLE_FORMAT_MIN: u32 = 1;
 
 #[derive(Clone, PartialEq, prost::Message)]
 struct BundleMsg {
@@ -64,6 +68,8 @@ struct MatchMsg {
     cgroup: Vec<String>,
     #[prost(uint32, repeated, tag = "4")]
     uid: Vec<u32>,
+    #[prost(string, repeated, tag = "5")]
+    systemd_unit: Vec<String>,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
@@ -140,6 +146,7 @@ pub fn encode_bundle(policy: &Policy) -> Vec<u8> {
                             binary_path: m.binary_path.clone(),
                             cgroup: m.cgroup.clone(),
                             uid: m.uid.clone(),
+                            systemd_unit: m.systemd_unit.clone(),
                         })
                         .collect(),
                 })
@@ -190,7 +197,7 @@ pub fn decode_bundle(bytes: &[u8]) -> Result<Policy, PolicyError> {
     }
     let msg: BundleMsg = prost::Message::decode(bytes)
         .map_err(|e: prost::DecodeError| PolicyError::Corrupt(e.to_string()))?;
-    if msg.format != BUNDLE_FORMAT {
+    if !(BUNDLE_FORMAT_MIN..=BUNDLE_FORMAT).contains(&msg.format) {
         return Err(PolicyError::BundleVersion {
             found: msg.format,
             expected: BUNDLE_FORMAT,
@@ -230,6 +237,7 @@ pub fn decode_bundle(bytes: &[u8]) -> Result<Policy, PolicyError> {
                 binary_sha256: hashes,
                 binary_path: m.binary_path,
                 cgroup: m.cgroup,
+                systemd_unit: m.systemd_unit,
                 uid: m.uid,
             });
         }
@@ -336,6 +344,9 @@ fn validate(p: &Policy) -> Result<(), String> {
                 return Err(format!("identities[{i}].match[{j}] is empty"));
             }
             if let Some(msg) = m.cgroup.iter().find_map(|g| glob_problem(g)) {
+                return Err(format!("identities[{i}].match[{j}]: {msg}"));
+            }
+            if let Some(msg) = m.systemd_unit.iter().find_map(|g| unit_glob_problem(g)) {
                 return Err(format!("identities[{i}].match[{j}]: {msg}"));
             }
             if m.binary_path.iter().any(|x| !x.starts_with('/')) {
@@ -475,9 +486,12 @@ mod tests {
             e,
             Err(PolicyError::BundleVersion {
                 found: 7,
-                expected: 1
+                expected: BUNDLE_FORMAT
             })
         ));
+        // A format-1 bundle (no systemdUnit field) still loads.
+        msg.format = 1;
+        assert!(decode_bundle(&prost::Message::encode_to_vec(&msg)).is_ok());
         let mut bad = p;
         bad.identities[1].name = bad.identities[0].name.clone();
         assert!(decode_bundle(&encode_bundle(&bad)).is_err());

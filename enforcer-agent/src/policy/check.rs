@@ -5,6 +5,7 @@ use std::net::IpAddr;
 
 use ipnet::{IpNet, Ipv4Net};
 
+use super::cgroup_attr::{CgroupAttr, unit_glob_problem};
 use super::glob::{glob_problem, globs_intersect};
 use super::yaml::{self, Kind, Node};
 use super::{Action, Diagnostic, Identity, MatchEntry, Mode, Policy, Protocol, Rule, Severity};
@@ -21,7 +22,7 @@ const TOP_KEYS: &[&str] = &[
     "rules",
 ];
 const IDENTITY_KEYS: &[&str] = &["name", "spiffeId", "match"];
-const MATCH_KEYS: &[&str] = &["binarySha256", "binaryPath", "cgroup", "uid"];
+const MATCH_KEYS: &[&str] = &["binarySha256", "binaryPath", "cgroup", "systemdUnit", "uid"];
 const RULE_KEYS: &[&str] = &["identity", "egress", "deny"];
 const ENTRY_KEYS: &[&str] = &["to"];
 const TO_KEYS: &[&str] = &["cidr", "ports", "protocol", "identity"];
@@ -526,7 +527,7 @@ impl Checker {
         if f.entries.is_empty() {
             self.err(
                 node,
-                format!("{what} is empty; an entry never matches everything: give binarySha256, binaryPath, cgroup and/or uid"),
+                format!("{what} is empty; an entry never matches everything: give binarySha256, binaryPath, cgroup, systemdUnit and/or uid"),
             );
             return None;
         }
@@ -572,6 +573,25 @@ impl Checker {
                         match self.string(it, "a cgroup entry", "\"/system.slice/app.service\"") {
                             Some(g) => match glob_problem(&g) {
                                 None => entry.cgroup.push(g),
+                                Some(msg) => {
+                                    self.err(it, msg);
+                                    ok = false;
+                                }
+                            },
+                            None => ok = false,
+                        }
+                    }
+                }
+                None => ok = false,
+            }
+        }
+        if let Some(n) = f.get("systemdUnit") {
+            match self.nonempty_list(n, "systemdUnit", "[\"nginx.service\"]") {
+                Some(items) => {
+                    for it in items {
+                        match self.string(it, "a systemdUnit entry", "\"nginx.service\"") {
+                            Some(g) => match unit_glob_problem(&g) {
+                                None => entry.systemd_unit.push(g),
                                 Some(msg) => {
                                     self.err(it, msg);
                                     ok = false;
@@ -1076,17 +1096,28 @@ pub(crate) fn entries_overlap(a: &MatchEntry, b: &MatchEntry) -> Option<String> 
     if (!ash && !ap) || (!bsh && !bp) {
         why.push("one has no binary selector".into());
     }
-    match (a.cgroup.is_empty(), b.cgroup.is_empty()) {
-        (false, false) => {
-            let (x, y) = a
-                .cgroup
-                .iter()
-                .flat_map(|x| b.cgroup.iter().map(move |y| (x, y)))
-                .find(|(x, y)| globs_intersect(x, y))?;
-            why.push(format!("cgroups {x:?} and {y:?} overlap"));
+    // Each cgroup attribute on its own (a cgroup glob against a unit glob is not compared:
+    // conservatively, they may overlap).
+    for attr in CgroupAttr::ALL {
+        let (ga, gb) = (attr.globs(a), attr.globs(b));
+        let key = attr.key();
+        match (ga.is_empty(), gb.is_empty()) {
+            (false, false) => {
+                let (x, y) = ga
+                    .iter()
+                    .flat_map(|x| gb.iter().map(move |y| (x, y)))
+                    .find(|(x, y)| globs_intersect(x, y))?;
+                why.push(format!("{key} {x:?} and {y:?} overlap"));
+            }
+            (true, true) if attr == CgroupAttr::Path => {
+                why.push("neither constrains the cgroup".into());
+            }
+            (true, true) => {}
+            _ if attr == CgroupAttr::Path => {
+                why.push("one does not constrain the cgroup".into());
+            }
+            _ => why.push("one does not constrain the systemd unit".into()),
         }
-        (true, true) => why.push("neither constrains the cgroup".into()),
-        _ => why.push("one does not constrain the cgroup".into()),
     }
     if !a.uid.is_empty() && !b.uid.is_empty() {
         if !intersects(&a.uid, &b.uid) {

@@ -16,6 +16,7 @@
 //!   (`::ffff:a.b.c.d/n`, n >= 96) is stored as the IPv4 CIDR it carries.
 
 mod bundle;
+mod cgroup_attr;
 mod check;
 mod compile;
 mod glob;
@@ -23,6 +24,7 @@ mod resolve;
 mod yaml;
 
 pub use bundle::{BUNDLE_FORMAT, decode_bundle, encode_bundle, is_bundle, load, policy_hash};
+pub use cgroup_attr::{CgroupAttr, systemd_unit};
 pub use check::check;
 pub use compile::{kernel_verdict, rule_entries, rule_entries_of};
 pub use glob::cgroup_glob_match;
@@ -136,6 +138,8 @@ pub struct MatchEntry {
     pub binary_sha256: Vec<[u8; 32]>,
     pub binary_path: Vec<String>,
     pub cgroup: Vec<String>,
+    /// Globs on the systemd unit that owns the process's cgroup ([`systemd_unit`]).
+    pub systemd_unit: Vec<String>,
     pub uid: Vec<u32>,
 }
 

@@ -5,7 +5,7 @@ use std::collections::{BTreeSet, HashMap};
 
 use enforcer_common::{ANY, BIN_NONE, CG_NONE, IdMatchKey};
 
-use super::glob::cgroup_glob_match;
+use super::cgroup_attr::CgroupAttr;
 use super::{Identity, MatchEntry, Policy};
 
 /// Facts of one process.
@@ -29,12 +29,13 @@ pub struct Resolution {
     pub tie: Option<String>,
 }
 
-/// What a selector is checked against; the cgroup as a predicate over the policy's globs so
-/// that classes (sets of matched globs) and real paths share one implementation.
+/// What a selector is checked against; the cgroup as a predicate over the policy's globs on
+/// its attributes, so that classes (sets of matched globs) and real paths share one
+/// implementation.
 struct Probe<'a> {
     sha256: Option<&'a [u8; 32]>,
     exe_path: Option<&'a str>,
-    cgroup: &'a dyn Fn(&str) -> bool,
+    cgroup: &'a dyn Fn(CgroupAttr, &str) -> bool,
     uid: u32,
 }
 
@@ -43,7 +44,10 @@ fn holds(e: &MatchEntry, p: &Probe<'_>) -> bool {
         && (e.binary_path.is_empty()
             || p.exe_path
                 .is_some_and(|x| e.binary_path.iter().any(|b| b == x)))
-        && (e.cgroup.is_empty() || e.cgroup.iter().any(|g| (p.cgroup)(g)))
+        && CgroupAttr::ALL.iter().all(|&a| {
+            let globs = a.globs(e);
+            globs.is_empty() || globs.iter().any(|g| (p.cgroup)(a, g))
+        })
         && (e.uid.is_empty() || e.uid.contains(&p.uid))
 }
 
@@ -59,12 +63,15 @@ fn specificity(e: &MatchEntry) -> (u8, usize) {
     let n = [
         e.binary_sha256.is_empty(),
         e.binary_path.is_empty(),
-        e.cgroup.is_empty(),
         e.uid.is_empty(),
     ]
     .iter()
     .filter(|empty| !**empty)
-    .count();
+    .count()
+        + CgroupAttr::ALL
+            .iter()
+            .filter(|a| !a.globs(e).is_empty())
+            .count();
     (tier, n)
 }
 
@@ -76,8 +83,10 @@ fn selectors(e: &MatchEntry) -> String {
     if !e.binary_path.is_empty() {
         s.push("binaryPath");
     }
-    if !e.cgroup.is_empty() {
-        s.push("cgroup");
+    for a in CgroupAttr::ALL {
+        if !a.globs(e).is_empty() {
+            s.push(a.key());
+        }
     }
     if !e.uid.is_empty() {
         s.push("uid");
@@ -146,7 +155,7 @@ fn resolve_probe(identities: &[Identity], p: &Probe<'_>) -> Resolution {
 /// beats a path beats neither, then more selectors beat fewer); on equal specificity of two
 /// identities the lower identity number wins and `tie` says so.
 pub fn resolve(policy: &Policy, facts: &ProcessFacts<'_>) -> Resolution {
-    let cg = |g: &str| facts.cgroup.is_some_and(|c| cgroup_glob_match(g, c));
+    let cg = |a: CgroupAttr, g: &str| facts.cgroup.is_some_and(|c| a.matches(g, c));
     resolve_probe(
         &policy.identities,
         &Probe {
@@ -165,7 +174,8 @@ pub struct Classes {
     identities: Vec<Identity>,
     sha_atoms: Vec<[u8; 32]>,
     path_atoms: Vec<String>,
-    globs: Vec<String>,
+    /// Every (attribute, glob) the policy's cgroup selectors name.
+    globs: Vec<(CgroupAttr, String)>,
     uid_atoms: Vec<u32>,
     /// Class `k` (1-based) is `bins[k - 1]`.
     bins: Vec<(Option<usize>, Option<usize>)>,
@@ -187,7 +197,9 @@ impl Classes {
         for e in policy.identities.iter().flat_map(|i| &i.matches) {
             sha.extend(e.binary_sha256.iter().copied());
             path.extend(e.binary_path.iter().cloned());
-            glob.extend(e.cgroup.iter().cloned());
+            for a in CgroupAttr::ALL {
+                glob.extend(a.globs(e).iter().map(|g| (a, g.clone())));
+            }
             uid.extend(e.uid.iter().copied());
         }
         Classes {
@@ -203,7 +215,8 @@ impl Classes {
         }
     }
 
-    /// True when the policy has cgroup selectors (exec must classify the cgroup).
+    /// True when the policy has cgroup selectors of any attribute (exec must classify the
+    /// cgroup).
     pub fn uses_cgroups(&self) -> bool {
         !self.globs.is_empty()
     }
@@ -225,14 +238,14 @@ impl Classes {
         c
     }
 
-    /// Cgroup class: interned set of the policy's cgroup globs this path matches;
-    /// [`CG_NONE`] when none.
+    /// Cgroup class: interned set of the policy's cgroup-attribute globs that hold for this
+    /// cgroup (its path, the systemd unit the path names...); [`CG_NONE`] when none.
     pub fn cg_class(&mut self, cgroup_path: &str) -> u32 {
         let set: Vec<usize> = self
             .globs
             .iter()
             .enumerate()
-            .filter(|(_, g)| cgroup_glob_match(g, cgroup_path))
+            .filter(|(_, (a, g))| a.matches(g, cgroup_path))
             .map(|(i, _)| i)
             .collect();
         if set.is_empty() {
@@ -254,9 +267,9 @@ impl Classes {
         uid: u32,
     ) -> u32 {
         let (s, p) = bin.copied().unwrap_or((None, None));
-        let in_class = |g: &str| {
+        let in_class = |a: CgroupAttr, g: &str| {
             cg.iter()
-                .any(|i| self.globs.get(*i).is_some_and(|x| x == g))
+                .any(|i| self.globs.get(*i).is_some_and(|(xa, x)| *xa == a && x == g))
         };
         let probe = Probe {
             sha256: s.and_then(|i| self.sha_atoms.get(i)),
@@ -330,6 +343,7 @@ mod tests {
     }
 
     const GLOBS: &[&str] = &["/a/**", "/a/b", "/*/c", "/**", "/b/*.service", "/a/b/**"];
+    const UNITS: &[&str] = &["x.service", "*.service", "y*", "d.scope"];
     const PATHS: &[&str] = &["/bin/x", "/bin/y", "/bin/z"];
     const CGS: &[&str] = &[
         "/",
@@ -340,6 +354,9 @@ mod tests {
         "/b/x.service",
         "/a/b/d",
         "/z",
+        "/b/x.service/w",
+        "/a/y.service",
+        "/a/d.scope",
     ];
     const UIDS: &[u32] = &[0, 1000, 1001];
 
@@ -376,6 +393,10 @@ mod tests {
                             if r.chance(40) {
                                 e.cgroup = pick(r, GLOBS).iter().map(|s| s.to_string()).collect();
                             }
+                            if r.chance(25) {
+                                e.systemd_unit =
+                                    pick(r, UNITS).iter().map(|s| s.to_string()).collect();
+                            }
                             if r.chance(40) {
                                 e.uid = pick(r, UIDS);
                             }
@@ -402,6 +423,7 @@ mod tests {
             binary_sha256: if sha { vec![h(1)] } else { vec![] },
             binary_path: if path { vec!["/x".into()] } else { vec![] },
             cgroup: vec![],
+            systemd_unit: vec![],
             uid: if uid { vec![7] } else { vec![] },
         };
         let mut p = random_policy(&mut Rng(5));
@@ -518,6 +540,17 @@ mod tests {
         assert_eq!(c.cg_class("/nowhere/at/all"), CG_NONE);
         assert_eq!(c.cg_class("/a/b"), 1);
         assert_eq!(c.cg_class("/a"), 1);
+        // A unit selector folds into the cgroup class too (the kernel sees only the class).
+        let mut q = p.clone();
+        q.identities[0].matches = vec![MatchEntry {
+            systemd_unit: vec!["web*.service".into()],
+            ..MatchEntry::default()
+        }];
+        let mut u = Classes::new(&q);
+        assert!(u.uses_cgroups());
+        assert_eq!(u.cg_class("/system.slice/db.service"), CG_NONE);
+        assert_eq!(u.cg_class("/system.slice/web-1.service"), 1);
+        assert_eq!(u.cg_class("/system.slice/web-1.service/worker"), 1);
         let e = c.idmatch_entries(1);
         assert_eq!(
             e,

@@ -260,6 +260,14 @@ fn overlaps() {
         ),
         ("uid: [1, 2]".to_string(), "uid: [2]".to_string()),
         (
+            "systemdUnit: [\"nginx*\"]".to_string(),
+            "systemdUnit: [nginx.service]".to_string(),
+        ),
+        (
+            format!("{{binarySha256: [{H1}], systemdUnit: [a.service]}}"),
+            format!("binarySha256: [{H1}]"),
+        ),
+        (
             "binaryPath: [/x]".to_string(),
             "binaryPath: [/x, /y]".to_string(),
         ),
@@ -299,6 +307,10 @@ fn overlaps() {
             "binaryPath: [/y]".to_string(),
         ),
         (
+            "systemdUnit: [a.service]".to_string(),
+            "systemdUnit: [\"b*\"]".to_string(),
+        ),
+        (
             format!("{{binarySha256: [{H1}], cgroup: [\"/a/**\"]}}"),
             format!("{{binarySha256: [{H1}], cgroup: [\"/b\"]}}"),
         ),
@@ -320,4 +332,30 @@ fn empty_selector_lists_and_bad_globs() {
     assert!(has(&d, 8, 18, Severity::Error, "must start with \"/\""));
     assert!(has(&d, 8, 34, Severity::Error, "whole path segment"));
     assert!(has(&d, 9, 22, Severity::Error, "absolute path"));
+}
+
+#[test]
+fn systemd_unit_selector() {
+    let src = with_head(
+        "identities:\n  - name: a\n    match:\n      - systemdUnit: [nginx.service, \"worker@*.service\"]\n        uid: [33]\n",
+    );
+    let (p, warnings) = match check(&src) {
+        Ok(v) => v,
+        Err(d) => panic!("{d:#?}"),
+    };
+    assert!(warnings.is_empty(), "{warnings:?}");
+    assert_eq!(
+        p.identities[0].matches[0].systemd_unit,
+        vec!["nginx.service".to_string(), "worker@*.service".to_string()]
+    );
+    let src = with_head(
+        "identities:\n  - name: a\n    match:\n      - systemdUnit: [nginx, \"/system.slice/x.service\", []]\n",
+    );
+    let d = errors(&src);
+    assert!(
+        has(&d, 7, 23, Severity::Error, "\"nginx.service\""),
+        "{d:#?}"
+    );
+    assert!(has(&d, 7, 30, Severity::Error, "is a path"), "{d:#?}");
+    assert!(has(&d, 7, 57, Severity::Error, "not a list"), "{d:#?}");
 }
