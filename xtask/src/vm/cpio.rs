@@ -99,3 +99,58 @@ impl Cpio {
         self.buf
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// (name, mode, data) of each entry of a newc archive.
+    fn entries(buf: &[u8]) -> Vec<(String, u32, Vec<u8>)> {
+        let field = |at: usize, i: usize| {
+            let h = std::str::from_utf8(&buf[at + 6 + i * 8..at + 14 + i * 8]).expect("ascii");
+            usize::from_str_radix(h, 16).expect("hex")
+        };
+        let align = |n: usize| n.div_ceil(4) * 4;
+        let mut out = Vec::new();
+        let mut at = 0;
+        while at < buf.len() {
+            assert_eq!(&buf[at..at + 6], b"070701", "magic at {at}");
+            let (mode, size, namesize) = (field(at, 1), field(at, 6), field(at, 11));
+            let name =
+                String::from_utf8(buf[at + 110..at + 110 + namesize - 1].to_vec()).expect("name");
+            let data_at = align(at + 110 + namesize);
+            out.push((name, mode as u32, buf[data_at..data_at + size].to_vec()));
+            at = align(data_at + size);
+        }
+        out
+    }
+
+    #[test]
+    fn newc_entries_parents_once_and_a_trailer() {
+        let mut c = Cpio::new();
+        c.file("/etc/passwd", 0o644, b"root:x:0:0::/root:/bin/sh\n");
+        c.file("/etc/group", 0o600, b"root:x:0:\n");
+        c.symlink("/bin/sh", "busybox");
+        c.file("/etc/passwd", 0o644, b"ignored: each path once");
+        let buf = c.finish();
+        assert!(buf.len().is_multiple_of(4));
+        let e = entries(&buf);
+        let names: Vec<&str> = e.iter().map(|(n, _, _)| n.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "etc",
+                "etc/passwd",
+                "etc/group",
+                "bin",
+                "bin/sh",
+                "TRAILER!!!"
+            ]
+        );
+        assert_eq!(e[0].1, 0o040755);
+        assert_eq!(e[1].1, 0o100644);
+        assert_eq!(e[1].2, b"root:x:0:0::/root:/bin/sh\n");
+        assert_eq!(e[2].1, 0o100600);
+        assert_eq!((e[4].1, e[4].2.as_slice()), (0o120777, &b"busybox"[..]));
+    }
+}

@@ -119,3 +119,26 @@ pub fn vercmp(a: &str, b: &str) -> std::cmp::Ordering {
     }
     ca.len().cmp(&cb.len())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vercmp_orders_runs_of_digits_as_numbers() {
+        use std::cmp::Ordering::{Equal, Greater, Less};
+        assert_eq!(
+            vercmp("linux-image-6.1.0-9-amd64", "linux-image-6.1.0-10-amd64"),
+            Less
+        );
+        assert_eq!(
+            vercmp("linux-image-5.10.0-46-amd64", "linux-image-5.10.0-32-amd64"),
+            Greater
+        );
+        assert_eq!(vercmp("6.12.007", "6.12.7"), Equal);
+        assert_eq!(vercmp("6.1", "6.1.0"), Less);
+        let mut v = ["7.2.1", "6.12.10", "6.12.9", "6.1.0"];
+        v.sort_by(|a, b| vercmp(a, b));
+        assert_eq!(v, ["6.1.0", "6.12.9", "6.12.10", "7.2.1"]);
+    }
+}

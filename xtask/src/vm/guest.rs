@@ -258,3 +258,27 @@ fn shell_words(words: &[String]) -> String {
         .collect::<Vec<_>>()
         .join(" ")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn filters_reach_init_quoted_for_sh() {
+        let words = ["plain".to_string(), "it's here".to_string()];
+        assert_eq!(shell_words(&words), r#"'plain' 'it'\''s here'"#);
+        assert_eq!(shell_words(&[]), "");
+        assert!(INIT.contains("--test-threads=1 @FILTER@"));
+    }
+
+    #[test]
+    fn json_str_reads_cargo_artifact_lines() {
+        let line = r#"{"reason":"compiler-artifact","executable":"/t/release/deps/kernel-0a1b","fresh":true}"#;
+        assert_eq!(
+            json_str(line, "executable").as_deref(),
+            Some("/t/release/deps/kernel-0a1b")
+        );
+        assert_eq!(json_str(line, "missing"), None);
+        assert_eq!(json_str(r#"{"k":"a\"b"}"#, "k").as_deref(), Some("a\"b"));
+    }
+}

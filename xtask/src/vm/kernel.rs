@@ -46,7 +46,7 @@ pub const KERNELS: &[KernelLine] = &[
 
 /// The kernel kept under `target/vm/kernels/<package>/vmlinuz` (with `source`, the .deb it
 /// came from); the newest of this line, unless `--refresh` asks apt for a newer one.
-pub fn kept_kernel(kernels: &Path, k: &KernelLine) -> Option<(String, PathBuf)> {
+fn kept_kernel(kernels: &Path, k: &KernelLine) -> Option<(String, PathBuf)> {
     let prefix = format!("linux-image-{}", k.name);
     let mut found: Vec<(String, PathBuf)> = fs::read_dir(kernels)
         .ok()?
@@ -63,7 +63,7 @@ pub fn kept_kernel(kernels: &Path, k: &KernelLine) -> Option<(String, PathBuf)> 
 }
 
 /// boot/vmlinuz-X, or usr/lib/modules/X/vmlinuz (the layout of newer Debian kernels).
-pub fn find_vmlinuz(root: &Path) -> Option<PathBuf> {
+fn find_vmlinuz(root: &Path) -> Option<PathBuf> {
     let in_boot = fs::read_dir(root.join("boot")).ok().and_then(|rd| {
         rd.filter_map(|e| e.ok()).map(|e| e.path()).find(|p| {
             p.file_name()
@@ -81,7 +81,7 @@ pub fn find_vmlinuz(root: &Path) -> Option<PathBuf> {
 
 /// Keeps `vmlinuz` of an extracted tree as `dir/vmlinuz` (plus `dir/source`), then removes the
 /// tree and the .debs: what boots is all a second run needs.
-pub fn keep_vmlinuz(dir: &Path, tree: &Path, debs: &[PathBuf]) -> Result<Option<PathBuf>> {
+fn keep_vmlinuz(dir: &Path, tree: &Path, debs: &[PathBuf]) -> Result<Option<PathBuf>> {
     let Some(v) = find_vmlinuz(tree) else {
         return Ok(None);
     };
@@ -121,7 +121,7 @@ pub fn keep_vmlinuz(dir: &Path, tree: &Path, debs: &[PathBuf]) -> Result<Option<
 
 /// Removes the .debs of a kernel whose vmlinuz is kept (left by an older vm-test), naming
 /// them in its `source` marker when that is empty.
-pub fn prune_debs(cache: &Path, dir: &Path, pkg: &str) -> Result<()> {
+fn prune_debs(cache: &Path, dir: &Path, pkg: &str) -> Result<()> {
     let binary = pkg.replacen("linux-image-", "linux-binary-", 1);
     let mut debs = Vec::new();
     for prefix in [format!("{pkg}_"), format!("{binary}_")] {

@@ -243,8 +243,8 @@ pub fn matrix_markdown(names: &[&str], results: &[(String, GuestResult)]) -> Str
     md
 }
 
-pub const README_BEGIN: &str = "<!-- kernel-matrix:begin -->";
-pub const README_END: &str = "<!-- kernel-matrix:end -->";
+const README_BEGIN: &str = "<!-- kernel-matrix:begin -->";
+const README_END: &str = "<!-- kernel-matrix:end -->";
 
 /// Replaces the marked section of README.md with the tables.
 pub fn update_readme(readme: &Path, md: &str) -> Result<()> {
