@@ -1127,24 +1127,32 @@ fn run(out: &Path, rounds: usize) -> Result<(), String> {
     for round in 0..rounds {
         eprintln!("enf-bench: round {}/{rounds}", round + 1);
         for (w, n) in WORKLOADS {
-            let (bp50, bmean) = measure(&configs[0], w, &target(w, false), n)?;
-            // Rotate the order each round so no configuration always runs first.
+            // Every configuration, the no-program baseline included, at a place that moves
+            // each round by an equal share of the round, so over the rounds each one is
+            // measured at places spread across the round and none is always first (the first
+            // of a workload ran slower: a baseline always first made ratios below 1). Each is
+            // then compared with the baseline measured in the same round.
             let k = configs.len();
+            let shift = round * k / rounds;
+            let mut measured: Vec<(&Config, f64, f64)> = Vec::with_capacity(k);
             for i in 0..k {
-                let c = &configs[(i + round) % k];
+                let c = &configs[(i + shift) % k];
                 if c.denied && matches!(w, "udp-send-connected4" | "getpid") {
                     continue; // nothing to deny there
                 }
-                let (p50, mean) = if c.name == "none" {
-                    (bp50, bmean)
-                } else {
-                    measure(c, w, &target(w, c.denied), n)?
-                };
+                let (p50, mean) = measure(c, w, &target(w, c.denied), n)?;
                 if c.config == "opensnitch"
                     && let Some(o) = osn.as_mut()
                 {
                     o.check()?; // a dead daemon (queue bypass) would measure nothing
                 }
+                measured.push((c, p50, mean));
+            }
+            let (_, bp50, bmean) = *measured
+                .iter()
+                .find(|(c, _, _)| c.name == "none")
+                .ok_or("the no-program baseline is not among the configurations")?;
+            for (c, p50, mean) in measured {
                 samples
                     .entry((c.name.clone(), w.to_string()))
                     .or_default()
@@ -1204,7 +1212,7 @@ fn run(out: &Path, rounds: usize) -> Result<(), String> {
         .unwrap_or("")
         .trim()
         .to_string();
-    notes.push("Added latency = median over rounds of (p50 of the configuration - p50 of the same round's no-program baseline). Worker processes are fresh per measurement; the unattested caller is the same binary with one byte changed; the denied caller connects to a destination no rule allows (EPERM).".into());
+    notes.push("Added latency = median over rounds of (p50 of the configuration - p50 of the same round's no-program baseline). In each round every configuration, the baseline included, is measured once per workload, in an order that rotates by k/rounds places each round (k configurations), so over the rounds each is measured at places spread across the round and none is always first. Worker processes are fresh per measurement; the unattested caller is the same binary with one byte changed; the denied caller connects to a destination no rule allows (EPERM).".into());
     notes.push("nftables/iptables/OpenSnitch see packets, not connect(): a UDP connect() sends nothing, so they add nothing there and cannot decide it; the enforcer decides in connect() itself.".into());
     notes.push("OpenSnitch queues the first packet of each new flow to its daemon: a TCP connect waits for the verdict; an unconnected UDP sendto returns before it (every datagram is a new flow until a reply comes), so its cost shows in the mean and the tail (queued packets fill the send buffer), not in the p50. It matches the binary by path, not content.".into());
     // Program run time: ns per run of connect4/sendmsg4, per rule count (all callers mixed).

@@ -1,0 +1,80 @@
+//! `cargo xtask bench [ROUNDS]`: the peers and matplotlib, `enf-bench run`, then
+//! BENCHMARKS.md and benchmarks.png through `xtask/bench/report.py`.
+
+use std::{path::Path, process::Command};
+
+use anyhow::{Context as _, Result};
+
+use crate::{
+    build::build,
+    cmd::{have, require_root, stable_cargo, status, step},
+};
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// Interleaved rounds (at least 5 for a meaningful median).
+    #[arg(default_value_t = 7, value_parser = clap::value_parser!(u32).range(1..))]
+    pub rounds: u32,
+}
+
+pub fn bench(root: &Path, args: &Args) -> Result<()> {
+    let obj = build(root)?;
+    require_root("`cargo xtask bench`")?;
+    if !have("nft") || !have("iptables") {
+        step("installing the peers from Debian: nftables, iptables");
+        let mut c = Command::new("sh");
+        c.args(["-c", "apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q nftables iptables"]);
+        status(c, "apt-get install nftables iptables")?;
+    }
+    let out = root.join("target").join("bench");
+    let venv = out.join("venv");
+    let py = venv.join("bin").join("python3");
+    if !py.exists() {
+        step("creating a Python venv with matplotlib for the plot (target/bench/venv)");
+        let mut c = Command::new("python3");
+        c.args(["-m", "venv"]).arg(&venv);
+        status(c, "python3 -m venv")?;
+        let mut c = Command::new(venv.join("bin").join("pip"));
+        c.args(["install", "-q", "-r"])
+            .arg(root.join("xtask").join("bench").join("requirements.txt"));
+        status(c, "pip install matplotlib")?;
+    }
+    step("building the benchmark (release)");
+    let mut c = stable_cargo(root, &obj);
+    c.args([
+        "build",
+        "--release",
+        "-p",
+        "enforcer-tests",
+        "--bin",
+        "enf-bench",
+    ]);
+    status(c, "building enf-bench")?;
+    let rounds = args.rounds;
+    step(&format!("measuring ({rounds} interleaved rounds)"));
+    let mut c = Command::new(root.join("target").join("release").join("enf-bench"));
+    c.arg("run")
+        .arg(&out)
+        .arg(rounds.to_string())
+        .env("ENFORCER_EBPF_OBJ", &obj)
+        .env(
+            "ENFORCER_AGENT_BIN",
+            root.join("target").join("release").join("enforcer-agent"),
+        );
+    status(c, "enf-bench")?;
+    step("writing BENCHMARKS.md and benchmarks.png");
+    let fragment = out.join("report.md");
+    let mut c = Command::new(&py);
+    c.arg(root.join("xtask").join("bench").join("report.py"))
+        .arg(out.join("results.json"))
+        .arg(root.join("benchmarks.png"))
+        .arg(&fragment);
+    status(c, "report.py")?;
+    let body = std::fs::read_to_string(&fragment).context("reading the report")?;
+    let md = format!(
+        "# Benchmarks\n\nReproduce on a machine of this kind, as root: `cargo xtask bench` (optionally the number of rounds, default 7; at least 5 for a meaningful median). Raw numbers: `target/bench/results.json`.\n\n{body}"
+    );
+    std::fs::write(root.join("BENCHMARKS.md"), md).context("writing BENCHMARKS.md")?;
+    print!("{body}");
+    Ok(())
+}

@@ -1,0 +1,105 @@
+//! `cargo xtask test [ARGS...]`: rustfmt, clippy, unit and real-kernel tests, then the
+//! real-kernel suites on the oldest supported kernel in a VM (not with ARGS).
+
+use std::{path::Path, process::Command};
+
+use anyhow::Result;
+
+use crate::{
+    build::build,
+    cmd::{clean_command, have, in_ci, is_root, require_root, stable_cargo, status, step},
+    toolchain::STABLE,
+    vm,
+};
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// Arguments of `cargo test` (e.g. a test name filter, `-p CRATE`); with any, the VM suite
+    /// is not run.
+    #[arg(allow_hyphen_values = true, value_name = "ARGS")]
+    pub cargo_args: Vec<String>,
+    /// Arguments of the test binaries (default `--test-threads=1`).
+    #[arg(last = true, value_name = "TEST-ARGS")]
+    pub test_args: Vec<String>,
+}
+
+impl Args {
+    /// The arguments of `cargo test` as given, `-- TEST-ARGS` included when there are any.
+    pub fn args(&self) -> Vec<String> {
+        let mut args = self.cargo_args.clone();
+        if !self.test_args.is_empty() {
+            args.push("--".to_string());
+            args.extend(self.test_args.iter().cloned());
+        }
+        args
+    }
+}
+
+pub fn test(root: &Path, args: &Args) -> Result<()> {
+    let args = &args.args();
+    let obj = build(root)?;
+    step("rustfmt --check");
+    let mut c = stable_cargo(root, &obj);
+    c.args(["fmt", "--all", "--check"]);
+    status(
+        c,
+        &format!("cargo fmt --check (run `cargo +{STABLE} fmt --all` to fix)"),
+    )?;
+    let mut c = clean_command("cargo");
+    c.current_dir(root.join("enforcer-ebpf"))
+        .arg(format!("+{STABLE}"))
+        .args(["fmt", "--check"]);
+    status(c, "cargo fmt --check in enforcer-ebpf")?;
+    step("clippy -D warnings");
+    let mut c = stable_cargo(root, &obj);
+    c.args([
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]);
+    status(c, "cargo clippy")?;
+    if in_ci() {
+        require_root("`cargo xtask test` in CI")?;
+    } else if !is_root() {
+        eprintln!("xtask: not root: the real-kernel tests will skip (they fail under CI=true)");
+    }
+    if in_ci() && !have("vagrant") {
+        step(
+            "installing vagrant (Debian package; tests/tests/vagrant.rs validates vagrant/Vagrantfile)",
+        );
+        let mut c = Command::new("sh");
+        c.args([
+            "-c",
+            "apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends vagrant shellcheck",
+        ]);
+        status(c, "apt-get install vagrant shellcheck")?;
+    }
+    step("unit and real-kernel tests");
+    let agent = root.join("target").join("release").join("enforcer-agent");
+    let mut c = stable_cargo(root, &obj);
+    c.args(["test", "--workspace", "--release"])
+        .env("ENFORCER_AGENT_BIN", &agent)
+        .args(args);
+    if !args.iter().any(|a| a == "--") {
+        c.args(["--", "--test-threads=1"]);
+    }
+    status(c, "cargo test")?;
+    // The same real-kernel suites on the oldest supported kernel, in a VM, so a verifier
+    // regression on old kernels fails the build. Skipped only when not root outside CI, or
+    // when a test-name filter was given (a focused local run).
+    if !args.is_empty() {
+        eprintln!(
+            "xtask: a test filter was given: not running the VM suite (`cargo xtask vm-test`)"
+        );
+        return Ok(());
+    }
+    if !is_root() {
+        eprintln!("xtask: not root: skipping the VM suite on the oldest kernel");
+        return Ok(());
+    }
+    step("the real-kernel suites on the oldest supported kernel (5.10, QEMU/TCG)");
+    vm::vm_test(root, &vm::Args::kernel("5.10"))
+}
