@@ -794,7 +794,7 @@ echo "=== VMTEST PROBE BEGIN"
 /bin/enforcer-agent probe --json 2>/dev/null
 echo "=== VMTEST PROBE END"
 echo "=== VMTEST REJECT BEGIN"
-/bin/enforcer-agent load-program enf_reject 2>&1
+/bin/enforcer-agent load-program enf_reject --object /bin/enforcer-test.o 2>&1
 echo "=== VMTEST REJECT END"
 if [ "$rc" != 0 ]; then
   echo "=== VMTEST DMESG BEGIN"
@@ -980,6 +980,11 @@ fn build_initramfs(
         )?;
     }
     cpio.host_file("/bin/enforcer-agent", agent)?;
+    // The test-only kernel object, for the rejection demonstration (`load-program --object`).
+    cpio.host_file(
+        "/bin/enforcer-test.o",
+        &crate::ebpf_test_obj(&crate::workspace_root()?),
+    )?;
     // The tests find the probe by the absolute path compiled into them.
     let probe_abs = fs::canonicalize(probe).unwrap_or_else(|_| probe.to_path_buf());
     cpio.host_file(&probe_abs.to_string_lossy(), probe)?;
@@ -1525,7 +1530,7 @@ fn matrix_markdown(names: &[&str], results: &[(String, GuestResult)]) -> String 
         .find(|(_, (_, r))| !r.reject.trim().is_empty())
     {
         md.push_str(&format!(
-            "\nWhat the agent prints when the kernel verifier rejects one of its programs (`enforcer-agent load-program enf_reject`, a program that is wrong on purpose), on {}:\n\n```text\n{}\n```\n",
+            "\nWhat the agent prints when the kernel verifier rejects one of its programs (`enforcer-agent load-program enf_reject --object enforcer-test.o`, a program that is wrong on purpose), on {}:\n\n```text\n{}\n```\n",
             col(i, r),
             r.reject
                 .lines()
