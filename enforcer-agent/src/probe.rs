@@ -29,7 +29,8 @@ use crate::{attest, btf, sys};
 
 /// The oldest kernel the agent runs on: BTF, cgroup `bpf_link` (5.7), the BPF ring buffer
 /// (5.8), `bpf_ktime_get_boot_ns` (5.8) and pinnable raw tracepoint links; checked in VMs.
-pub const MIN_KERNEL: (u32, u32) = enforcer_common::MIN_KERNEL;
+/// The newest `min_kernel` of the required programs of the program table.
+pub const MIN_KERNEL: (u32, u32) = enforcer_common::required_min_kernel();
 /// Test knob: comma-separated feature names the probe reports as missing.
 pub const DENY_ENV: &str = "ENFORCER_PROBE_DENY";
 

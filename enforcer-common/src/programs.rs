@@ -86,6 +86,22 @@ pub const PROGRAMS: [ProgramSpec; 7] = [
     prog(PROG_EXIT, ProgramKind::RawTracepoint(TP_EXIT)),
 ];
 
+/// The oldest kernel every required program of the table runs on: the agent refuses older
+/// ones (the probe's `MIN_KERNEL`).
+pub const fn required_min_kernel() -> (u32, u32) {
+    let mut min = (0, 0);
+    let mut i = 0;
+    while i < PROGRAMS.len() {
+        let p = &PROGRAMS[i];
+        let (a, b) = p.min_kernel;
+        if p.required && (a > min.0 || (a == min.0 && b > min.1)) {
+            min = (a, b);
+        }
+        i += 1;
+    }
+    min
+}
+
 /// The program of the table named `name`.
 pub fn program_named(name: &str) -> Option<&'static ProgramSpec> {
     PROGRAMS
