@@ -292,7 +292,7 @@ impl Agent {
         self.kernel
             .maps
             .binclass
-            .set(self.active * MAX_EXES + id, &class, 0)
+            .set(binclass_index(self.active, id), &class, 0)
             .context("writing ENF_BINCLASS")?;
         Ok(())
     }
@@ -429,7 +429,7 @@ impl Agent {
             self.kernel
                 .maps
                 .binclass
-                .set(next * MAX_EXES + id, &class, 0)
+                .set(binclass_index(next, id), &class, 0)
                 .context("writing ENF_BINCLASS")?;
         }
         for (id, class) in cgs {
@@ -445,13 +445,13 @@ impl Agent {
         cfg.generations[next as usize] = GenConfig {
             loaded: 1,
             mode: match policy.mode {
-                policy::Mode::Enforce => MODE_ENFORCE,
-                policy::Mode::Audit => MODE_AUDIT,
+                policy::Mode::Enforce => Mode::Enforce as u32,
+                policy::Mode::Audit => Mode::Audit as u32,
             },
             unattested: match policy.unattested {
-                policy::Action::Allow => ACTION_ALLOW,
-                policy::Action::Audit => ACTION_AUDIT,
-                policy::Action::Deny => ACTION_DENY,
+                policy::Action::Allow => Action::Allow as u32,
+                policy::Action::Audit => Action::Audit as u32,
+                policy::Action::Deny => Action::Deny as u32,
             },
             uses_cgroups: u32::from(classes.uses_cgroups()),
             report_allow: u32::from(policy.report_allow),
@@ -524,7 +524,7 @@ impl Agent {
             .collect();
         for (pid, st) in pending {
             let ev = Event {
-                kind: EV_EXEC,
+                kind: EventKind::Exec as u32,
                 tgid: pid,
                 start_ns: st.start_ns,
                 flags: st.flags,
@@ -596,7 +596,7 @@ impl Agent {
 
     fn update_metrics(&mut self) {
         self.metrics
-            .set_lost_events(self.kernel.counter(CNT_EVENTS_LOST));
+            .set_lost_events(self.kernel.counter(Counter::EventsLost));
         if self.last_fill.elapsed() >= std::time::Duration::from_secs(10) {
             self.last_fill = Instant::now();
             for (name, entries, cap) in self.kernel.fill() {
@@ -704,20 +704,20 @@ impl Agent {
     }
 
     fn on_event(&mut self, ev: &Event) {
-        match ev.kind {
-            EV_EXEC => self.on_exec(ev),
-            EV_FORK => {
+        match EventKind::try_from(ev.kind) {
+            Ok(EventKind::Exec) => self.on_exec(ev),
+            Ok(EventKind::Fork) => {
                 if ev.flags & PROC_PENDING != 0 {
                     let _ = self.attest(ev.tgid, Some(ev), None);
                 } else if let Some(parent) = self.procs.get(&ev.aux).cloned() {
                     self.procs.insert(ev.tgid, parent);
                 }
             }
-            EV_EXIT => {
+            Ok(EventKind::Exit) => {
                 self.procs.remove(&ev.tgid);
             }
-            EV_CONNECT => self.report(ev),
-            _ => {}
+            Ok(EventKind::Connect) => self.report(ev),
+            Err(_) => {}
         }
     }
 
@@ -782,7 +782,7 @@ impl Agent {
             "agent ready"
         );
         let mut ticks: u64 = 0;
-        let mut lost_seen = self.kernel.counter(CNT_EVENTS_LOST);
+        let mut lost_seen = self.kernel.counter(Counter::EventsLost);
         loop {
             tokio::select! {
                 guard = rb.readable_mut() => {
@@ -806,7 +806,7 @@ impl Agent {
                     // A held process whose event was lost must not stay frozen: scan the
                     // process map at once when the kernel lost events, else every 5 s.
                     ticks += 1;
-                    let lost = self.kernel.counter(CNT_EVENTS_LOST);
+                    let lost = self.kernel.counter(Counter::EventsLost);
                     if lost != lost_seen || ticks.is_multiple_of(10) {
                         lost_seen = lost;
                         self.settle_pending();
@@ -912,12 +912,7 @@ fn read_exe_log(path: &Path) -> (HashMap<u32, Exe>, HashMap<ExeKey, u32>, u32) {
 
 /// Sends SIGCONT to a process we hold, through a pidfd so a reused pid is never signalled.
 fn resume(pid: u32, start_ns: u64) -> Result<()> {
-    // SAFETY: plain syscalls on integers we own.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::c_int, 0) };
-    if fd < 0 {
-        bail!("pidfd_open({pid}): {}", std::io::Error::last_os_error());
-    }
-    let fd = fd as libc::c_int;
+    let fd = crate::sys::pidfd_open(pid).with_context(|| format!("pidfd_open({pid})"))?;
     let same = start_ns == 0
         || fs::read_to_string(format!("/proc/{pid}/stat"))
             .ok()
@@ -926,27 +921,10 @@ fn resume(pid: u32, start_ns: u64) -> Result<()> {
                 rest.split_whitespace().nth(19)?.parse::<u64>().ok()
             })
             .is_some_and(|t| t.abs_diff(attest::boot_ns_to_ticks(start_ns)) <= 1);
-    let r = if same {
-        // SAFETY: fd is a pidfd we opened.
-        unsafe {
-            libc::syscall(
-                libc::SYS_pidfd_send_signal,
-                fd,
-                libc::SIGCONT,
-                std::ptr::null::<u8>(),
-                0,
-            )
-        }
-    } else {
-        0
-    };
-    // SAFETY: closing our own fd.
-    unsafe { libc::close(fd) };
-    if r < 0 {
-        bail!(
-            "pidfd_send_signal({pid}, SIGCONT): {}",
-            std::io::Error::last_os_error()
-        );
+    if same {
+        use std::os::fd::AsFd as _;
+        crate::sys::pidfd_send_signal(fd.as_fd(), libc::SIGCONT)
+            .with_context(|| format!("pidfd_send_signal({pid}, SIGCONT)"))?;
     }
     Ok(())
 }

@@ -17,6 +17,8 @@ use aya::{
 };
 use enforcer_common::*;
 
+use crate::sys;
+
 /// Errors of the kernel side, each naming what failed and what to do.
 #[derive(Debug, thiserror::Error)]
 pub enum KernelError {
@@ -82,18 +84,21 @@ static OBJECT: &[u8] = aya::include_bytes_aligned!(env!("ENFORCER_EBPF_OBJ"));
 #[cfg(not(enforcer_ebpf))]
 static OBJECT: &[u8] = &[];
 
-/// The cgroup hooks and their program names.
-pub const HOOKS: [(&str, &str); 4] = [
-    ("connect4", PROG_CONNECT4),
-    ("connect6", PROG_CONNECT6),
-    ("sendmsg4", PROG_SENDMSG4),
-    ("sendmsg6", PROG_SENDMSG6),
-];
-const TRACEPOINTS: [(&str, &str); 3] = [
-    (PROG_FORK, TP_FORK),
-    (PROG_EXEC, TP_EXEC),
-    (PROG_EXIT, TP_EXIT),
-];
+/// The socket programs of [`PROGRAMS`]: (cgroup hook, program name).
+pub fn socket_programs() -> impl Iterator<Item = (&'static str, &'static str)> {
+    PROGRAMS.iter().filter_map(|p| match p.kind {
+        ProgramKind::CgroupSockAddr(h) => Some((h.name(), p.name)),
+        ProgramKind::RawTracepoint(_) => None,
+    })
+}
+
+/// The process programs of [`PROGRAMS`]: (program name, raw tracepoint).
+pub fn tracepoint_programs() -> impl Iterator<Item = (&'static str, &'static str)> {
+    PROGRAMS.iter().filter_map(|p| match p.kind {
+        ProgramKind::RawTracepoint(tp) => Some((p.name, tp)),
+        ProgramKind::CgroupSockAddr(_) => None,
+    })
+}
 
 /// Typed handles on every map.
 pub struct Maps {
@@ -234,11 +239,21 @@ impl Kernel {
             .map_max_entries(MAP_RULES, capacity)
             .load(OBJECT)
             .map_err(|e| KernelError::Load(Box::new(e)))?;
-        for (_, name) in HOOKS {
-            load_program::<CgroupSockAddr>(&mut ebpf, name)?;
-        }
-        for (name, _) in TRACEPOINTS {
-            load_program::<RawTracePoint>(&mut ebpf, name)?;
+        for p in &PROGRAMS {
+            let loaded = match p.kind {
+                ProgramKind::CgroupSockAddr(_) => load_program::<CgroupSockAddr>(&mut ebpf, p.name),
+                ProgramKind::RawTracepoint(_) => load_program::<RawTracePoint>(&mut ebpf, p.name),
+            };
+            match loaded {
+                Ok(()) => {}
+                Err(e) if !p.required => {
+                    tracing::warn!(
+                        "optional program {} not loaded, going on without it: {e}",
+                        p.name
+                    );
+                }
+                Err(e) => return Err(e),
+            }
         }
         let maps = Maps {
             procs: take(&mut ebpf, MAP_PROCS)?,
@@ -306,7 +321,7 @@ impl Kernel {
     /// Attaches the process tracepoints, unless pinned links from a previous agent are in
     /// place (they keep running and feed the same pinned maps).
     pub fn attach_tracepoints(&mut self) -> Result<(), KernelError> {
-        for (name, tp) in TRACEPOINTS {
+        for (name, tp) in tracepoint_programs() {
             let pin = self.pin_dir.join("links").join(format!("tp_{tp}"));
             if pin.exists() {
                 continue;
@@ -336,7 +351,7 @@ impl Kernel {
     /// agent's programs atomically (`BPF_LINK_UPDATE`): no instant without a program.
     pub fn attach_cgroup(&mut self, dir: &Path, cgroup_id: u64) -> Result<(), KernelError> {
         let cg = fs::File::open(dir).map_err(op(format!("opening cgroup {}", dir.display())))?;
-        for (hook, name) in HOOKS {
+        for (hook, name) in socket_programs() {
             let pin = self.cgroup_pin(cgroup_id, hook);
             let prog: &mut CgroupSockAddr = program(&mut self.ebpf, name)?;
             let id = if pin.exists() {
@@ -393,7 +408,7 @@ impl Kernel {
 
     /// Detaches the socket programs from a cgroup by removing the pinned links.
     pub fn detach_cgroup(&mut self, cgroup_id: u64) -> Result<(), KernelError> {
-        for (hook, _) in HOOKS {
+        for (hook, _) in socket_programs() {
             let pin = self.cgroup_pin(cgroup_id, hook);
             match fs::remove_file(&pin) {
                 Ok(()) => {}
@@ -405,10 +420,10 @@ impl Kernel {
     }
 
     /// Sum of one per-CPU counter.
-    pub fn counter(&self, idx: u32) -> u64 {
+    pub fn counter(&self, c: Counter) -> u64 {
         self.maps
             .counters
-            .get(&idx, 0)
+            .get(&(c as u32), 0)
             .map(|v| v.iter().sum())
             .unwrap_or(0)
     }
@@ -476,12 +491,16 @@ impl Kernel {
         let fd = self.maps.hosts_fd.fd().as_fd();
         // A first small chunk on this thread tells whether the kernel has batches.
         let first = keys.len().min(256);
-        match map_batch(
-            BPF_MAP_UPDATE_BATCH,
-            fd,
-            &keys[..first],
-            Some(&values[..first]),
-        ) {
+        // SAFETY: `hosts_fd` is the pinned `ENF_HOSTS`, whose typed handle `hosts` checked at
+        // open that its keys are `RuleKeyData` and its values `RuleValue`.
+        match unsafe {
+            sys::map_batch(
+                sys::BPF_MAP_UPDATE_BATCH,
+                fd,
+                &keys[..first],
+                Some(&values[..first]),
+            )
+        } {
             Ok(()) => {}
             Err((0, e)) if batch_unsupported(&e) => {
                 for (k, v) in keys.iter().zip(values) {
@@ -513,7 +532,9 @@ impl Kernel {
                 .map(|(ks, vs)| {
                     s.spawn(move || -> Result<(), io::Error> {
                         for (k, v) in ks.chunks(BATCH).zip(vs.chunks(BATCH)) {
-                            map_batch(BPF_MAP_UPDATE_BATCH, fd, k, Some(v)).map_err(|(_, e)| e)?;
+                            // SAFETY: as above, `fd` is `ENF_HOSTS`.
+                            unsafe { sys::map_batch(sys::BPF_MAP_UPDATE_BATCH, fd, k, Some(v)) }
+                                .map_err(|(_, e)| e)?;
                         }
                         Ok(())
                     })
@@ -535,12 +556,16 @@ impl Kernel {
         let mut done = 0;
         while done < keys.len() {
             let end = (done + BATCH).min(keys.len());
-            match map_batch::<RuleKeyData, RuleValue>(
-                BPF_MAP_DELETE_BATCH,
-                self.maps.hosts_fd.fd().as_fd(),
-                &keys[done..end],
-                None,
-            ) {
+            // SAFETY: `hosts_fd` is the pinned `ENF_HOSTS`, whose typed handle `hosts` checked
+            // at open that its keys are `RuleKeyData` and its values `RuleValue`.
+            match unsafe {
+                sys::map_batch::<RuleKeyData, RuleValue>(
+                    sys::BPF_MAP_DELETE_BATCH,
+                    self.maps.hosts_fd.fd().as_fd(),
+                    &keys[done..end],
+                    None,
+                )
+            } {
                 Ok(()) => done = end,
                 // The key at `done + n` was not there (edited by hand): nothing to remove.
                 Err((n, e)) if e.raw_os_error() == Some(libc::ENOENT) => done += n + 1,
@@ -596,12 +621,37 @@ impl Kernel {
 }
 
 /// What the kernel decides for one (process, destination): the verdict, the identity number
-/// and the rule id. Mirrors the `enf_*` socket programs step by step, reading the same maps.
+/// and the rule id. The kernel programs' own decision function ([`decide`]), run over the
+/// same maps read through bpf().
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Judgement {
-    pub verdict: u32,
+    pub verdict: Verdict,
     pub ident: u32,
     pub rule: u32,
+}
+
+impl IdentityMaps for Maps {
+    fn binclass(&self, index: u32) -> Option<u32> {
+        self.binclass.get(&index, 0).ok()
+    }
+
+    fn cgroup(&self, cgroup_id: u64) -> Option<CgroupValue> {
+        self.cgroups.get(&cgroup_id, 0).ok()
+    }
+
+    fn idmatch(&self, key: &IdMatchKey) -> Option<u32> {
+        self.idmatch.get(key, 0).ok()
+    }
+}
+
+impl RuleMaps for Maps {
+    fn host(&self, key: &RuleKeyData) -> Option<RuleValue> {
+        self.hosts.get(key, 0).ok()
+    }
+
+    fn prefix(&self, prefix_len: u32, key: &RuleKeyData) -> Option<RuleValue> {
+        self.rules.get(&Key::new(prefix_len, *key), 0).ok()
+    }
 }
 
 impl Kernel {
@@ -612,141 +662,18 @@ impl Kernel {
         port: u16,
         proto: u8,
     ) -> Result<Judgement, KernelError> {
-        let deny = |rule| Judgement {
-            verdict: VERDICT_DENY,
-            ident: IDENT_NONE,
-            rule,
-        };
         let cfg = self.config()?;
-        let generation = cfg.active & 1;
-        let g = cfg.generations[generation as usize];
-        let mut j = if g.loaded == 0 {
-            deny(RULE_NO_CONFIG)
-        } else {
-            match self.maps.procs.get(&pid, 0) {
-                Err(_) => deny(RULE_UNTRACKED),
-                Ok(p) if p.flags & PROC_PENDING != 0 => deny(RULE_PENDING),
-                Ok(p) => {
-                    let ident = self.identity(&g, generation, &p);
-                    if ident == IDENT_NONE {
-                        let verdict = match g.unattested {
-                            ACTION_ALLOW => VERDICT_ALLOW,
-                            ACTION_AUDIT => VERDICT_AUDIT,
-                            _ => VERDICT_DENY,
-                        };
-                        Judgement {
-                            verdict,
-                            ident,
-                            rule: RULE_UNATTESTED,
-                        }
-                    } else {
-                        let (family, addr) = match dst {
-                            std::net::IpAddr::V4(a) => (FAMILY_V4, a.octets()),
-                            std::net::IpAddr::V6(a) => match a.to_ipv4_mapped() {
-                                Some(v4) => (FAMILY_V4, v4.octets()),
-                                None => {
-                                    let mut data = RuleKeyData {
-                                        generation,
-                                        ident,
-                                        proto,
-                                        family: FAMILY_V6,
-                                        port,
-                                        addr: a.octets(),
-                                    };
-                                    let v = self.lookup_rule(&g, &mut data);
-                                    return Ok(self.finish(
-                                        &g,
-                                        Judgement {
-                                            verdict: v.verdict,
-                                            ident,
-                                            rule: v.rule,
-                                        },
-                                    ));
-                                }
-                            },
-                        };
-                        let mut a16 = [0u8; 16];
-                        a16[..4].copy_from_slice(&addr);
-                        let mut data = RuleKeyData {
-                            generation,
-                            ident,
-                            proto,
-                            family,
-                            port,
-                            addr: a16,
-                        };
-                        let v = self.lookup_rule(&g, &mut data);
-                        Judgement {
-                            verdict: v.verdict,
-                            ident,
-                            rule: v.rule,
-                        }
-                    }
-                }
-            }
+        let proc_ = self.maps.procs.get(&pid, 0).ok();
+        let dst = match dst {
+            std::net::IpAddr::V4(a) => destination_v4(proto, port, a.octets()),
+            std::net::IpAddr::V6(a) => destination_v6(proto, port, a.octets()),
         };
-        if g.loaded == 0 && g.mode == MODE_AUDIT {
-            j.verdict = VERDICT_ALLOW;
-        }
-        Ok(self.finish(&g, j))
-    }
-
-    fn finish(&self, g: &GenConfig, mut j: Judgement) -> Judgement {
-        if j.verdict == VERDICT_DENY && g.loaded != 0 && g.mode != MODE_ENFORCE {
-            j.verdict = VERDICT_AUDIT;
-        }
-        j
-    }
-
-    fn identity(&self, g: &GenConfig, generation: u32, p: &ProcState) -> u32 {
-        let bin = self
-            .maps
-            .binclass
-            .get(&(generation * MAX_EXES + (p.exe_id & (MAX_EXES - 1))), 0)
-            .unwrap_or(BIN_NONE);
-        let cg = if g.uses_cgroups == 0 {
-            CG_NONE
-        } else {
-            self.maps
-                .cgroups
-                .get(&p.cgroup_id, 0)
-                .map(|c| c.class[generation as usize])
-                .unwrap_or(CG_NONE)
-        };
-        let mut k = IdMatchKey {
-            generation,
-            bin,
-            cg,
-            uid: p.uid,
-        };
-        if g.uses_uids != 0
-            && let Ok(id) = self.maps.idmatch.get(&k, 0)
-        {
-            return id;
-        }
-        k.uid = ANY;
-        self.maps.idmatch.get(&k, 0).unwrap_or(IDENT_NONE)
-    }
-
-    /// The kernel's `lookup_rule`: host entry, trie (when the generation has prefixes), then
-    /// the same for port 0.
-    fn lookup_rule(&self, g: &GenConfig, data: &mut RuleKeyData) -> RuleValue {
-        let bits = host_prefix_len(data.family);
-        for port in [data.port, 0] {
-            data.port = port;
-            if let Ok(v) = self.maps.hosts.get(data, 0) {
-                return v;
-            }
-            if g.prefix_rules != 0
-                && let Ok(v) = self.maps.rules.get(&Key::new(bits, *data), 0)
-            {
-                return v;
-            }
-        }
-        RuleValue {
-            verdict: VERDICT_DENY,
-            rule: RULE_DEFAULT_DENY,
-        }
+        let d = decide(&self.maps, &cfg, proc_.as_ref(), &dst);
+        Ok(Judgement {
+            verdict: d.verdict,
+            ident: d.ident,
+            rule: d.rule,
+        })
     }
 
     /// Number of entries of each map, with its capacity.
@@ -846,68 +773,10 @@ impl Kernel {
 
 /// Entries per batch syscall.
 const BATCH: usize = 1 << 16;
-const BPF_MAP_UPDATE_BATCH: libc::c_int = 26;
-const BPF_MAP_DELETE_BATCH: libc::c_int = 27;
-/// `ENOTSUPP`, the kernel-internal errno a map without batch operations answers.
-const ENOTSUPP: i32 = 524;
-
-/// The `batch` member of `union bpf_attr`.
-#[repr(C)]
-#[derive(Default)]
-struct BatchAttr {
-    in_batch: u64,
-    out_batch: u64,
-    keys: u64,
-    values: u64,
-    count: u32,
-    map_fd: u32,
-    elem_flags: u64,
-    flags: u64,
-}
-
-/// One `BPF_MAP_{UPDATE,DELETE}_BATCH` call over `keys` (and `values` for an update). On
-/// error: how many elements the kernel processed before it stopped, and the error.
-fn map_batch<K: aya::Pod, V: aya::Pod>(
-    cmd: libc::c_int,
-    map: std::os::fd::BorrowedFd<'_>,
-    keys: &[K],
-    values: Option<&[V]>,
-) -> Result<(), (usize, io::Error)> {
-    use std::os::fd::AsRawFd as _;
-    let count = u32::try_from(keys.len()).map_err(|_| {
-        (
-            0,
-            io::Error::new(io::ErrorKind::InvalidInput, "batch too large"),
-        )
-    })?;
-    let mut attr = BatchAttr {
-        keys: keys.as_ptr() as u64,
-        values: values.map_or(0, |v| v.as_ptr() as u64),
-        count,
-        map_fd: map.as_raw_fd() as u32,
-        ..BatchAttr::default()
-    };
-    // SAFETY: `attr` is a valid `bpf_attr` prefix of the size passed; `keys` and `values`
-    // hold `count` plain-old-data elements of the map's key and value sizes, alive for the
-    // duration of the call.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            cmd,
-            &raw mut attr,
-            std::mem::size_of::<BatchAttr>() as u32,
-        )
-    };
-    if r < 0 {
-        return Err((attr.count as usize, io::Error::last_os_error()));
-    }
-    Ok(())
-}
-
 fn batch_unsupported(e: &io::Error) -> bool {
     matches!(
         e.raw_os_error(),
-        Some(libc::EINVAL | libc::EOPNOTSUPP | ENOTSUPP)
+        Some(libc::EINVAL | libc::EOPNOTSUPP | sys::ENOTSUPP)
     )
 }
 
@@ -1003,7 +872,7 @@ fn rejected(program: &'static str, kind: &'static str, e: ProgramError) -> Kerne
     KernelError::Rejected {
         program,
         kind,
-        release: crate::probe::kernel_release(),
+        release: sys::kernel_release(),
         error,
         log,
         shown,
@@ -1013,12 +882,17 @@ fn rejected(program: &'static str, kind: &'static str, e: ProgramError) -> Kerne
 
 /// Loads the cgroup_sock_addr program `name` of the embedded object through the agent's own
 /// loader, then unloads it: nothing is attached, the maps it needs are created in a scratch
-/// folder under `/sys/fs/bpf` and unpinned at once. For diagnostics and tests (the object
-/// holds [`PROG_REJECT`], which the verifier must refuse).
+/// folder under `/sys/fs/bpf` and unpinned at once. For diagnostics.
 pub fn load_sock_addr_program(name: &'static str) -> Result<(), KernelError> {
     if OBJECT.is_empty() {
         return Err(KernelError::NoObject);
     }
+    load_sock_addr_program_from(OBJECT, name)
+}
+
+/// [`load_sock_addr_program`] for another object, such as the test object
+/// (`enforcer-ebpf-test`, whose [`PROG_REJECT`] the verifier must refuse).
+pub fn load_sock_addr_program_from(object: &[u8], name: &'static str) -> Result<(), KernelError> {
     let scratch = Path::new(BPFFS).join(format!("enforcer-load-{}", std::process::id()));
     ensure_bpffs(&scratch)?;
     fs::create_dir_all(&scratch).map_err(|err| KernelError::PinDir {
@@ -1027,7 +901,7 @@ pub fn load_sock_addr_program(name: &'static str) -> Result<(), KernelError> {
     })?;
     let loaded = EbpfLoader::new()
         .default_map_pin_directory(&scratch)
-        .load(OBJECT)
+        .load(object)
         .map_err(|e| KernelError::Load(Box::new(e)));
     // The maps were pinned only because the object asks for it: unpin them now.
     if let Ok(rd) = fs::read_dir(&scratch) {
@@ -1040,16 +914,11 @@ pub fn load_sock_addr_program(name: &'static str) -> Result<(), KernelError> {
 }
 
 const BPFFS: &str = "/sys/fs/bpf";
-const BPF_FS_MAGIC: i64 = 0xcafe4a11;
-
-pub(crate) fn is_bpffs(path: &Path) -> bool {
-    nix::sys::statfs::statfs(path).is_ok_and(|s| s.filesystem_type().0 == BPF_FS_MAGIC)
-}
 
 /// Pins under /sys/fs/bpf need bpffs there; a fresh machine may not have it mounted.
 fn ensure_bpffs(pin_dir: &Path) -> Result<(), KernelError> {
     let root = Path::new(BPFFS);
-    if !pin_dir.starts_with(root) || is_bpffs(root) {
+    if !pin_dir.starts_with(root) || sys::is_bpffs(root) {
         return Ok(());
     }
     nix::mount::mount(
@@ -1119,15 +988,15 @@ mod tests {
 
     #[test]
     fn diff_writes_only_differences_into_the_right_map() {
-        let keep_host = entry(1, 32, 80, VERDICT_ALLOW);
-        let keep_net = entry(0, 24, 0, VERDICT_DENY);
-        let gone_host = entry(2, 32, 80, VERDICT_ALLOW);
-        let gone_net = entry(0, 16, 443, VERDICT_ALLOW);
-        let changed_host = entry(3, 32, 80, VERDICT_ALLOW);
+        let keep_host = entry(1, 32, 80, Verdict::Allow as u32);
+        let keep_net = entry(0, 24, 0, Verdict::Deny as u32);
+        let gone_host = entry(2, 32, 80, Verdict::Allow as u32);
+        let gone_net = entry(0, 16, 443, Verdict::Allow as u32);
+        let changed_host = entry(3, 32, 80, Verdict::Allow as u32);
         let mut changed_host_new = changed_host;
-        changed_host_new.1.verdict = VERDICT_DENY;
-        let new_host = entry(4, 32, 0, VERDICT_ALLOW);
-        let new_net = entry(0, 8, 22, VERDICT_ALLOW);
+        changed_host_new.1.verdict = Verdict::Deny as u32;
+        let new_host = entry(4, 32, 0, Verdict::Allow as u32);
+        let new_net = entry(0, 8, 22, Verdict::Allow as u32);
         let old = sorted(vec![keep_host, keep_net, gone_host, gone_net, changed_host]);
         let new = sorted(vec![
             keep_host,
@@ -1160,10 +1029,40 @@ mod tests {
         assert_eq!((none.host_del.len(), none.trie_del.len()), (3, 2));
     }
 
+    /// The production object holds the programs of [`PROGRAMS`] and nothing else: the bench's
+    /// allow-only programs and the rejected program live in the test object.
+    #[test]
+    fn production_object_holds_exactly_the_program_table() {
+        if OBJECT.is_empty() {
+            assert!(
+                !crate::in_ci(),
+                "the agent was built without its kernel object (ENFORCER_EBPF_OBJ) under CI: run `cargo xtask test`"
+            );
+            eprintln!("skipped: no embedded kernel object (build with `cargo xtask build`)");
+            return;
+        }
+        let obj = match aya_obj::Object::parse(OBJECT) {
+            Ok(o) => o,
+            Err(e) => panic!("parsing the embedded kernel object: {e}"),
+        };
+        let mut have: Vec<&str> = obj.programs.keys().map(String::as_str).collect();
+        have.sort_unstable();
+        let mut want: Vec<&str> = PROGRAMS.iter().map(|p| p.name).collect();
+        want.sort_unstable();
+        assert_eq!(have, want);
+        for (_, bench) in BENCH_PROGS {
+            assert!(
+                !have.contains(&bench),
+                "{bench} is in the production object"
+            );
+        }
+        assert!(!have.contains(&PROG_REJECT));
+    }
+
     #[test]
     fn a_host_and_a_prefix_with_the_same_address_are_different_entries() {
-        let host = entry(0, 32, 80, VERDICT_ALLOW);
-        let net = entry(0, 24, 80, VERDICT_DENY);
+        let host = entry(0, 32, 80, Verdict::Allow as u32);
+        let net = entry(0, 24, 80, Verdict::Deny as u32);
         let d = diff_rules(&sorted(vec![host]), &sorted(vec![host, net]));
         assert!(d.host_put.is_empty() && d.host_del.is_empty());
         assert_eq!(d.trie_put, vec![net]);

@@ -14,3 +14,10 @@ pub mod metrics;
 pub mod policy;
 pub mod probe;
 pub mod server;
+pub mod sys;
+
+/// True under `CI=true` (or `CI=1`): tests that cannot run there fail instead of skipping.
+#[cfg(test)]
+pub(crate) fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
+}

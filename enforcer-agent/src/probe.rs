@@ -12,9 +12,8 @@
 
 use std::{
     collections::BTreeSet,
-    ffi::CStr,
-    fs, io,
-    os::fd::{FromRawFd as _, OwnedFd},
+    fs,
+    os::fd::OwnedFd,
     path::{Path, PathBuf},
 };
 
@@ -23,14 +22,15 @@ use aya::{
     programs::ProgramType,
     sys::{BpfHelper, is_helper_supported, is_map_supported, is_program_supported},
 };
-use enforcer_common::KernelOffsets;
+use enforcer_common::{Hook, KernelOffsets, PROGRAMS, ProgramKind};
 use serde::Serialize;
 
-use crate::{attest, btf};
+use crate::{attest, btf, sys};
 
 /// The oldest kernel the agent runs on: BTF, cgroup `bpf_link` (5.7), the BPF ring buffer
 /// (5.8), `bpf_ktime_get_boot_ns` (5.8) and pinnable raw tracepoint links; checked in VMs.
-pub const MIN_KERNEL: (u32, u32) = (5, 10);
+/// The newest `min_kernel` of the required programs of the program table.
+pub const MIN_KERNEL: (u32, u32) = enforcer_common::required_min_kernel();
 /// Test knob: comma-separated feature names the probe reports as missing.
 pub const DENY_ENV: &str = "ENFORCER_PROBE_DENY";
 
@@ -104,22 +104,23 @@ pub fn denied(value: Option<&str>) -> BTreeSet<String> {
         .collect()
 }
 
-/// The running kernel's release (`uname -r`).
-pub fn kernel_release() -> String {
-    // SAFETY: uname fills a struct we own; its fields are NUL-terminated on success.
-    unsafe {
-        let mut u: libc::utsname = std::mem::zeroed();
-        if libc::uname(&mut u) != 0 {
-            return "unknown".into();
-        }
-        CStr::from_ptr(u.release.as_ptr())
-            .to_string_lossy()
-            .into_owned()
-    }
-}
+pub use crate::sys::kernel_release;
 
 const HOLD_WITHOUT_BTF: &str = "exec-time identity is off: every exec is treated as a never-seen binary (held by SIGSTOP in an enforced scope until the agent hashes it, then let go), and a forked child that does not exec has no kernel entry, so its connects in an enforced scope are denied";
 const REFUSE: &str = "refuses to start";
+const OPTIONAL_PROGRAM: &str = "the optional program that needs it is not loaded";
+/// Feature names of the socket hooks (stable: the knob and the README table use them),
+/// indexed by `Hook as usize - 1`.
+const ATTACH_FEATURES: [&str; 4] = [
+    "attach_connect4",
+    "attach_connect6",
+    "attach_sendmsg4",
+    "attach_sendmsg6",
+];
+const _: () = {
+    assert!(Hook::Connect4 as usize == 1 && Hook::Connect6 as usize == 2);
+    assert!(Hook::Sendmsg4 as usize == 3 && Hook::Sendmsg6 as usize == 4);
+};
 
 impl Probe {
     /// Probes the running kernel (root: the bpf() probes load tiny programs and maps).
@@ -189,23 +190,31 @@ impl Probe {
             },
             HOLD_WITHOUT_BTF,
         );
+        // One feature per program type and per socket hook of the program table.
         for (name, t) in [
             ("prog_cgroup_sock_addr", ProgramType::CgroupSockAddr),
             ("prog_raw_tracepoint", ProgramType::RawTracePoint),
         ] {
-            add(name, true, yes_no(is_program_supported(t)), REFUSE);
-        }
-        for (name, attach) in [
-            ("attach_connect4", ATTACH_INET4_CONNECT),
-            ("attach_connect6", ATTACH_INET6_CONNECT),
-            ("attach_sendmsg4", ATTACH_UDP4_SENDMSG),
-            ("attach_sendmsg6", ATTACH_UDP6_SENDMSG),
-        ] {
+            let required = PROGRAMS
+                .iter()
+                .any(|p| p.required && format!("prog_{}", p.kind.type_name()) == name);
             add(
                 name,
-                true,
-                sock_addr_prog(attach).map(|_| "cgroup_sock_addr program loads".to_string()),
-                REFUSE,
+                required,
+                yes_no(is_program_supported(t)),
+                if required { REFUSE } else { OPTIONAL_PROGRAM },
+            );
+        }
+        for p in &PROGRAMS {
+            let ProgramKind::CgroupSockAddr(hook) = p.kind else {
+                continue;
+            };
+            add(
+                ATTACH_FEATURES[hook as usize - 1],
+                p.required,
+                sock_addr_prog(attach_type(hook))
+                    .map(|_| "cgroup_sock_addr program loads".to_string()),
+                if p.required { REFUSE } else { OPTIONAL_PROGRAM },
             );
         }
         add("cgroup_bpf_link", true, cgroup_link(), REFUSE);
@@ -344,64 +353,26 @@ fn bpffs() -> Result<String, String> {
     {
         return Err("the kernel has no bpf file system (CONFIG_BPF_SYSCALL)".into());
     }
-    Ok(if crate::kernel::is_bpffs(Path::new("/sys/fs/bpf")) {
+    Ok(if crate::sys::is_bpffs(Path::new("/sys/fs/bpf")) {
         "mounted at /sys/fs/bpf".into()
     } else {
         "supported, not mounted: the agent mounts it at /sys/fs/bpf".into()
     })
 }
 
-// bpf(2) commands and attach types (include/uapi/linux/bpf.h).
-const BPF_PROG_LOAD: libc::c_long = 5;
-const BPF_LINK_CREATE: libc::c_long = 28;
-const PROG_TYPE_CGROUP_SOCK_ADDR: u32 = 18;
+// cgroup_sock_addr attach types (include/uapi/linux/bpf.h).
 const ATTACH_INET4_CONNECT: u32 = 10;
 const ATTACH_INET6_CONNECT: u32 = 11;
 const ATTACH_UDP4_SENDMSG: u32 = 14;
 const ATTACH_UDP6_SENDMSG: u32 = 15;
 
-/// The leading fields of `union bpf_attr` for BPF_PROG_LOAD (the kernel zero-fills the rest).
-#[repr(C)]
-#[derive(Default)]
-struct ProgLoadAttr {
-    prog_type: u32,
-    insn_cnt: u32,
-    insns: u64,
-    license: u64,
-    log_level: u32,
-    log_size: u32,
-    log_buf: u64,
-    kern_version: u32,
-    prog_flags: u32,
-    prog_name: [u8; 16],
-    prog_ifindex: u32,
-    expected_attach_type: u32,
-}
-
-/// The leading fields of `union bpf_attr` for BPF_LINK_CREATE.
-#[repr(C)]
-#[derive(Default)]
-struct LinkCreateAttr {
-    prog_fd: u32,
-    target_fd: u32,
-    attach_type: u32,
-    flags: u32,
-}
-
-fn sys_bpf<T>(cmd: libc::c_long, attr: &T) -> io::Result<libc::c_long> {
-    // SAFETY: attr is a live repr(C) prefix of union bpf_attr and its size is passed along.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            cmd,
-            attr as *const T,
-            std::mem::size_of::<T>() as libc::c_uint,
-        )
-    };
-    if r < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(r)
+/// The kernel's attach type of a socket hook.
+fn attach_type(hook: Hook) -> u32 {
+    match hook {
+        Hook::Connect4 => ATTACH_INET4_CONNECT,
+        Hook::Connect6 => ATTACH_INET6_CONNECT,
+        Hook::Sendmsg4 => ATTACH_UDP4_SENDMSG,
+        Hook::Sendmsg6 => ATTACH_UDP6_SENDMSG,
     }
 }
 
@@ -412,18 +383,8 @@ fn sock_addr_prog(attach: u32) -> Result<OwnedFd, String> {
         u64::from_le_bytes([0xb7, 0, 0, 0, 1, 0, 0, 0]),
         u64::from_le_bytes([0x95, 0, 0, 0, 0, 0, 0, 0]),
     ];
-    let license = c"GPL";
-    let attr = ProgLoadAttr {
-        prog_type: PROG_TYPE_CGROUP_SOCK_ADDR,
-        insn_cnt: insns.len() as u32,
-        insns: insns.as_ptr() as u64,
-        license: license.as_ptr() as u64,
-        expected_attach_type: attach,
-        ..Default::default()
-    };
-    match sys_bpf(BPF_PROG_LOAD, &attr) {
-        // SAFETY: a new fd the kernel just gave us.
-        Ok(fd) => Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) }),
+    match sys::load_sock_addr(&insns, c"GPL", attach) {
+        Ok(fd) => Ok(fd),
         Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
             Err("the kernel does not know this attach type (EINVAL)".into())
         }
@@ -434,15 +395,9 @@ fn sock_addr_prog(attach: u32) -> Result<OwnedFd, String> {
 /// cgroup `bpf_link`: BPF_LINK_CREATE on an invalid cgroup fd answers EBADF where the kernel
 /// knows cgroup links (5.7+) and EINVAL where it does not.
 fn cgroup_link() -> Result<String, String> {
-    use std::os::fd::AsRawFd as _;
+    use std::os::fd::AsFd as _;
     let prog = sock_addr_prog(ATTACH_INET4_CONNECT)?;
-    let attr = LinkCreateAttr {
-        prog_fd: prog.as_raw_fd() as u32,
-        target_fd: u32::MAX,
-        attach_type: ATTACH_INET4_CONNECT,
-        flags: 0,
-    };
-    match sys_bpf(BPF_LINK_CREATE, &attr) {
+    match sys::link_create(prog.as_fd(), u32::MAX, ATTACH_INET4_CONNECT) {
         Err(e) if e.raw_os_error() == Some(libc::EBADF) => {
             Ok("BPF_LINK_CREATE for cgroups (pinned links, takeover without a gap)".into())
         }
@@ -450,27 +405,19 @@ fn cgroup_link() -> Result<String, String> {
             Err("BPF_LINK_CREATE does not take cgroup programs (kernel before 5.7)".into())
         }
         Err(e) => Err(format!("probe failed: BPF_LINK_CREATE: {e}")),
-        Ok(fd) => {
-            // SAFETY: an fd the kernel gave us (cannot happen with target_fd -1).
-            drop(unsafe { OwnedFd::from_raw_fd(fd as i32) });
-            Ok("BPF_LINK_CREATE for cgroups".into())
-        }
+        // Cannot happen with an invalid target; the link is closed at once.
+        Ok(_link) => Ok("BPF_LINK_CREATE for cgroups".into()),
     }
 }
 
 /// pidfd_open + pidfd_send_signal (5.3): held processes are resumed through a pidfd.
 fn pidfd() -> Result<String, String> {
-    // SAFETY: plain syscall on our own pid.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, libc::getpid(), 0) };
-    if fd < 0 {
-        return Err(format!(
-            "pidfd_open: {} (held processes could not be resumed safely)",
-            io::Error::last_os_error()
-        ));
+    match sys::pidfd_open(std::process::id()) {
+        Ok(_fd) => Ok("pidfd_open (held processes are resumed through a pidfd)".into()),
+        Err(e) => Err(format!(
+            "pidfd_open: {e} (held processes could not be resumed safely)"
+        )),
     }
-    // SAFETY: a new fd the kernel just gave us.
-    drop(unsafe { OwnedFd::from_raw_fd(fd as i32) });
-    Ok("pidfd_open (held processes are resumed through a pidfd)".into())
 }
 
 fn enable_stats() -> Result<String, String> {

@@ -46,7 +46,7 @@ impl Feed {
         // A follower that cannot take the whole frame now is dropped: the agent never waits
         // on a client.
         self.followers.retain_mut(|(s, all)| {
-            if !*all && d.verdict == "allow" {
+            if !*all && d.verdict == Verdict::Allow.name() {
                 return true;
             }
             write_now(s, &frame)
@@ -100,12 +100,18 @@ fn protocol_name(p: u8) -> &'static str {
     }
 }
 
-fn verdict_name(v: u32) -> &'static str {
-    match v {
-        VERDICT_ALLOW => "allow",
-        VERDICT_AUDIT => "audit",
-        _ => "deny",
+/// `status`'s name of the program attached at `attach` (a cgroup hook or a tracepoint), from
+/// the program table: `cgroup/connect4`, `raw_tracepoint/sched_process_exec`.
+fn program_label(attach: &str) -> String {
+    match PROGRAMS.iter().find(|p| p.kind.attach_point() == attach) {
+        Some(p) => format!("{}/{attach}", p.kind.section()),
+        None => format!("unknown/{attach}"),
     }
+}
+
+/// The name of a verdict read back from the kernel (anything unknown is a deny).
+fn verdict_name(v: u32) -> &'static str {
+    Verdict::from_raw(v).name()
 }
 
 impl Agent {
@@ -190,7 +196,7 @@ impl Agent {
                     .feed
                     .history
                     .iter()
-                    .filter(|d| r.all || d.verdict != "allow")
+                    .filter(|d| r.all || d.verdict != Verdict::Allow.name())
                 {
                     if send(&mut stream, reply::Kind::Event(d.clone()))
                         .await
@@ -276,33 +282,20 @@ impl Agent {
         let cfg = self.kernel.config().unwrap_or_default();
         let generation = cfg.active & 1;
         let g = cfg.generations[generation as usize];
-        let counters = [
-            ("allowed", CNT_ALLOW),
-            ("denied", CNT_DENY),
-            ("audited", CNT_AUDIT),
-            ("unattested", CNT_UNATTESTED),
-            ("pending", CNT_PENDING),
-            ("untracked", CNT_UNTRACKED),
-            ("events_lost", CNT_EVENTS_LOST),
-            ("proc_insert_failed", CNT_PROC_INSERT_FAIL),
-            ("held_at_exec", CNT_HELD),
-            ("exec_known", CNT_EXEC_KNOWN),
-            ("exec_pending", CNT_EXEC_PENDING),
-            ("no_config", CNT_NO_CONFIG),
-        ]
-        .into_iter()
-        .map(|(name, idx)| api::NamedCount {
-            name: name.into(),
-            value: self.kernel.counter(idx),
-        })
-        .collect();
+        let counters = Counter::ALL
+            .iter()
+            .map(|&c| api::NamedCount {
+                name: c.name().into(),
+                value: self.kernel.counter(c),
+            })
+            .collect();
         let attached = self
             .kernel
             .links()
             .into_iter()
             .map(|l| {
                 let (program, target) = match l.strip_prefix("tp_") {
-                    Some(tp) => (format!("raw_tracepoint/{tp}"), tp.to_string()),
+                    Some(tp) => (program_label(tp), tp.to_string()),
                     None => {
                         let mut parts = l.trim_start_matches("cg_").splitn(2, '_');
                         let id: u64 = parts.next().and_then(|s| s.parse().ok()).unwrap_or(0);
@@ -312,7 +305,7 @@ impl Agent {
                             .get(&id)
                             .cloned()
                             .unwrap_or_else(|| format!("cgroup id {id}"));
-                        (format!("cgroup/{hook}"), path)
+                        (program_label(hook), path)
                     }
                 };
                 api::Attachment { program, target }
@@ -361,8 +354,8 @@ impl Agent {
             policy_hash: self.policy_hash.clone(),
             mode: match (g.loaded, g.mode) {
                 (0, _) => "none".into(),
-                (_, MODE_ENFORCE) => "enforce".into(),
-                _ => "audit".into(),
+                (_, m) if m == Mode::Enforce as u32 => Mode::Enforce.name().into(),
+                _ => Mode::Audit.name().into(),
             },
             generation,
             counters,
@@ -375,7 +368,7 @@ impl Agent {
             },
             uncovered,
             uncovered_window_secs: UNCOVERED_WINDOW.as_secs(),
-            events_lost: self.kernel.counter(CNT_EVENTS_LOST),
+            events_lost: self.kernel.counter(Counter::EventsLost),
         }
     }
 
@@ -405,7 +398,7 @@ impl Agent {
                 .kernel
                 .maps
                 .binclass
-                .get(&(generation * MAX_EXES + id), 0)
+                .get(&binclass_index(generation, id), 0)
                 .unwrap_or(BIN_NONE);
             if want != have {
                 out.push(format!(
@@ -476,10 +469,10 @@ impl Agent {
         });
         let (verdict, ident, rule) = if in_scope {
             let j = self.kernel.judge(r.pid, dst, port, proto)?;
-            (verdict_name(j.verdict), j.ident, self.rule_text(j.rule))
+            (j.verdict.name(), j.ident, self.rule_text(j.rule))
         } else {
             (
-                "allow",
+                Verdict::Allow.name(),
                 IDENT_NONE,
                 format!(
                     "outside the enforced scope ({})",

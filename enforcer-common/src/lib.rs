@@ -6,6 +6,14 @@
 //! refuses pinned state of another version, and pins live under a folder named after it.
 #![no_std]
 
+mod decide;
+mod kinds;
+mod programs;
+
+pub use decide::*;
+pub use kinds::*;
+pub use programs::*;
+
 /// Version of this ABI. Checked at load against the kernel object's `ENF_ABI` global and used
 /// in the bpffs pin folder, so two versions never share maps.
 pub const ABI_VERSION: u32 = 2;
@@ -29,29 +37,6 @@ pub const MAP_EVENTS: &str = "ENF_EVENTS";
 pub const MAP_SCOPES: &str = "ENF_SCOPES";
 pub const MAP_OFFSETS: &str = "ENF_OFFSETS";
 
-pub const PROG_CONNECT4: &str = "enf_connect4";
-pub const PROG_CONNECT6: &str = "enf_connect6";
-pub const PROG_SENDMSG4: &str = "enf_sendmsg4";
-pub const PROG_SENDMSG6: &str = "enf_sendmsg6";
-pub const PROG_FORK: &str = "enf_fork";
-pub const PROG_EXEC: &str = "enf_exec";
-pub const PROG_EXIT: &str = "enf_exit";
-/// A program the verifier must reject; loaded only by tests, to check the rejection message.
-pub const PROG_REJECT: &str = "enf_reject";
-
-/// Programs that only allow (the floor of any cgroup hook), loaded by the benchmark only.
-pub const BENCH_PROGS: [(&str, &str); 4] = [
-    ("connect4", "bench_allow4"),
-    ("connect6", "bench_allow6"),
-    ("sendmsg4", "bench_sm_allow4"),
-    ("sendmsg6", "bench_sm_allow6"),
-];
-
-/// Raw tracepoints the process programs attach to.
-pub const TP_FORK: &str = "sched_process_fork";
-pub const TP_EXEC: &str = "sched_process_exec";
-pub const TP_EXIT: &str = "sched_process_exit";
-
 const _: () = {
     const fn short(s: &str) -> bool {
         s.len() <= 15
@@ -60,9 +45,6 @@ const _: () = {
     assert!(short(MAP_RULES) && short(MAP_CONFIG) && short(MAP_COUNTERS) && short(MAP_EVENTS));
     assert!(short(MAP_SCOPES) && short(MAP_OFFSETS) && short(MAP_BINCLASS));
     assert!(short(MAP_UNCOVERED) && short(MAP_HOSTS));
-    assert!(short(PROG_CONNECT4) && short(PROG_CONNECT6) && short(PROG_SENDMSG4));
-    assert!(short(PROG_SENDMSG6) && short(PROG_FORK) && short(PROG_EXEC) && short(PROG_EXIT));
-    assert!(short(PROG_REJECT));
 };
 
 // ---- capacities ----
@@ -98,20 +80,6 @@ pub const PROTO_UDP: u8 = 17;
 pub const FAMILY_V4: u8 = 4;
 pub const FAMILY_V6: u8 = 6;
 
-/// Verdicts, as stored in rules and reported in events.
-pub const VERDICT_ALLOW: u32 = 1;
-pub const VERDICT_DENY: u32 = 2;
-/// A would-be deny that was allowed (audit mode, or `unattested: audit`).
-pub const VERDICT_AUDIT: u32 = 3;
-
-pub const MODE_ENFORCE: u32 = 1;
-pub const MODE_AUDIT: u32 = 2;
-
-/// Action for processes with no identity (`unattested:`), and for a policy slot.
-pub const ACTION_ALLOW: u32 = 1;
-pub const ACTION_AUDIT: u32 = 2;
-pub const ACTION_DENY: u32 = 3;
-
 /// Rule id reported when no rule matched (default deny).
 pub const RULE_DEFAULT_DENY: u32 = u32::MAX;
 /// Rule id reported for a decision taken from the `unattested` action.
@@ -144,7 +112,7 @@ pub struct ExeKey {
 const _: () = assert!(core::mem::size_of::<ExeKey>() == 48);
 
 /// Value of `ENF_EXES`: the agent's small number for this file (never 0). Its binary class in
-/// each generation is `ENF_BINCLASS[generation * MAX_EXES + exe_id]`.
+/// each generation is `ENF_BINCLASS[binclass_index(generation, exe_id)]`.
 pub type ExeId = u32;
 /// `exe_id` of a process whose executable the kernel could not find in `ENF_EXES`.
 pub const EXE_UNKNOWN: u32 = 0;
@@ -205,9 +173,9 @@ const _: () = assert!(core::mem::size_of::<ProcState>() == 32);
 pub struct GenConfig {
     /// 1 when this slot holds a compiled policy.
     pub loaded: u32,
-    /// [`MODE_ENFORCE`] or [`MODE_AUDIT`].
+    /// A [`Mode`].
     pub mode: u32,
-    /// [`ACTION_ALLOW`], [`ACTION_AUDIT`] or [`ACTION_DENY`].
+    /// An [`Action`].
     pub unattested: u32,
     /// 1 when the policy has cgroup selectors: exec must classify the cgroup.
     pub uses_cgroups: u32,
@@ -346,45 +314,20 @@ pub struct UncoveredValue {
 }
 const _: () = assert!(core::mem::size_of::<UncoveredValue>() == 40);
 
-/// Counters (`ENF_COUNTERS`, per-CPU array of u64, indexed by these).
-pub const CNT_ALLOW: u32 = 0;
-pub const CNT_DENY: u32 = 1;
-pub const CNT_AUDIT: u32 = 2;
-pub const CNT_UNATTESTED: u32 = 3;
-pub const CNT_PENDING: u32 = 4;
-pub const CNT_UNTRACKED: u32 = 5;
-pub const CNT_EVENTS_LOST: u32 = 6;
-pub const CNT_PROC_INSERT_FAIL: u32 = 7;
-pub const CNT_HELD: u32 = 8;
-pub const CNT_EXEC_KNOWN: u32 = 9;
-pub const CNT_EXEC_PENDING: u32 = 10;
-pub const CNT_NO_CONFIG: u32 = 11;
-pub const COUNTERS: u32 = 16;
-
-/// Event kinds in [`Event::kind`].
-pub const EV_CONNECT: u32 = 1;
-pub const EV_FORK: u32 = 2;
-pub const EV_EXEC: u32 = 3;
-pub const EV_EXIT: u32 = 4;
-
-/// Hook numbers in [`Event::hook`].
-pub const HOOK_CONNECT4: u32 = 1;
-pub const HOOK_CONNECT6: u32 = 2;
-pub const HOOK_SENDMSG4: u32 = 3;
-pub const HOOK_SENDMSG6: u32 = 4;
-
 /// One record of the `ENF_EVENTS` ring buffer. For process events `verdict`, `rule`, `dst`,
 /// `port`, `proto`, `family` are zero; for exec, `exe` is the key the kernel saw.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct Event {
+    /// An [`EventKind`].
     pub kind: u32,
     pub tgid: u32,
-    /// Parent tgid (fork) or the hook (connect).
+    /// Parent tgid (fork) or the [`Hook`] (connect).
     pub aux: u32,
     pub uid: u32,
     pub gid: u32,
     pub ident: u32,
+    /// A [`Verdict`] (connect).
     pub verdict: u32,
     pub rule: u32,
     pub cgroup_id: u64,

@@ -25,6 +25,24 @@ pub fn require_root(test: &str) -> bool {
     false
 }
 
+#[cfg(enforcer_ebpf_test)]
+static TEST_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("ENFORCER_EBPF_TEST_OBJ"));
+#[cfg(not(enforcer_ebpf_test))]
+static TEST_OBJECT: &[u8] = &[];
+
+/// The test-only kernel object (`enforcer-ebpf-test`: the bench's allow-only programs and
+/// the program the verifier must reject), embedded at build time. Not embedded: an error
+/// saying how to build it (`cargo xtask` sets ENFORCER_EBPF_TEST_OBJ).
+pub fn test_object() -> Result<&'static [u8], String> {
+    if TEST_OBJECT.is_empty() {
+        return Err(
+            "the test kernel object was not embedded (ENFORCER_EBPF_TEST_OBJ unset at build); build through `cargo xtask test` or `cargo xtask bench`"
+                .to_string(),
+        );
+    }
+    Ok(TEST_OBJECT)
+}
+
 /// The cgroup2 mount point, from /proc/self/mountinfo.
 pub fn cgroup2_mount() -> PathBuf {
     let text = fs::read_to_string("/proc/self/mountinfo").expect("reading /proc/self/mountinfo");
@@ -709,7 +727,8 @@ pub fn kernel_proc(pin_dir: &Path, pid: u32) -> Option<enforcer_common::ProcStat
 }
 
 /// Sum over CPUs of one pinned `ENF_COUNTERS` counter.
-pub fn kernel_counter(pin_dir: &Path, idx: u32) -> u64 {
+pub fn kernel_counter(pin_dir: &Path, c: enforcer_common::Counter) -> u64 {
+    let idx = c as u32;
     let data = aya::maps::MapData::from_pin(pin_dir.join(enforcer_common::MAP_COUNTERS))
         .expect("opening pinned ENF_COUNTERS");
     let map: aya::maps::PerCpuArray<_, u64> =

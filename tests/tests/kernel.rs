@@ -223,7 +223,7 @@ fn identity_in_force_at_first_connect_after_exec() {
     if !agent.has_feature("btf", "identity_in_force_at_first_connect_after_exec") {
         return;
     }
-    let held = || kernel_counter(&agent.pin_dir, enforcer_common::CNT_HELD);
+    let held = || kernel_counter(&agent.pin_dir, enforcer_common::Counter::Held);
     let tcp4 = s(st.l.tcp4);
     // A file never seen before: a fresh copy with the allowed content, new inode.
     let fresh = st.dir.path("fresh");
@@ -282,10 +282,10 @@ fn rewritten_in_place_loses_identity() {
     copy_probe(Path::new(PROBE_BIN), &target, None);
     let_settle();
     assert_eq!(run_in(&st.cg, &target, &["tcp", &tcp4]), OK);
-    let before = kernel_counter(&agent.pin_dir, enforcer_common::CNT_HELD);
+    let before = kernel_counter(&agent.pin_dir, enforcer_common::Counter::Held);
     assert_eq!(run_in(&st.cg, &target, &["tcp", &tcp4]), OK);
     assert_eq!(
-        kernel_counter(&agent.pin_dir, enforcer_common::CNT_HELD),
+        kernel_counter(&agent.pin_dir, enforcer_common::Counter::Held),
         before,
         "the settled file should be known to the kernel by now"
     );
@@ -576,7 +576,7 @@ fn policy_apply_is_atomic_and_all_or_nothing() {
     // numbering under it (it stops at its first denied connect).
     let stop = st.dir.path("stop");
     let stop_s = stop.to_string_lossy().into_owned();
-    let allowed = || kernel_counter(&agent.pin_dir, enforcer_common::CNT_ALLOW);
+    let allowed = || kernel_counter(&agent.pin_dir, enforcer_common::Counter::Allow);
     let before = allowed();
     let mut looper = spawn_in(&st.cg, &st.app, &["loop-until", &stop_s, "tcp", &tcp4]);
     // The swaps start once the looper is connecting (the kernel counts its allows).
@@ -827,7 +827,7 @@ fn without_btf_every_exec_is_held_and_enforcement_holds() {
     assert_eq!(code, 0);
     assert!(out.contains("btf") && out.contains("MISSING"), "{out}");
 
-    let held = || kernel_counter(&agent.pin_dir, enforcer_common::CNT_HELD);
+    let held = || kernel_counter(&agent.pin_dir, enforcer_common::Counter::Held);
     let tcp4 = s(st.l.tcp4);
     let_settle();
     for round in 0..3 {
@@ -859,7 +859,7 @@ fn without_btf_every_exec_is_held_and_enforcement_holds() {
 
 /// When the kernel verifier refuses a program, the agent's loader names the program, its
 /// type and the kernel release, and carries the verifier's own words. `enf_reject` (in the
-/// object, never loaded in production) reads past the end of its context on purpose.
+/// test object, never in the production one) reads past the end of its context on purpose.
 #[test]
 fn rejected_program_prints_name_kernel_and_verifier_log() {
     if !require_root("rejected_program_prints_name_kernel_and_verifier_log") {
@@ -882,13 +882,26 @@ fn rejected_program_prints_name_kernel_and_verifier_log() {
         }
     };
     // The library's loader, as the agent calls it.
-    let err = enforcer_agent::kernel::load_sock_addr_program(enforcer_common::PROG_REJECT)
-        .expect_err("the verifier must reject enf_reject");
+    let object = enforcer_tests::test_object().unwrap_or_else(|e| panic!("{e}"));
+    let err =
+        enforcer_agent::kernel::load_sock_addr_program_from(object, enforcer_common::PROG_REJECT)
+            .expect_err("the verifier must reject enf_reject");
     check(&err.to_string());
     // The agent binary prints it as one error on stderr and exits 1.
-    let (code, _, stderr) = run_cmd(&agent_bin(), &["load-program", "enf_reject"]);
+    let file = std::env::temp_dir().join(format!("enforcer-test-obj-{}", std::process::id()));
+    fs::write(&file, object).expect("writing the test object");
+    let file_arg = file.to_string_lossy().into_owned();
+    let (code, _, stderr) = run_cmd(
+        &agent_bin(),
+        &["load-program", "enf_reject", "--object", &file_arg],
+    );
+    let _ = fs::remove_file(&file);
     assert_eq!(code, 1, "{stderr}");
     check(&stderr);
+    // The production object does not hold it.
+    let (code, _, stderr) = run_cmd(&agent_bin(), &["load-program", "enf_reject"]);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stderr.contains("enf_reject"), "{stderr}");
     // The same loader accepts a real program, and leaves no pin behind.
     let (code, _, stderr) = run_cmd(&agent_bin(), &["load-program", "enf_connect4"]);
     assert_eq!(code, 0, "{stderr}");

@@ -412,7 +412,7 @@ fn edit_rules_map_by_hand(pin_dir: &Path) {
         .insert(
             &Key::new(RULE_FIXED_BITS + 32, data),
             &RuleValue {
-                verdict: VERDICT_ALLOW,
+                verdict: Verdict::Allow as u32,
                 rule: 0,
             },
             0,

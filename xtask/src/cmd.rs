@@ -53,7 +53,8 @@ pub fn stable_cargo(root: &Path, obj: &Path) -> Command {
     let mut c = clean_command("cargo");
     c.current_dir(root)
         .arg(format!("+{STABLE}"))
-        .env("ENFORCER_EBPF_OBJ", obj);
+        .env("ENFORCER_EBPF_OBJ", obj)
+        .env("ENFORCER_EBPF_TEST_OBJ", crate::build::ebpf_test_obj(root));
     c
 }
 

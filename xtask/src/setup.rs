@@ -17,7 +17,7 @@ pub struct Tools {
 /// Installs what is missing; returns where the tools are.
 pub fn setup() -> Result<Tools> {
     let t0 = Instant::now();
-    ensure_toolchain(NIGHTLY, &["rust-src"])?;
+    ensure_toolchain(NIGHTLY, &["rust-src", "clippy"])?;
     ensure_toolchain(STABLE, &["clippy", "rustfmt"])?;
     let bpf_linker_bin = ensure_bpf_linker()?;
     step(&format!(

@@ -6,8 +6,9 @@ use std::{path::Path, process::Command};
 use anyhow::Result;
 
 use crate::{
-    build::build,
+    build::{EBPF_CRATES, build, clippy_ebpf},
     cmd::{clean_command, have, in_ci, is_root, require_root, stable_cargo, status, step},
+    setup::setup,
     toolchain::STABLE,
     vm,
 };
@@ -45,11 +46,13 @@ pub fn test(root: &Path, args: &Args) -> Result<()> {
         c,
         &format!("cargo fmt --check (run `cargo +{STABLE} fmt --all` to fix)"),
     )?;
-    let mut c = clean_command("cargo");
-    c.current_dir(root.join("enforcer-ebpf"))
-        .arg(format!("+{STABLE}"))
-        .args(["fmt", "--check"]);
-    status(c, "cargo fmt --check in enforcer-ebpf")?;
+    for krate in EBPF_CRATES {
+        let mut c = clean_command("cargo");
+        c.current_dir(root.join(krate))
+            .arg(format!("+{STABLE}"))
+            .args(["fmt", "--check"]);
+        status(c, &format!("cargo fmt --check in {krate}"))?;
+    }
     step("clippy -D warnings");
     let mut c = stable_cargo(root, &obj);
     c.args([
@@ -61,6 +64,7 @@ pub fn test(root: &Path, args: &Args) -> Result<()> {
         "warnings",
     ]);
     status(c, "cargo clippy")?;
+    clippy_ebpf(root, &setup()?)?;
     if in_ci() {
         require_root("`cargo xtask test` in CI")?;
     } else if !is_root() {

@@ -114,10 +114,15 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
-    /// Diagnostics: load one cgroup_sock_addr program of the embedded object through the
-    /// agent's loader and unload it (root). `enf_reject` shows what a kernel refusal prints.
+    /// Diagnostics: load one cgroup_sock_addr program of the embedded object (or of the
+    /// object file `--object`, such as the test object whose `enf_reject` shows what a kernel
+    /// refusal prints) through the agent's loader and unload it (root).
     #[command(hide = true)]
-    LoadProgram { name: String },
+    LoadProgram {
+        name: String,
+        #[arg(long)]
+        object: Option<PathBuf>,
+    },
     /// Detach everything and remove the pinned state (enforcement stops).
     Uninstall {
         #[arg(long, default_value = DEFAULT_PIN_DIR)]
@@ -435,18 +440,22 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
                 }
             }
         }
-        Cmd::LoadProgram { name } => {
-            let name: &'static str = [
-                enforcer_common::PROG_CONNECT4,
-                enforcer_common::PROG_CONNECT6,
-                enforcer_common::PROG_SENDMSG4,
-                enforcer_common::PROG_SENDMSG6,
-                enforcer_common::PROG_REJECT,
-            ]
-            .into_iter()
-            .find(|n| *n == name)
-            .with_context(|| format!("no cgroup_sock_addr program `{name}` in the object"))?;
-            enforcer_agent::kernel::load_sock_addr_program(name)?;
+        Cmd::LoadProgram { name, object } => {
+            // The socket programs of the table, and those of the test object.
+            let name: &'static str = enforcer_agent::kernel::socket_programs()
+                .map(|(_, n)| n)
+                .chain(enforcer_common::BENCH_PROGS.iter().map(|(_, n)| *n))
+                .chain([enforcer_common::PROG_REJECT])
+                .find(|n| *n == name)
+                .with_context(|| format!("no cgroup_sock_addr program `{name}` is known"))?;
+            match object {
+                None => enforcer_agent::kernel::load_sock_addr_program(name)?,
+                Some(path) => {
+                    let bytes = std::fs::read(&path)
+                        .with_context(|| format!("reading the kernel object {}", path.display()))?;
+                    enforcer_agent::kernel::load_sock_addr_program_from(&bytes, name)?;
+                }
+            }
             eprintln!("{name}: loaded and unloaded");
             Ok(ExitCode::SUCCESS)
         }

@@ -1,5 +1,6 @@
 //! Rules -> rule entries (single hosts for `ENF_HOSTS`, shorter prefixes for the `ENF_RULES`
-//! LPM trie; the kernel module splits them), and the kernel's lookup mirrored in Rust.
+//! LPM trie; the kernel module splits them), and a pure model of those maps for the kernel's
+//! own rule lookup (`enforcer_common::lookup_rule`), used by the unit tests.
 //!
 //! Layout: per (generation, identity, protocol, family, port) a group of CIDR prefixes. Port 0
 //! holds the entries that apply to every port; every port named by some entry gets its own
@@ -12,8 +13,9 @@ use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 use enforcer_common::{
-    FAMILY_V4, FAMILY_V6, MAX_RULES_LIMIT, PROTO_TCP, PROTO_UDP, RULE_FIXED_BITS, RuleKey,
-    RuleKeyData, RuleValue, VERDICT_ALLOW, VERDICT_DENY,
+    FAMILY_V4, FAMILY_V6, GenConfig, MAX_RULES_LIMIT, PROTO_TCP, PROTO_UDP, RULE_DEFAULT_DENY,
+    RULE_FIXED_BITS, RuleKey, RuleKeyData, RuleMaps, RuleValue, Verdict, destination_v4,
+    destination_v6, host_prefix_len, lookup_rule,
 };
 use ipnet::IpNet;
 
@@ -259,24 +261,24 @@ fn emit_group(
     for it in items {
         let value = if it.rule.deny {
             RuleValue {
-                verdict: VERDICT_DENY,
+                verdict: Verdict::Deny as u32,
                 rule: it.id,
             }
         } else if let Some(d) = denies.iter().find(|d| d.rule.cidr.contains(&it.rule.cidr)) {
             RuleValue {
-                verdict: VERDICT_DENY,
+                verdict: Verdict::Deny as u32,
                 rule: d.id,
             }
         } else {
             RuleValue {
-                verdict: VERDICT_ALLOW,
+                verdict: Verdict::Allow as u32,
                 rule: it.id,
             }
         };
         group.push((key_of(generation, ident, proto, port, &it.rule.cidr), value));
     }
     // One entry per prefix: a deny wins, then the lowest rule id.
-    let rank = |v: &RuleValue| (v.verdict != VERDICT_DENY, v.rule);
+    let rank = |v: &RuleValue| (v.verdict != Verdict::Deny as u32, v.rule);
     group.sort_unstable_by(|a, b| {
         (a.0.prefix_len, a.0.data.addr)
             .cmp(&(b.0.prefix_len, b.0.data.addr))
@@ -312,19 +314,36 @@ fn prefix_eq(a: &[u8; 28], b: &[u8; 28], bits: u32) -> bool {
     (a[full] & mask) == (b[full] & mask)
 }
 
-fn lpm(entries: &[(RuleKey, RuleValue)], key: &RuleKey) -> Option<RuleValue> {
-    let kb = key_bytes(&key.data);
-    entries
-        .iter()
-        .filter(|(k, _)| {
-            k.prefix_len <= key.prefix_len && prefix_eq(&key_bytes(&k.data), &kb, k.prefix_len)
-        })
-        .max_by_key(|(k, _)| k.prefix_len)
-        .map(|(_, v)| *v)
+/// A pure model of `ENF_HOSTS` and the `ENF_RULES` trie holding `entries` (as
+/// [`rule_entries`] gives them): exact match on the hosts, longest match by brute force on the
+/// prefixes.
+struct EntryMaps<'a>(&'a [(RuleKey, RuleValue)]);
+
+impl RuleMaps for EntryMaps<'_> {
+    fn host(&self, key: &RuleKeyData) -> Option<RuleValue> {
+        let bits = host_prefix_len(key.family);
+        self.0
+            .iter()
+            .find(|(k, _)| k.prefix_len == bits && k.data == *key)
+            .map(|(_, v)| *v)
+    }
+
+    fn prefix(&self, prefix_len: u32, key: &RuleKeyData) -> Option<RuleValue> {
+        let kb = key_bytes(key);
+        self.0
+            .iter()
+            .filter(|(k, _)| {
+                k.prefix_len < host_prefix_len(k.data.family)
+                    && k.prefix_len <= prefix_len
+                    && prefix_eq(&key_bytes(&k.data), &kb, k.prefix_len)
+            })
+            .max_by_key(|(k, _)| k.prefix_len)
+            .map(|(_, v)| *v)
+    }
 }
 
-/// The kernel's lookup, mirrored: longest-prefix match with the real port, then with port 0;
-/// `None` means no entry matched (default deny).
+/// The kernel's rule lookup ([`lookup_rule`], the very function the kernel programs run) over
+/// a model of the maps holding `entries`; `None` means no entry matched (default deny).
 pub fn kernel_verdict(
     entries: &[(RuleKey, RuleValue)],
     generation: u32,
@@ -333,29 +352,18 @@ pub fn kernel_verdict(
     addr: IpAddr,
     port: u16,
 ) -> Option<RuleValue> {
-    let mut a = [0u8; 16];
-    let (family, bits) = match addr {
-        IpAddr::V4(v4) => {
-            a[..4].copy_from_slice(&v4.octets());
-            (FAMILY_V4, 32)
-        }
-        IpAddr::V6(v6) => {
-            a = v6.octets();
-            (FAMILY_V6, 128)
-        }
+    let mut dst = match addr {
+        IpAddr::V4(v4) => destination_v4(proto, port, v4.octets()),
+        IpAddr::V6(v6) => destination_v6(proto, port, v6.octets()),
     };
-    let key = |port| RuleKey {
-        prefix_len: RULE_FIXED_BITS + bits,
-        data: RuleKeyData {
-            generation,
-            ident,
-            proto,
-            family,
-            port,
-            addr: a,
-        },
+    dst.generation = generation;
+    dst.ident = ident;
+    let g = GenConfig {
+        prefix_rules: 1,
+        ..GenConfig::default()
     };
-    lpm(entries, &key(port)).or_else(|| lpm(entries, &key(0)))
+    let v = lookup_rule(&EntryMaps(entries), &g, dst);
+    (v.rule != RULE_DEFAULT_DENY).then_some(v)
 }
 
 #[cfg(test)]

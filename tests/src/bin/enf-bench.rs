@@ -695,17 +695,10 @@ fn ipt_teardown() {
 
 /// Loads the allow-only programs and attaches them to `cg` (links dropped = detached).
 fn attach_floor(cg: &TestCgroup) -> Result<aya::Ebpf, String> {
-    let obj = std::env::var("ENFORCER_EBPF_OBJ")
-        .map_err(|_| "ENFORCER_EBPF_OBJ is not set; run `cargo xtask bench`".to_string())?;
-    let pins = PathBuf::from("/sys/fs/bpf").join(unique("bench-floor"));
-    fs::create_dir_all(&pins).map_err(|e| format!("creating {}: {e}", pins.display()))?;
+    // The test object (enforcer-ebpf-test) holds them, and no maps.
     let mut ebpf = aya::EbpfLoader::new()
-        .default_map_pin_directory(&pins)
-        .load_file(&obj)
-        .map_err(|e| format!("loading {obj}: {e}"))?;
-    // The maps were pinned only to satisfy the object's pinning; unpin them now.
-    let _ = fs::remove_dir_all(&pins);
-    let _ = Command::new("/bin/rm").arg("-rf").arg(&pins).status();
+        .load(enforcer_tests::test_object()?)
+        .map_err(|e| format!("loading the test kernel object: {e}"))?;
     let f = fs::File::open(&cg.dir).map_err(|e| format!("{e}"))?;
     for (_, name) in enforcer_common::BENCH_PROGS {
         let p: &mut aya::programs::CgroupSockAddr = ebpf

@@ -116,7 +116,7 @@ echo "=== VMTEST PROBE BEGIN"
 /bin/enforcer-agent probe --json 2>/dev/null
 echo "=== VMTEST PROBE END"
 echo "=== VMTEST REJECT BEGIN"
-/bin/enforcer-agent load-program enf_reject 2>&1
+/bin/enforcer-agent load-program enf_reject --object /bin/enforcer-test.o 2>&1
 echo "=== VMTEST REJECT END"
 if [ "$rc" != 0 ]; then
   echo "=== VMTEST DMESG BEGIN"
@@ -208,6 +208,11 @@ pub fn build_initramfs(
         )?;
     }
     cpio.host_file("/bin/enforcer-agent", agent)?;
+    // The test-only kernel object, for the rejection demonstration (`load-program --object`).
+    cpio.host_file(
+        "/bin/enforcer-test.o",
+        &crate::build::ebpf_test_obj(&crate::cmd::workspace_root()?),
+    )?;
     // The tests find the probe by the absolute path compiled into them.
     let probe_abs = fs::canonicalize(probe).unwrap_or_else(|_| probe.to_path_buf());
     cpio.host_file(&probe_abs.to_string_lossy(), probe)?;

@@ -24,7 +24,7 @@ pub struct GuestResult {
     pub skipped_for: BTreeMap<String, String>,
     /// `enforcer-agent probe --json` run in the guest.
     pub probe: Option<serde_json::Value>,
-    /// What `enforcer-agent load-program enf_reject` printed in the guest.
+    /// What `enforcer-agent load-program enf_reject --object ...` printed in the guest.
     pub reject: String,
     /// The guest's kernel log (only when its tests failed).
     pub dmesg: String,

@@ -225,7 +225,7 @@ pub fn matrix_markdown(names: &[&str], results: &[(String, GuestResult)]) -> Str
         .find(|(_, (_, r))| !r.reject.trim().is_empty())
     {
         md.push_str(&format!(
-            "\nWhat the agent prints when the kernel verifier rejects one of its programs (`enforcer-agent load-program enf_reject`, a program that is wrong on purpose), on {}:\n\n```text\n{}\n```\n",
+            "\nWhat the agent prints when the kernel verifier rejects one of its programs (`enforcer-agent load-program enf_reject --object enforcer-test.o`, a program that is wrong on purpose), on {}:\n\n```text\n{}\n```\n",
             col(i, r),
             r.reject
                 .lines()

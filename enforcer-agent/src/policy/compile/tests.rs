@@ -133,7 +133,7 @@ fn kernel_lookup_equals_spec() -> Result<(), PolicyError> {
                 .map_err(|_| PolicyError::NotABundle)?;
             let port = PORTS[r.below(PORTS.len())];
             let v = kernel_verdict(&entries, generation, ident, proto, addr, port);
-            let kernel = v.is_some_and(|v| v.verdict == VERDICT_ALLOW);
+            let kernel = v.is_some_and(|v| v.verdict == Verdict::Allow as u32);
             assert_eq!(
                 kernel,
                 naive(&p, ident, proto, addr, port),
@@ -142,7 +142,11 @@ fn kernel_lookup_equals_spec() -> Result<(), PolicyError> {
             if let Some(v) = v {
                 let rule = &p.rules[usize::try_from(v.rule).unwrap_or(usize::MAX)];
                 assert!(applies(rule, ident, proto, addr, port), "{v:?} {rule:?}");
-                assert_eq!(rule.deny, v.verdict == VERDICT_DENY, "{v:?} {rule:?}");
+                assert_eq!(
+                    rule.deny,
+                    v.verdict == Verdict::Deny as u32,
+                    "{v:?} {rule:?}"
+                );
             }
             // The other generation sees nothing.
             assert_eq!(
@@ -167,15 +171,30 @@ fn example_policy_entries() -> Result<(), PolicyError> {
             .and_then(|a| kernel_verdict(&e, 0, 1, proto, a, port))
             .map(|v| (v.verdict, v.rule))
     };
-    assert_eq!(v(PROTO_TCP, "10.20.3.4", 5432), Some((VERDICT_ALLOW, 0)));
-    assert_eq!(v(PROTO_TCP, "10.20.3.4", 8050), Some((VERDICT_ALLOW, 0)));
+    assert_eq!(
+        v(PROTO_TCP, "10.20.3.4", 5432),
+        Some((Verdict::Allow as u32, 0))
+    );
+    assert_eq!(
+        v(PROTO_TCP, "10.20.3.4", 8050),
+        Some((Verdict::Allow as u32, 0))
+    );
     assert_eq!(v(PROTO_TCP, "10.20.3.4", 8101), None);
     assert_eq!(v(PROTO_UDP, "10.20.3.4", 5432), None);
-    assert_eq!(v(PROTO_UDP, "::1", 53), Some((VERDICT_ALLOW, 1)));
+    assert_eq!(v(PROTO_UDP, "::1", 53), Some((Verdict::Allow as u32, 1)));
     // rules[2] is the identity destination: expanded by the agent, no entry here.
-    assert_eq!(v(PROTO_TCP, "169.254.169.254", 80), Some((VERDICT_DENY, 3)));
-    assert_eq!(v(PROTO_TCP, "10.20.3.4", 25), Some((VERDICT_DENY, 4)));
-    assert_eq!(v(PROTO_UDP, "2001:db8::1", 25), Some((VERDICT_DENY, 5)));
+    assert_eq!(
+        v(PROTO_TCP, "169.254.169.254", 80),
+        Some((Verdict::Deny as u32, 3))
+    );
+    assert_eq!(
+        v(PROTO_TCP, "10.20.3.4", 25),
+        Some((Verdict::Deny as u32, 4))
+    );
+    assert_eq!(
+        v(PROTO_UDP, "2001:db8::1", 25),
+        Some((Verdict::Deny as u32, 5))
+    );
     // A deny on a port and an allow on a range: every port of the range is a group.
     assert!(e.iter().any(|(k, _)| k.data.port == 8100));
     assert!(e.iter().all(|(k, _)| k.data.ident == 1));
@@ -211,7 +230,7 @@ fn key_layout() -> Result<(), PolicyError> {
     assert_eq!(
         v,
         RuleValue {
-            verdict: VERDICT_ALLOW,
+            verdict: Verdict::Allow as u32,
             rule: 0
         }
     );

@@ -1,0 +1,212 @@
+//! Every raw system call of the agent, each behind a safe function: `bpf()` commands that
+//! aya does not offer (map batches, the probe's tiny program loads and link creation),
+//! pidfds, `uname` and the bpffs check. Nothing else in the crate calls `libc::syscall`.
+
+use std::{
+    ffi::CStr,
+    io,
+    os::fd::{AsRawFd as _, BorrowedFd, FromRawFd as _, OwnedFd},
+    path::Path,
+};
+
+// bpf(2) commands (include/uapi/linux/bpf.h).
+const BPF_PROG_LOAD: libc::c_int = 5;
+pub const BPF_MAP_UPDATE_BATCH: libc::c_int = 26;
+pub const BPF_MAP_DELETE_BATCH: libc::c_int = 27;
+const BPF_LINK_CREATE: libc::c_int = 28;
+const PROG_TYPE_CGROUP_SOCK_ADDR: u32 = 18;
+/// `ENOTSUPP`, the kernel-internal errno a map without batch operations answers.
+pub const ENOTSUPP: i32 = 524;
+
+/// `bpf(cmd, attr, sizeof attr)`.
+///
+/// # Safety
+/// `T` must be a `repr(C)` prefix of `union bpf_attr` for `cmd`, and every pointer it holds
+/// must be valid for what the kernel reads or writes through it during the call.
+unsafe fn bpf<T>(cmd: libc::c_int, attr: &mut T) -> io::Result<libc::c_long> {
+    // SAFETY: the caller vouches for `attr` (see above); its size is passed along.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            std::ptr::from_mut(attr),
+            std::mem::size_of::<T>() as libc::c_uint,
+        )
+    };
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r)
+    }
+}
+
+/// The `batch` member of `union bpf_attr`.
+#[repr(C)]
+#[derive(Default)]
+struct BatchAttr {
+    in_batch: u64,
+    out_batch: u64,
+    keys: u64,
+    values: u64,
+    count: u32,
+    map_fd: u32,
+    elem_flags: u64,
+    flags: u64,
+}
+
+/// One `BPF_MAP_{UPDATE,DELETE}_BATCH` call over `keys` (and `values` for an update). On
+/// error: how many elements the kernel processed before it stopped, and the error.
+///
+/// # Safety
+/// `map` must be a map whose key size is `size_of::<K>()` and value size `size_of::<V>()`:
+/// the kernel reads `keys.len()` keys and values of its own sizes from these buffers.
+pub unsafe fn map_batch<K: aya::Pod, V: aya::Pod>(
+    cmd: libc::c_int,
+    map: BorrowedFd<'_>,
+    keys: &[K],
+    values: Option<&[V]>,
+) -> Result<(), (usize, io::Error)> {
+    let invalid = |what: &str| {
+        (
+            0,
+            io::Error::new(io::ErrorKind::InvalidInput, what.to_string()),
+        )
+    };
+    if cmd != BPF_MAP_UPDATE_BATCH && cmd != BPF_MAP_DELETE_BATCH {
+        return Err(invalid("not a batch command"));
+    }
+    if values.is_some_and(|v| v.len() != keys.len()) {
+        return Err(invalid("as many values as keys are needed"));
+    }
+    if cmd == BPF_MAP_UPDATE_BATCH && values.is_none() {
+        return Err(invalid("an update batch needs values"));
+    }
+    let count = u32::try_from(keys.len()).map_err(|_| invalid("batch too large"))?;
+    let mut attr = BatchAttr {
+        keys: keys.as_ptr() as u64,
+        values: values.map_or(0, |v| v.as_ptr() as u64),
+        count,
+        map_fd: map.as_raw_fd() as u32,
+        ..BatchAttr::default()
+    };
+    // SAFETY: `attr` is the batch member of `bpf_attr`; `keys` and `values` hold `count`
+    // plain-old-data elements (checked above) of the map's key and value sizes (the caller's
+    // contract), alive for the duration of the call.
+    match unsafe { bpf(cmd, &mut attr) } {
+        Ok(_) => Ok(()),
+        Err(e) => Err((attr.count as usize, e)),
+    }
+}
+
+/// The leading fields of `union bpf_attr` for BPF_PROG_LOAD (the kernel zero-fills the rest).
+#[repr(C)]
+#[derive(Default)]
+struct ProgLoadAttr {
+    prog_type: u32,
+    insn_cnt: u32,
+    insns: u64,
+    license: u64,
+    log_level: u32,
+    log_size: u32,
+    log_buf: u64,
+    kern_version: u32,
+    prog_flags: u32,
+    prog_name: [u8; 16],
+    prog_ifindex: u32,
+    expected_attach_type: u32,
+}
+
+/// Loads `insns` as a cgroup_sock_addr program for `attach_type`; the program's fd.
+pub fn load_sock_addr(insns: &[u64], license: &CStr, attach_type: u32) -> io::Result<OwnedFd> {
+    let mut attr = ProgLoadAttr {
+        prog_type: PROG_TYPE_CGROUP_SOCK_ADDR,
+        insn_cnt: u32::try_from(insns.len())
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "program too long"))?,
+        insns: insns.as_ptr() as u64,
+        license: license.as_ptr() as u64,
+        expected_attach_type: attach_type,
+        ..Default::default()
+    };
+    // SAFETY: a BPF_PROG_LOAD prefix; `insns` and `license` outlive the call; no log buffer.
+    let fd = unsafe { bpf(BPF_PROG_LOAD, &mut attr) }?;
+    // SAFETY: a new fd the kernel just gave us.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// The leading fields of `union bpf_attr` for BPF_LINK_CREATE.
+#[repr(C)]
+#[derive(Default)]
+struct LinkCreateAttr {
+    prog_fd: u32,
+    target_fd: u32,
+    attach_type: u32,
+    flags: u32,
+}
+
+/// BPF_LINK_CREATE of `prog` on the target fd `target` (raw: the probe passes an invalid one
+/// on purpose); the link's fd.
+pub fn link_create(prog: BorrowedFd<'_>, target: u32, attach_type: u32) -> io::Result<OwnedFd> {
+    let mut attr = LinkCreateAttr {
+        prog_fd: prog.as_raw_fd() as u32,
+        target_fd: target,
+        attach_type,
+        flags: 0,
+    };
+    // SAFETY: a BPF_LINK_CREATE prefix holding only integers.
+    let fd = unsafe { bpf(BPF_LINK_CREATE, &mut attr) }?;
+    // SAFETY: a new fd the kernel just gave us.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// `pidfd_open(pid, 0)` (5.3).
+pub fn pidfd_open(pid: u32) -> io::Result<OwnedFd> {
+    let pid = libc::pid_t::try_from(pid)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "pid out of range"))?;
+    // SAFETY: a syscall on integers.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a new fd the kernel just gave us.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// `pidfd_send_signal(pidfd, sig, NULL, 0)`: signals exactly the process the pidfd refers to.
+pub fn pidfd_send_signal(pidfd: BorrowedFd<'_>, sig: libc::c_int) -> io::Result<()> {
+    // SAFETY: a pidfd we hold, a signal number, no siginfo.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            pidfd.as_raw_fd(),
+            sig,
+            std::ptr::null::<u8>(),
+            0,
+        )
+    };
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+/// The running kernel's release (`uname -r`).
+pub fn kernel_release() -> String {
+    // SAFETY: uname fills a struct we own; its fields are NUL-terminated on success.
+    unsafe {
+        let mut u: libc::utsname = std::mem::zeroed();
+        if libc::uname(&mut u) != 0 {
+            return "unknown".into();
+        }
+        CStr::from_ptr(u.release.as_ptr())
+            .to_string_lossy()
+            .into_owned()
+    }
+}
+
+const BPF_FS_MAGIC: i64 = 0xcafe4a11;
+
+/// True when `path` is on a bpffs.
+pub fn is_bpffs(path: &Path) -> bool {
+    nix::sys::statfs::statfs(path).is_ok_and(|s| s.filesystem_type().0 == BPF_FS_MAGIC)
+}

@@ -1,0 +1,4 @@
+//! Programs by hook family.
+
+pub mod process;
+pub mod sock_addr;
