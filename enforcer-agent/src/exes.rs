@@ -173,6 +173,10 @@ impl ExeRegistry {
         };
         self.by_content.insert((sha256, exe.path.clone()), id);
         self.exes.insert(id, exe);
+        // The id is logged already: a log that cannot be compacted now only stays longer.
+        if let Err(e) = self.compact_if_needed() {
+            tracing::warn!("{e}");
+        }
         Ok((id, true))
     }
 
