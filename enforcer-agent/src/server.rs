@@ -187,3 +187,82 @@ async fn send(s: &mut UnixStream, kind: reply::Kind) -> std::io::Result<()> {
     let frame = api::frame(&api::Reply { kind: Some(kind) });
     s.write_all(&frame).await
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Stands in for the agent: answers every request at once.
+    async fn responder(mut calls: mpsc::Receiver<Call>) {
+        while let Some(call) = calls.recv().await {
+            match call {
+                Call::Ask(_, reply) => {
+                    let _ = reply.send(reply::Kind::Status(api::Status {
+                        policy_source: "answered".into(),
+                        ..Default::default()
+                    }));
+                }
+                Call::History { reply, .. } => {
+                    let _ = reply.send(vec![api::Decision::default()]);
+                }
+                Call::Follow { .. } => {}
+            }
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_silent_or_slow_client_holds_up_no_one() {
+        let dir = std::env::temp_dir().join(format!("enforcer-server-{}", std::process::id()));
+        let _ = std::fs::create_dir_all(&dir);
+        let path = dir.join("api.sock");
+        let listener = bind(&path).expect("bind");
+        let (tx, rx) = mpsc::channel(QUEUE);
+        let server = tokio::spawn(serve(listener, tx));
+        tokio::spawn(responder(rx));
+        // Clients that connect and never send, and one that sends and never reads.
+        let mut silent = Vec::new();
+        for _ in 0..8 {
+            silent.push(UnixStream::connect(&path).await.expect("connect"));
+        }
+        let mut unread = UnixStream::connect(&path).await.expect("connect");
+        let events = api::Request {
+            kind: Some(request::Kind::Events(api::EventsRequest {
+                follow: false,
+                all: true,
+            })),
+        };
+        unread.write_all(&api::frame(&events)).await.expect("send");
+        let p = path.clone();
+        let t0 = std::time::Instant::now();
+        let answer = tokio::task::spawn_blocking(move || {
+            crate::client::call(&p, request::Kind::Status(api::StatusRequest {}))
+        })
+        .await
+        .expect("client task")
+        .expect("a request is answered while other clients hang");
+        assert!(
+            matches!(&answer, reply::Kind::Status(s) if s.policy_source == "answered"),
+            "{answer:?}"
+        );
+        assert!(
+            t0.elapsed() < REQUEST_TIMEOUT / 2,
+            "answered after {:?}",
+            t0.elapsed()
+        );
+        // A silent client is told why it is closed, after the request timeout.
+        let mut s = silent.pop().expect("a silent client");
+        let len = tokio::time::timeout(REQUEST_TIMEOUT * 3, s.read_u32())
+            .await
+            .expect("closed within the timeout")
+            .expect("a reply frame");
+        let mut buf = vec![0u8; len as usize];
+        s.read_exact(&mut buf).await.expect("frame");
+        let reply = <api::Reply as prost::Message>::decode(buf.as_slice()).expect("decode");
+        assert!(
+            matches!(&reply.kind, Some(reply::Kind::Error(m)) if m.contains("no API request")),
+            "{reply:?}"
+        );
+        server.abort();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
