@@ -168,10 +168,8 @@ impl Agent {
             tracing::info!(pins = %opts.pin_dir.display(), "taking over pinned kernel state; enforcement never stopped");
         }
         kernel.set_offsets(&offsets)?;
-        let mut cfg = kernel.config()?;
-        cfg.abi_version = ABI_VERSION;
-        cfg.agent_tgid = std::process::id();
-        kernel.set_config(&cfg)?;
+        kernel.claim(std::process::id())?;
+        let generation = kernel.active_generation()?;
         fs::create_dir_all(&opts.state_dir)
             .with_context(|| format!("creating state folder {}", opts.state_dir.display()))?;
         let exes = ExeRegistry::open(&opts.state_dir.join("exes.log"), kernel.took_over)?;
@@ -198,7 +196,7 @@ impl Agent {
             in_force: InForce {
                 classes: Classes::new(&opts.policy),
                 policy: opts.policy.clone(),
-                generation: cfg.active & 1,
+                generation,
                 idmatch_written: HashSet::new(),
                 listener_rules: Vec::new(),
                 listeners: BTreeSet::new(),
@@ -460,9 +458,8 @@ impl Agent {
     /// [`Agent::apply`], recording where the policy came from.
     pub fn apply_from(&mut self, policy: Policy, source: Option<String>) -> Result<()> {
         let t0 = Instant::now();
-        let cfg = self.kernel.config()?;
         let active = self.in_force.generation;
-        let next = if cfg.generations[active as usize].loaded == 0 {
+        let next = if !self.kernel.generation_loaded(active)? {
             active
         } else {
             1 - active
@@ -497,8 +494,7 @@ impl Agent {
         for (id, class) in cgs {
             self.kernel.set_cgroup_class(next, id, class)?;
         }
-        let mut cfg = self.kernel.config()?;
-        cfg.generations[next as usize] = GenConfig {
+        let settings = GenConfig {
             loaded: 1,
             mode: match policy.mode {
                 policy::Mode::Enforce => MODE_ENFORCE,
@@ -519,14 +515,13 @@ impl Agent {
             ),
             prefix_rules: u32::from(written.prefixes > 0),
         };
-        self.kernel.set_config(&cfg)?;
+        self.kernel.prepare_generation(next, settings)?;
         // Attach to new scopes before the flip (they judge with the policy in force).
         for (dir, id) in &scope_dirs {
             self.kernel.attach_cgroup(dir, *id)?;
         }
-        cfg.active = next;
-        cfg.scope_count = scope_dirs.len() as u32;
-        self.kernel.set_config(&cfg)?; // the flip: one 4-byte store seen by the programs
+        self.kernel
+            .publish_generation(next, scope_dirs.len() as u32)?;
         let in_force_ms = t0.elapsed().as_secs_f64() * 1e3;
         for (i, (dir, _)) in scope_dirs.iter().enumerate() {
             let f = fs::File::open(dir).with_context(|| format!("opening {}", dir.display()))?;
@@ -569,15 +564,8 @@ impl Agent {
     /// `events --follow --all` client listens.
     pub(crate) fn sync_report_allow(&mut self) {
         let want = self.in_force.policy.report_allow || self.sink.feed.wants_allows();
-        let Ok(mut cfg) = self.kernel.config() else {
-            return;
-        };
-        let g = &mut cfg.generations[(cfg.active & 1) as usize];
-        if (g.report_allow != 0) != want {
-            g.report_allow = u32::from(want);
-            if let Err(e) = self.kernel.set_config(&cfg) {
-                tracing::warn!("switching allow reports: {e}");
-            }
+        if let Err(e) = self.kernel.set_report_allow(want) {
+            tracing::warn!("switching allow reports: {e}");
         }
     }
 

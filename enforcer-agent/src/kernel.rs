@@ -603,6 +603,58 @@ impl Kernel {
 
 /// Intent-level operations on the process, executable, cgroup and scope maps.
 impl Kernel {
+    /// Marks the maps as this agent's: the ABI version they speak, and the agent's pid (the
+    /// kernel never holds the agent's own execs).
+    pub fn claim(&mut self, agent_tgid: u32) -> Result<(), KernelError> {
+        let mut cfg = self.config()?;
+        cfg.abi_version = ABI_VERSION;
+        cfg.agent_tgid = agent_tgid;
+        self.set_config(&cfg)
+    }
+
+    /// The generation the programs judge with now.
+    pub fn active_generation(&self) -> Result<u32, KernelError> {
+        Ok(self.config()?.active & 1)
+    }
+
+    /// True when a policy was ever published in `generation`.
+    pub fn generation_loaded(&self, generation: u32) -> Result<bool, KernelError> {
+        Ok(self.config()?.generations[(generation & 1) as usize].loaded != 0)
+    }
+
+    /// Writes the settings of the (inactive) `generation` whose tables were just filled.
+    pub fn prepare_generation(&mut self, generation: u32, g: GenConfig) -> Result<(), KernelError> {
+        let mut cfg = self.config()?;
+        cfg.generations[(generation & 1) as usize] = g;
+        self.set_config(&cfg)
+    }
+
+    /// Puts `generation` in force with its `scope_count` scopes: one 4-byte store seen by the
+    /// programs (a connect sees the old policy or the new, never a mix).
+    pub fn publish_generation(
+        &mut self,
+        generation: u32,
+        scope_count: u32,
+    ) -> Result<(), KernelError> {
+        let mut cfg = self.config()?;
+        cfg.active = generation & 1;
+        cfg.scope_count = scope_count;
+        self.set_config(&cfg)
+    }
+
+    /// Whether the kernel reports allowed connects (the generation in force). Returns true
+    /// when it changed.
+    pub fn set_report_allow(&mut self, want: bool) -> Result<bool, KernelError> {
+        let mut cfg = self.config()?;
+        let g = &mut cfg.generations[(cfg.active & 1) as usize];
+        if (g.report_allow != 0) == want {
+            return Ok(false);
+        }
+        g.report_allow = u32::from(want);
+        self.set_config(&cfg)?;
+        Ok(true)
+    }
+
     /// The event ring buffer, handed out once to the event loop.
     pub fn take_events(&mut self) -> Option<RingBuf<MapData>> {
         self.events.take()
