@@ -3,9 +3,8 @@
 //! One straight line: kernel event -> attestation -> identity -> maps -> verdict -> event.
 
 use std::{
-    collections::{BTreeSet, HashMap, HashSet},
+    collections::{BTreeSet, HashSet},
     fs,
-    io::Write as _,
     path::{Path, PathBuf},
     time::Instant,
 };
@@ -19,9 +18,13 @@ use tokio::{
 
 use crate::{
     attest::{self, HashCache},
+    cgroups::CgroupRegistry,
+    events::EventSink,
+    exes::{Exe, ExeError, ExeRegistry},
     kernel::Kernel,
     listeners::{self, Listener},
     policy::{self, Classes, Policy, ProcessFacts},
+    procs::ProcessTable,
 };
 
 /// What `enforcer-agent run` was asked to do.
@@ -49,56 +52,58 @@ pub struct Options {
     pub started: std::time::Instant,
 }
 
-/// One executable the agent hashed, by its `exe_id`.
-#[derive(Clone, Debug)]
-pub(crate) struct Exe {
-    pub(crate) sha256: [u8; 32],
-    pub(crate) path: String,
-}
+pub use crate::procs::Tracked;
 
-/// One process the agent tracks.
-#[derive(Clone, Debug)]
-pub struct Tracked {
-    pub exe_id: u32,
-    pub cgroup: String,
-    pub uid: u32,
-    pub gid: u32,
-}
-
-pub struct Agent {
-    pub(crate) kernel: Kernel,
-    pub(crate) cg_mount: PathBuf,
-    pub(crate) cache: HashCache,
+/// The policy in force, as one value: what was compiled from it and what it was compiled
+/// against. An apply builds the next one completely, then swaps it in.
+pub(crate) struct InForce {
     pub(crate) policy: Policy,
     pub(crate) classes: Classes,
-    pub(crate) active: u32,
-    pub(crate) exes: HashMap<u32, Exe>,
-    pub(crate) exe_by_key: HashMap<ExeKey, u32>,
-    pub(crate) next_exe: u32,
-    pub(crate) exe_log: fs::File,
-    pub(crate) cgroups: HashMap<u64, String>,
-    pub(crate) procs: HashMap<u32, Tracked>,
+    /// The generation it is written in (the kernel's `active`).
+    pub(crate) generation: u32,
+    /// `ENF_IDMATCH` entries written for it (classes interned after the apply add some).
     pub(crate) idmatch_written: HashSet<(IdMatchKey, u32)>,
-    /// Rules as the kernel numbers them: the policy's, then those expanded from listeners.
     /// Rules made for identity destinations from the listeners found (see `listeners`); their
     /// rule ids follow the policy's own rules.
     pub(crate) listener_rules: Vec<policy::Rule>,
     /// Listeners of identities named in `to: {identity: X}` destinations, as last applied.
     pub(crate) listeners: BTreeSet<(u32, Listener)>,
-    /// Where the policy in force came from.
-    pub(crate) policy_source: String,
-    /// sha256 of the compiled policy in force (computed once per apply).
-    pub(crate) policy_hash: String,
+    /// Where the policy came from.
+    pub(crate) source: String,
+    /// sha256 of the compiled policy (computed once per apply).
+    pub(crate) hash: String,
+}
+
+impl InForce {
+    pub(crate) fn identity_name(&self, ident: u32) -> Option<&str> {
+        let i = ident.checked_sub(1)? as usize;
+        self.policy
+            .identities
+            .get(i)
+            .map(|id| id.spiffe_id.as_str())
+    }
+}
+
+/// The agent: the kernel, and the components it keeps current. Each component is its own
+/// module with its own tests ([`crate::procs`], [`crate::exes`], [`crate::cgroups`],
+/// [`crate::events`]); this type sequences them. The API is served off the event loop by
+/// [`crate::server`], which hands requests here ([`crate::views`] answers them).
+pub struct Agent {
+    pub(crate) kernel: Kernel,
+    pub(crate) cg_mount: PathBuf,
+    cache: HashCache,
+    pub(crate) in_force: InForce,
+    pub(crate) exes: ExeRegistry,
+    pub(crate) cgroups: CgroupRegistry,
+    pub(crate) procs: ProcessTable,
+    pub(crate) sink: EventSink,
     /// What the agent found of the kernel at start.
     pub(crate) probe: crate::probe::Probe,
-    /// API side: recent decisions, `events --follow` clients, unattested traffic.
-    pub(crate) feed: crate::server::Feed,
-    pub(crate) metrics: crate::metrics::Metrics,
-    /// `--events-file`: decisions go there (JSON lines) instead of stdout.
-    events_out: Option<fs::File>,
     /// sha256 of the policy file as last read (file watch).
     policy_fingerprint: Option<[u8; 32]>,
     last_fill: Instant,
+    /// The cgroup registry is swept at once when it grows to this many entries.
+    cgroup_watermark: usize,
 }
 
 /// sha256 of a policy file's bytes.
@@ -165,56 +170,49 @@ impl Agent {
             tracing::info!(pins = %opts.pin_dir.display(), "taking over pinned kernel state; enforcement never stopped");
         }
         kernel.set_offsets(&offsets)?;
-        let mut cfg = kernel.config()?;
-        cfg.abi_version = ABI_VERSION;
-        cfg.agent_tgid = std::process::id();
-        kernel.set_config(&cfg)?;
+        kernel.claim(std::process::id())?;
+        let generation = kernel.active_generation()?;
         fs::create_dir_all(&opts.state_dir)
             .with_context(|| format!("creating state folder {}", opts.state_dir.display()))?;
-        let log_path = opts.state_dir.join("exes.log");
-        if !kernel.took_over {
-            let _ = fs::remove_file(&log_path);
-        }
-        let (exes, exe_by_key, next_exe) = read_exe_log(&log_path);
-        let exe_log = fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log_path)
-            .with_context(|| format!("opening {}", log_path.display()))?;
-        let classes = Classes::new(&opts.policy);
+        let exes = ExeRegistry::open(&opts.state_dir.join("exes.log"), kernel.took_over)?;
+        let events_out = match &opts.events_file {
+            Some(p) => Some(
+                fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(p)
+                    .with_context(|| format!("opening the events file {}", p.display()))?,
+            ),
+            None => None,
+        };
+        let sink = EventSink::new(
+            events_out,
+            crate::metrics::Metrics::new(),
+            crate::events::QUEUE,
+        )
+        .context("starting the decision writer thread")?;
         let mut agent = Self {
             kernel,
             cg_mount,
             cache: HashCache::new(4096),
-            policy: opts.policy.clone(),
-            classes,
-            active: cfg.active & 1,
-            exes,
-            exe_by_key,
-            next_exe,
-            exe_log,
-            cgroups: HashMap::new(),
-            procs: HashMap::new(),
-            idmatch_written: HashSet::new(),
-            listener_rules: Vec::new(),
-            listeners: BTreeSet::new(),
-            policy_source: opts.policy_source.clone(),
-            policy_hash: String::new(),
-            probe,
-            feed: crate::server::Feed::default(),
-            metrics: crate::metrics::Metrics::new(),
-            events_out: match &opts.events_file {
-                Some(p) => Some(
-                    fs::OpenOptions::new()
-                        .create(true)
-                        .append(true)
-                        .open(p)
-                        .with_context(|| format!("opening the events file {}", p.display()))?,
-                ),
-                None => None,
+            in_force: InForce {
+                classes: Classes::new(&opts.policy),
+                policy: opts.policy.clone(),
+                generation,
+                idmatch_written: HashSet::new(),
+                listener_rules: Vec::new(),
+                listeners: BTreeSet::new(),
+                source: opts.policy_source.clone(),
+                hash: String::new(),
             },
+            exes,
+            cgroups: CgroupRegistry::default(),
+            procs: ProcessTable::default(),
+            sink,
+            probe,
             policy_fingerprint: None,
             last_fill: Instant::now(),
+            cgroup_watermark: CGROUP_WATERMARK_MIN,
         };
         agent.kernel.attach_tracepoints()?;
         agent.scan_cgroups();
@@ -231,14 +229,48 @@ impl Agent {
         Ok(agent)
     }
 
+    /// Every cgroup of the machine into the registry; kernel entries of cgroups that no
+    /// longer exist (left by a previous agent) leave the kernel.
     fn scan_cgroups(&mut self) {
         match attest::walk_cgroups(&self.cg_mount) {
             Ok(all) => {
                 for (path, id) in all {
-                    self.cgroups.insert(id, path);
+                    self.cgroups.insert(id, &path);
                 }
             }
             Err(e) => tracing::warn!("walking cgroups: {e}"),
+        }
+        let stale: Vec<u64> = self
+            .kernel
+            .cgroup_ids()
+            .into_iter()
+            .filter(|id| !self.cgroups.contains(*id))
+            .collect();
+        for id in stale {
+            if let Err(e) = self.kernel.forget_cgroup(id) {
+                tracing::warn!("{e}");
+            }
+        }
+    }
+
+    /// Removes cgroups that no longer exist from the registry and from `ENF_CGROUPS`.
+    fn sweep_cgroups(&mut self) {
+        let mount = self.cg_mount.clone();
+        let gone = self.cgroups.sweep(|p| attest::cgroup_id(&mount, p).ok());
+        let n = gone.len();
+        for id in gone {
+            if let Err(e) = self.kernel.forget_cgroup(id) {
+                tracing::warn!("{e}");
+            }
+        }
+        self.cgroup_watermark =
+            (self.cgroups.len() + CGROUP_WATERMARK_STEP).max(CGROUP_WATERMARK_MIN);
+        if n > 0 {
+            tracing::debug!(
+                removed = n,
+                live = self.cgroups.len(),
+                "forgot removed cgroups"
+            );
         }
     }
 
@@ -254,7 +286,7 @@ impl Agent {
         };
         let mut n = 0;
         for pid in pids {
-            let existing = self.kernel.maps.procs.get(&pid, 0).ok();
+            let existing = self.kernel.process(pid);
             let pending = existing.is_none_or(|s| s.flags & PROC_PENDING != 0);
             match self.attest(pid, None, existing.map(|s| s.exe_id).filter(|_| !pending)) {
                 Ok(()) => n += 1,
@@ -264,67 +296,100 @@ impl Agent {
         n
     }
 
-    fn alloc_exe(&mut self, sha256: [u8; 32], path: &str) -> Result<u32> {
-        if self.next_exe >= MAX_EXES {
-            bail!(
-                "all {MAX_EXES} executable slots are used; restart the agent with `uninstall` first to reset"
-            );
+    /// The id of an executable's content; a new (or reused) id gets its class in the kernel
+    /// before anything can refer to it. When every id is taken, unreferenced ones are
+    /// collected first.
+    fn intern_exe(&mut self, sha256: [u8; 32], path: &str) -> Result<u32> {
+        let r = match self.exes.intern(sha256, path) {
+            Err(ExeError::Full(_)) => {
+                self.collect_exes(true);
+                self.exes.intern(sha256, path)
+            }
+            r => r,
+        };
+        let (id, new) = r?;
+        if new && let Err(e) = self.write_binclass(id) {
+            // Never leave an id whose class the kernel does not have.
+            self.exes.release(id);
+            return Err(e);
         }
-        let id = self.next_exe;
-        self.next_exe += 1;
-        // Logged before the kernel can see the id, so a restarted agent knows every id.
-        writeln!(self.exe_log, "{id} {} {path}", hex32(&sha256)).context("writing exes.log")?;
-        self.exes.insert(
-            id,
-            Exe {
-                sha256,
-                path: path.to_string(),
-            },
-        );
-        self.write_binclass(id)?;
         Ok(id)
     }
 
+    /// Frees exe ids no process and no kernel entry refers to. With `evict`, first removes
+    /// the `ENF_EXES` entries of files no live process runs (their next exec is attested
+    /// again), so that the kernel's cache never pins every id.
+    fn collect_exes(&mut self, evict: bool) {
+        let t0 = Instant::now();
+        let mut in_use = self.procs.exe_ids();
+        in_use.extend(self.kernel.processes().into_iter().map(|(_, s)| s.exe_id));
+        let mut evicted = 0;
+        if evict {
+            for (key, id) in self.kernel.exes() {
+                if in_use.contains(&id) {
+                    continue;
+                }
+                match self.kernel.forget_exe(&key) {
+                    Ok(()) => {
+                        self.exes.forget_key(&key);
+                        evicted += 1;
+                    }
+                    Err(e) => tracing::warn!("{e}"),
+                }
+            }
+            // A process that exec'd one of those files while they were removed got its id
+            // from the entry: read the processes again.
+            in_use.extend(self.kernel.processes().into_iter().map(|(_, s)| s.exe_id));
+        }
+        let mut referenced = in_use;
+        referenced.extend(self.kernel.exes().into_iter().map(|(_, id)| id));
+        match self.exes.collect(&referenced) {
+            Ok(freed) => tracing::debug!(
+                freed = freed.len(),
+                evicted,
+                live = self.exes.len(),
+                ms = t0.elapsed().as_millis() as u64,
+                "collected executable ids"
+            ),
+            Err(e) => tracing::warn!("collecting executable ids: {e}"),
+        }
+    }
+
     fn write_binclass(&mut self, id: u32) -> Result<()> {
-        let exe = self.exes.get(&id).context("unknown exe id")?.clone();
-        let class = self.classes.bin_class(&exe.sha256, Some(&exe.path));
+        let exe = self.exes.get(id).context("unknown exe id")?.clone();
+        let class = self
+            .in_force
+            .classes
+            .bin_class(&exe.sha256, Some(&exe.path));
         self.sync_idmatch()?;
         self.kernel
-            .maps
-            .binclass
-            .set(binclass_index(self.active, id), &class, 0)
-            .context("writing ENF_BINCLASS")?;
+            .set_bin_class(self.in_force.generation, id, class)?;
         Ok(())
     }
 
-    /// Writes idmatch entries for classes interned since the last write (active generation).
+    /// Writes idmatch entries for classes interned since the last write (generation in force).
     fn sync_idmatch(&mut self) -> Result<()> {
-        for (k, v) in self.classes.idmatch_entries(self.active) {
-            if self.idmatch_written.insert((k, v)) {
-                self.kernel
-                    .maps
-                    .idmatch
-                    .insert(&k, &v, 0)
-                    .context("writing ENF_IDMATCH")?;
+        let f = &mut self.in_force;
+        for (k, v) in f.classes.idmatch_entries(f.generation) {
+            if f.idmatch_written.insert((k, v)) {
+                self.kernel.set_idmatch(&k, v)?;
             }
         }
         Ok(())
     }
 
     fn ensure_cgroup(&mut self, id: u64, path: &str) -> Result<()> {
-        self.cgroups.insert(id, path.to_string());
-        if !self.classes.uses_cgroups() && self.kernel.maps.cgroups.get(&id, 0).is_ok() {
+        if !self.cgroups.contains(id) && self.cgroups.len() >= self.cgroup_watermark {
+            self.sweep_cgroups();
+        }
+        self.cgroups.insert(id, path);
+        if !self.in_force.classes.uses_cgroups() && self.kernel.knows_cgroup(id) {
             return Ok(());
         }
-        let class = self.classes.cg_class(path);
+        let class = self.in_force.classes.cg_class(path);
         self.sync_idmatch()?;
-        let mut v = self.kernel.maps.cgroups.get(&id, 0).unwrap_or_default();
-        v.class[self.active as usize] = class;
         self.kernel
-            .maps
-            .cgroups
-            .insert(&id, &v, 0)
-            .context("writing ENF_CGROUPS")?;
+            .set_cgroup_class(self.in_force.generation, id, class)?;
         Ok(())
     }
 
@@ -341,15 +406,15 @@ impl Agent {
         let cgroup_id = attest::cgroup_id(&self.cg_mount, &facts.cgroup)?;
         self.ensure_cgroup(cgroup_id, &facts.cgroup)?;
         if let Some(id) = known_exe
-            && self.exes.contains_key(&id)
+            && self.exes.contains(id)
         {
             self.procs.insert(pid, tracked(&facts, id));
             return Ok(());
         }
-        let exe_id = match self.exe_by_key.get(&facts.key) {
-            Some(&id) if self.exes.get(&id).is_some_and(|e| e.sha256 == facts.sha256) => id,
-            _ => {
-                let id = self.alloc_exe(facts.sha256, &facts.exe_path)?;
+        let exe_id = match self.exes.by_key(&facts.key, &facts.sha256) {
+            Some(id) => id,
+            None => {
+                let id = self.intern_exe(facts.sha256, &facts.exe_path)?;
                 if facts.cacheable {
                     // The kernel's view of the file: the exec event's key when it agrees
                     // with what we hashed (overlayfs may report another dev/ino).
@@ -361,13 +426,15 @@ impl Agent {
                         }
                         None => facts.key,
                     };
-                    self.kernel
-                        .maps
-                        .exes
-                        .insert(&key, &id, 0)
-                        .context("writing ENF_EXES")?;
-                    self.exe_by_key.insert(key, id);
-                    self.exe_by_key.insert(facts.key, id);
+                    // The cache entry only spares later execs a round trip: without it they
+                    // are held and attested, so a full map is not an error.
+                    match self.kernel.set_exe(&key, id) {
+                        Ok(()) => {
+                            self.exes.remember_key(key, id);
+                            self.exes.remember_key(facts.key, id);
+                        }
+                        Err(e) => tracing::debug!(pid, "not cached in the kernel: {e}"),
+                    }
                 }
                 id
             }
@@ -380,11 +447,7 @@ impl Agent {
             _pad0: 0,
             start_ns: ev.map(|e| e.start_ns).unwrap_or(0),
         };
-        self.kernel
-            .maps
-            .procs
-            .insert(&pid, &st, 0)
-            .context("writing ENF_PROCS")?;
+        self.kernel.set_process(pid, &st)?;
         self.procs.insert(pid, tracked(&facts, exe_id));
         Ok(())
     }
@@ -397,11 +460,11 @@ impl Agent {
     /// [`Agent::apply`], recording where the policy came from.
     pub fn apply_from(&mut self, policy: Policy, source: Option<String>) -> Result<()> {
         let t0 = Instant::now();
-        let cfg = self.kernel.config()?;
-        let next = if cfg.generations[self.active as usize].loaded == 0 {
-            self.active
+        let active = self.in_force.generation;
+        let next = if !self.kernel.generation_loaded(active)? {
+            active
         } else {
-            1 - self.active
+            1 - active
         };
         // Everything that can be rejected is computed before the kernel is touched.
         let found = self.find_listeners(&policy);
@@ -409,16 +472,18 @@ impl Agent {
         let rules = policy::rule_entries_of(&policy.rules, &extra, next, self.kernel.max_rules)
             .map_err(anyhow::Error::new)?;
         let scope_dirs = scope_dirs(&policy, &self.cg_mount)?;
+        // Only cgroups that still exist get classes: removed ones leave the kernel first.
+        self.sweep_cgroups();
         let mut classes = Classes::new(&policy);
         let bins: Vec<(u32, u32)> = self
             .exes
             .iter()
-            .map(|(&id, e)| (id, classes.bin_class(&e.sha256, Some(&e.path))))
+            .map(|(id, e)| (id, classes.bin_class(&e.sha256, Some(&e.path))))
             .collect();
         let cgs: Vec<(u64, u32)> = self
             .cgroups
             .iter()
-            .map(|(&id, p)| (id, classes.cg_class(p)))
+            .map(|(id, p)| (id, classes.cg_class(p)))
             .collect();
         let idm = classes.idmatch_entries(next);
         let compile_ms = t0.elapsed().as_secs_f64() * 1e3;
@@ -426,23 +491,12 @@ impl Agent {
         self.kernel.write_idmatch(next, &idm)?;
         let written = self.kernel.write_rules(next, &rules)?;
         for (id, class) in bins {
-            self.kernel
-                .maps
-                .binclass
-                .set(binclass_index(next, id), &class, 0)
-                .context("writing ENF_BINCLASS")?;
+            self.kernel.set_bin_class(next, id, class)?;
         }
         for (id, class) in cgs {
-            let mut v = self.kernel.maps.cgroups.get(&id, 0).unwrap_or_default();
-            v.class[next as usize] = class;
-            self.kernel
-                .maps
-                .cgroups
-                .insert(&id, &v, 0)
-                .context("writing ENF_CGROUPS")?;
+            self.kernel.set_cgroup_class(next, id, class)?;
         }
-        let mut cfg = self.kernel.config()?;
-        cfg.generations[next as usize] = GenConfig {
+        let settings = GenConfig {
             loaded: 1,
             mode: match policy.mode {
                 policy::Mode::Enforce => Mode::Enforce as u32,
@@ -463,22 +517,17 @@ impl Agent {
             ),
             prefix_rules: u32::from(written.prefixes > 0),
         };
-        self.kernel.set_config(&cfg)?;
+        self.kernel.prepare_generation(next, settings)?;
         // Attach to new scopes before the flip (they judge with the policy in force).
         for (dir, id) in &scope_dirs {
             self.kernel.attach_cgroup(dir, *id)?;
         }
-        cfg.active = next;
-        cfg.scope_count = scope_dirs.len() as u32;
-        self.kernel.set_config(&cfg)?; // the flip: one 4-byte store seen by the programs
+        self.kernel
+            .publish_generation(next, scope_dirs.len() as u32)?;
         let in_force_ms = t0.elapsed().as_secs_f64() * 1e3;
         for (i, (dir, _)) in scope_dirs.iter().enumerate() {
             let f = fs::File::open(dir).with_context(|| format!("opening {}", dir.display()))?;
-            self.kernel
-                .maps
-                .scopes
-                .set(i as u32, f, 0)
-                .context("writing ENF_SCOPES")?;
+            self.kernel.set_scope(i as u32, f)?;
         }
         let keep: HashSet<u64> = scope_dirs.iter().map(|(_, id)| *id).collect();
         for id in self.kernel.attached_cgroups() {
@@ -486,20 +535,22 @@ impl Agent {
                 self.kernel.detach_cgroup(id)?;
             }
         }
-        self.active = next;
-        self.classes = classes;
-        self.idmatch_written = idm.into_iter().collect();
-        self.policy = policy;
-        self.policy_hash = policy::policy_hash(&self.policy);
-        self.listener_rules = extra;
-        self.listeners = found;
+        let hash = policy::policy_hash(&policy);
+        let source = source.unwrap_or_else(|| self.in_force.source.clone());
+        self.in_force = InForce {
+            policy,
+            classes,
+            generation: next,
+            idmatch_written: idm.into_iter().collect(),
+            listener_rules: extra,
+            listeners: found,
+            source,
+            hash,
+        };
         self.sync_report_allow();
-        if let Some(src) = source {
-            self.policy_source = src;
-        }
         tracing::info!(
             generation = next,
-            hash = %self.policy_hash,
+            hash = %self.in_force.hash,
             rules = rules.len(),
             hosts = written.hosts,
             prefixes = written.prefixes,
@@ -511,15 +562,22 @@ impl Agent {
         Ok(())
     }
 
+    /// The kernel reports allowed decisions while the policy asks for it or an
+    /// `events --follow --all` client listens.
+    pub(crate) fn sync_report_allow(&mut self) {
+        let want = self.in_force.policy.report_allow || self.sink.feed.wants_allows();
+        if let Err(e) = self.kernel.set_report_allow(want) {
+            tracing::warn!("switching allow reports: {e}");
+        }
+    }
+
     /// Processes the kernel left pending (exec'd while the agent was away, or before it was
     /// ready): attest them and let held ones go on.
     pub fn settle_pending(&mut self) {
         let pending: Vec<(u32, ProcState)> = self
             .kernel
-            .maps
-            .procs
-            .iter()
-            .filter_map(|r| r.ok())
+            .processes()
+            .into_iter()
             .filter(|(_, s)| s.flags & PROC_PENDING != 0)
             .collect();
         for (pid, st) in pending {
@@ -531,6 +589,25 @@ impl Agent {
                 ..Default::default()
             };
             self.on_exec(&ev);
+        }
+    }
+
+    /// Housekeeping every few seconds: forget removed cgroups and exited processes whose exit
+    /// event was lost; collect exe ids when few are left.
+    fn maintain(&mut self) {
+        self.sweep_cgroups();
+        let dropped = self
+            .procs
+            .sweep(|pid| Path::new(&format!("/proc/{pid}")).exists());
+        if dropped > 0 {
+            tracing::debug!(dropped, "forgot processes whose exit was not seen");
+        }
+        let low = self.exes.capacity() / 4;
+        if self.exes.available() < low {
+            self.collect_exes(false);
+            if self.exes.available() < low {
+                self.collect_exes(true);
+            }
         }
     }
 
@@ -546,8 +623,8 @@ impl Agent {
         if targets.is_empty() {
             return out;
         }
-        for (&pid, t) in &self.procs {
-            let Some(exe) = self.exes.get(&t.exe_id) else {
+        for (pid, t) in self.procs.iter() {
+            let Some(exe) = self.exes.get(t.exe_id) else {
                 continue;
             };
             let ident = policy::resolve(policy, &facts_of(exe, t)).ident;
@@ -564,15 +641,15 @@ impl Agent {
 
     /// Re-applies the policy when the listeners behind identity destinations changed.
     fn refresh_listeners(&mut self) {
-        if !self.policy.rules.iter().any(|r| r.to_ident != 0) {
+        if !self.in_force.policy.rules.iter().any(|r| r.to_ident != 0) {
             return;
         }
-        if self.find_listeners(&self.policy) == self.listeners {
+        if self.find_listeners(&self.in_force.policy) == self.in_force.listeners {
             return;
         }
-        match self.apply(self.policy.clone()) {
+        match self.apply(self.in_force.policy.clone()) {
             Ok(()) => tracing::info!(
-                listeners = self.listeners.len(),
+                listeners = self.in_force.listeners.len(),
                 "identity destinations updated"
             ),
             Err(e) => tracing::error!(
@@ -595,12 +672,13 @@ impl Agent {
     }
 
     fn update_metrics(&mut self) {
-        self.metrics
+        self.sink
+            .metrics
             .set_lost_events(self.kernel.counter(Counter::EventsLost));
         if self.last_fill.elapsed() >= std::time::Duration::from_secs(10) {
             self.last_fill = Instant::now();
             for (name, entries, cap) in self.kernel.fill() {
-                self.metrics.set_map_fill(name, entries, cap);
+                self.sink.metrics.set_map_fill(name, entries, cap);
             }
         }
     }
@@ -645,10 +723,14 @@ impl Agent {
         let pid = ev.tgid;
         if ev.flags & PROC_PENDING == 0 {
             let exe_id = ev.ident;
-            match self.exes.contains_key(&exe_id) {
+            match self.exes.contains(exe_id) {
                 // The kernel resolved it: the event carries every fact, no /proc read.
-                true if self.cgroups.contains_key(&ev.cgroup_id) => {
-                    let cgroup = self.cgroups.get(&ev.cgroup_id).cloned().unwrap_or_default();
+                true if self.cgroups.contains(ev.cgroup_id) => {
+                    let cgroup = self
+                        .cgroups
+                        .get(ev.cgroup_id)
+                        .unwrap_or_default()
+                        .to_string();
                     self.procs.insert(
                         pid,
                         Tracked {
@@ -692,7 +774,8 @@ impl Agent {
         {
             // From the kernel's exec event to the identity in the maps.
             let now_ns = now.tv_sec() as u64 * 1_000_000_000 + now.tv_nsec() as u64;
-            self.metrics
+            self.sink
+                .metrics
                 .observe_attestation(now_ns.saturating_sub(ev.ktime_ns) as f64 / 1e9);
         }
         tracing::debug!(
@@ -709,45 +792,20 @@ impl Agent {
             Ok(EventKind::Fork) => {
                 if ev.flags & PROC_PENDING != 0 {
                     let _ = self.attest(ev.tgid, Some(ev), None);
-                } else if let Some(parent) = self.procs.get(&ev.aux).cloned() {
-                    self.procs.insert(ev.tgid, parent);
+                } else {
+                    self.procs.fork(ev.aux, ev.tgid);
                 }
             }
-            Ok(EventKind::Exit) => {
-                self.procs.remove(&ev.tgid);
+            Ok(EventKind::Exit) => self.procs.exit(ev.tgid),
+            Ok(EventKind::Connect) => {
+                let d = self.decision(ev);
+                let followers = self.sink.feed.followers();
+                self.sink.emit(d);
+                if self.sink.feed.followers() != followers {
+                    self.sync_report_allow();
+                }
             }
-            Ok(EventKind::Connect) => self.report(ev),
             Err(_) => {}
-        }
-    }
-
-    pub(crate) fn identity_name(&self, ident: u32) -> Option<&str> {
-        let i = ident.checked_sub(1)? as usize;
-        self.policy
-            .identities
-            .get(i)
-            .map(|id| id.spiffe_id.as_str())
-    }
-
-    fn report(&mut self, ev: &Event) {
-        let d = self.decision(ev);
-        self.metrics
-            .decision(d.identity.as_deref().unwrap_or("none"), &d.verdict);
-        match serde_json::to_string(&d) {
-            Ok(line) => match &mut self.events_out {
-                Some(f) => {
-                    if let Err(e) = writeln!(f, "{line}") {
-                        tracing::warn!("writing the events file: {e}");
-                    }
-                }
-                None => println!("{line}"),
-            },
-            Err(e) => tracing::warn!("encoding an event: {e}"),
-        }
-        let followers = self.feed.followers();
-        self.feed.push(d);
-        if self.feed.followers() != followers {
-            self.sync_report_allow();
         }
     }
 
@@ -756,8 +814,7 @@ impl Agent {
         self.settle_pending();
         let rb = self
             .kernel
-            .events
-            .take()
+            .take_events()
             .context("the event ring buffer is gone")?;
         // SAFETY: the ring buffer owns its fd and lives inside the AsyncFd until it drops.
         let mut rb = unsafe { AsyncFd::register(rb) }
@@ -766,10 +823,13 @@ impl Agent {
         let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
         let mut hup = signal(SignalKind::hangup()).context("installing SIGHUP handler")?;
         let mut tick = tokio::time::interval(std::time::Duration::from_millis(500));
+        // API connections are served on their own tasks; only their requests reach the loop.
+        let (call_tx, mut calls) = tokio::sync::mpsc::channel(crate::server::QUEUE);
         let api = crate::server::bind(&opts.api_socket)?;
+        let api_task = tokio::spawn(crate::server::serve(api, call_tx));
         let _metrics_server = match opts.metrics_addr {
             Some(addr) => {
-                let h = self.metrics.serve(addr).await?;
+                let h = self.sink.metrics.serve(addr).await?;
                 tracing::info!(%addr, "serving Prometheus metrics on /metrics");
                 Some(h)
             }
@@ -810,20 +870,22 @@ impl Agent {
                     if lost != lost_seen || ticks.is_multiple_of(10) {
                         lost_seen = lost;
                         self.settle_pending();
+                        self.maintain();
                     }
                     self.refresh_listeners();
                     self.watch_policy_file(opts);
                     self.update_metrics();
                 }
-                conn = api.accept() => match conn {
-                    Ok((stream, _)) => self.serve(stream).await,
-                    Err(e) => tracing::warn!("API accept: {e}"),
+                call = calls.recv() => match call {
+                    Some(call) => self.answer(call),
+                    None => bail!("the API server stopped; see the log above"),
                 },
                 _ = hup.recv() => self.reload(opts),
                 _ = term.recv() => break,
                 _ = int.recv() => break,
             }
         }
+        api_task.abort();
         let _ = fs::remove_file(&opts.api_socket);
         if opts.unpin_on_exit {
             tracing::info!(pins = %self.kernel.pin_dir.display(), "removing pins: enforcement ends");
@@ -836,6 +898,11 @@ impl Agent {
         Ok(())
     }
 }
+
+/// The cgroup registry is swept before it grows past this many entries...
+const CGROUP_WATERMARK_MIN: usize = MAX_CGROUPS as usize / 2;
+/// ...or past this many more than were alive at the last sweep.
+const CGROUP_WATERMARK_STEP: usize = MAX_CGROUPS as usize / 8;
 
 /// The scope cgroups of a policy: (folder, cgroup id), each checked to exist.
 fn scope_dirs(policy: &Policy, cg_mount: &Path) -> Result<Vec<(PathBuf, u64)>> {
@@ -879,35 +946,6 @@ fn same_content_key(a: &ExeKey, b: &ExeKey) -> bool {
         && a.mtime_nsec == b.mtime_nsec
         && a.ctime_sec == b.ctime_sec
         && a.ctime_nsec == b.ctime_nsec
-}
-
-/// Exe ids a previous agent handed out (from `exes.log`), so a takeover never reuses one.
-fn read_exe_log(path: &Path) -> (HashMap<u32, Exe>, HashMap<ExeKey, u32>, u32) {
-    let mut exes = HashMap::new();
-    let mut next = 1;
-    if let Ok(text) = fs::read_to_string(path) {
-        for line in text.lines() {
-            let mut it = line.splitn(3, ' ');
-            let (Some(id), Some(sha), Some(p)) = (it.next(), it.next(), it.next()) else {
-                continue;
-            };
-            let (Ok(id), Ok(bytes)) = (id.parse::<u32>(), hex::decode(sha)) else {
-                continue;
-            };
-            let Ok(sha256) = <[u8; 32]>::try_from(bytes.as_slice()) else {
-                continue;
-            };
-            exes.insert(
-                id,
-                Exe {
-                    sha256,
-                    path: p.to_string(),
-                },
-            );
-            next = next.max(id + 1);
-        }
-    }
-    (exes, HashMap::new(), next)
 }
 
 /// Sends SIGCONT to a process we hold, through a pidfd so a reused pid is never signalled.

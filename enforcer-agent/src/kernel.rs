@@ -100,30 +100,31 @@ pub fn tracepoint_programs() -> impl Iterator<Item = (&'static str, &'static str
     })
 }
 
-/// Typed handles on every map.
-pub struct Maps {
-    pub procs: HashMap<MapData, u32, ProcState>,
-    pub exes: HashMap<MapData, ExeKey, u32>,
-    pub binclass: Array<MapData, u32>,
-    pub cgroups: HashMap<MapData, u64, CgroupValue>,
-    pub idmatch: HashMap<MapData, IdMatchKey, u32>,
-    pub rules: LpmTrie<MapData, RuleKeyData, RuleValue>,
-    pub hosts: HashMap<MapData, RuleKeyData, RuleValue>,
+/// Typed handles on every map. Private to this module: the rest of the agent says what it
+/// means through [`Kernel`]'s methods, never which map entry it writes.
+struct Maps {
+    procs: HashMap<MapData, u32, ProcState>,
+    exes: HashMap<MapData, ExeKey, u32>,
+    binclass: Array<MapData, u32>,
+    cgroups: HashMap<MapData, u64, CgroupValue>,
+    idmatch: HashMap<MapData, IdMatchKey, u32>,
+    rules: LpmTrie<MapData, RuleKeyData, RuleValue>,
+    hosts: HashMap<MapData, RuleKeyData, RuleValue>,
     /// A second descriptor of `ENF_HOSTS` for the batch syscalls (aya has no batch API).
     hosts_fd: MapData,
-    pub config: Array<MapData, Config>,
-    pub offsets: Array<MapData, KernelOffsets>,
-    pub counters: PerCpuArray<MapData, u64>,
-    pub scopes: CgroupArray<MapData>,
-    pub uncovered: HashMap<MapData, UncoveredKey, UncoveredValue>,
+    config: Array<MapData, Config>,
+    offsets: Array<MapData, KernelOffsets>,
+    counters: PerCpuArray<MapData, u64>,
+    scopes: CgroupArray<MapData>,
+    uncovered: HashMap<MapData, UncoveredKey, UncoveredValue>,
 }
 
 /// The loaded object, its maps, and where its pins live.
 pub struct Kernel {
     ebpf: Ebpf,
     pub pin_dir: PathBuf,
-    pub maps: Maps,
-    pub events: Option<RingBuf<MapData>>,
+    maps: Maps,
+    events: Option<RingBuf<MapData>>,
     /// True when pinned state of a previous agent was found and taken over.
     pub took_over: bool,
     /// Rule entries one policy may use: half the capacity of the rule maps (two generations).
@@ -617,6 +618,184 @@ impl Kernel {
                 .map_err(op(format!("writing map {MAP_IDMATCH}")))?;
         }
         Ok(())
+    }
+}
+
+/// Intent-level operations on the process, executable, cgroup and scope maps.
+impl Kernel {
+    /// Marks the maps as this agent's: the ABI version they speak, and the agent's pid (the
+    /// kernel never holds the agent's own execs).
+    pub fn claim(&mut self, agent_tgid: u32) -> Result<(), KernelError> {
+        let mut cfg = self.config()?;
+        cfg.abi_version = ABI_VERSION;
+        cfg.agent_tgid = agent_tgid;
+        self.set_config(&cfg)
+    }
+
+    /// The generation the programs judge with now.
+    pub fn active_generation(&self) -> Result<u32, KernelError> {
+        Ok(self.config()?.active & 1)
+    }
+
+    /// True when a policy was ever published in `generation`.
+    pub fn generation_loaded(&self, generation: u32) -> Result<bool, KernelError> {
+        Ok(self.config()?.generations[(generation & 1) as usize].loaded != 0)
+    }
+
+    /// Writes the settings of the (inactive) `generation` whose tables were just filled.
+    pub fn prepare_generation(&mut self, generation: u32, g: GenConfig) -> Result<(), KernelError> {
+        let mut cfg = self.config()?;
+        cfg.generations[(generation & 1) as usize] = g;
+        self.set_config(&cfg)
+    }
+
+    /// Puts `generation` in force with its `scope_count` scopes: one 4-byte store seen by the
+    /// programs (a connect sees the old policy or the new, never a mix).
+    pub fn publish_generation(
+        &mut self,
+        generation: u32,
+        scope_count: u32,
+    ) -> Result<(), KernelError> {
+        let mut cfg = self.config()?;
+        cfg.active = generation & 1;
+        cfg.scope_count = scope_count;
+        self.set_config(&cfg)
+    }
+
+    /// Whether the kernel reports allowed connects (the generation in force). Returns true
+    /// when it changed.
+    pub fn set_report_allow(&mut self, want: bool) -> Result<bool, KernelError> {
+        let mut cfg = self.config()?;
+        let g = &mut cfg.generations[(cfg.active & 1) as usize];
+        if (g.report_allow != 0) == want {
+            return Ok(false);
+        }
+        g.report_allow = u32::from(want);
+        self.set_config(&cfg)?;
+        Ok(true)
+    }
+
+    /// The event ring buffer, handed out once to the event loop.
+    pub fn take_events(&mut self) -> Option<RingBuf<MapData>> {
+        self.events.take()
+    }
+
+    /// The kernel's facts about one process, if it has any.
+    pub fn process(&self, pid: u32) -> Option<ProcState> {
+        self.maps.procs.get(&pid, 0).ok()
+    }
+
+    /// Every process the kernel tracks, with its facts.
+    pub fn processes(&self) -> Vec<(u32, ProcState)> {
+        self.maps.procs.iter().filter_map(|r| r.ok()).collect()
+    }
+
+    /// Gives a process its attested facts (clears pending: its connects are judged by them).
+    pub fn set_process(&mut self, pid: u32, st: &ProcState) -> Result<(), KernelError> {
+        self.maps
+            .procs
+            .insert(&pid, st, 0)
+            .map_err(op(format!("writing map {MAP_PROCS} (pid {pid})")))
+    }
+
+    /// Lets the kernel recognise a file at exec by its inode key: processes exec'ing it get
+    /// `exe_id` at once, without a round trip to the agent.
+    pub fn set_exe(&mut self, key: &ExeKey, exe_id: u32) -> Result<(), KernelError> {
+        self.maps
+            .exes
+            .insert(key, &exe_id, 0)
+            .map_err(op(format!("writing map {MAP_EXES}")))
+    }
+
+    /// Forgets a file's inode key: its next exec is attested by the agent again.
+    pub fn forget_exe(&mut self, key: &ExeKey) -> Result<(), KernelError> {
+        match self.maps.exes.remove(key) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(op(format!("removing an entry of map {MAP_EXES}"))(e)),
+        }
+    }
+
+    /// Every inode key the kernel recognises at exec, with its exe id.
+    pub fn exes(&self) -> Vec<(ExeKey, u32)> {
+        self.maps.exes.iter().filter_map(|r| r.ok()).collect()
+    }
+
+    /// The identity class of an executable in one policy generation.
+    pub fn set_bin_class(
+        &mut self,
+        generation: u32,
+        exe_id: u32,
+        class: u32,
+    ) -> Result<(), KernelError> {
+        self.maps
+            .binclass
+            .set(binclass_index(generation, exe_id), &class, 0)
+            .map_err(op(format!("writing map {MAP_BINCLASS}")))
+    }
+
+    /// The identity class the kernel holds for an executable in one generation.
+    pub fn bin_class(&self, generation: u32, exe_id: u32) -> u32 {
+        self.maps
+            .binclass
+            .get(&binclass_index(generation, exe_id), 0)
+            .unwrap_or(BIN_NONE)
+    }
+
+    /// Adds one (generation, classes, uid) -> identity entry.
+    pub fn set_idmatch(&mut self, k: &IdMatchKey, ident: u32) -> Result<(), KernelError> {
+        self.maps
+            .idmatch
+            .insert(k, &ident, 0)
+            .map_err(op(format!("writing map {MAP_IDMATCH}")))
+    }
+
+    /// True when the kernel knows this cgroup (processes exec'ing in it are not held for it).
+    pub fn knows_cgroup(&self, cgroup_id: u64) -> bool {
+        self.maps.cgroups.get(&cgroup_id, 0).is_ok()
+    }
+
+    /// The cgroup's identity class in one policy generation (the other generation's class
+    /// is kept).
+    pub fn set_cgroup_class(
+        &mut self,
+        generation: u32,
+        cgroup_id: u64,
+        class: u32,
+    ) -> Result<(), KernelError> {
+        let mut v = self.maps.cgroups.get(&cgroup_id, 0).unwrap_or_default();
+        v.class[(generation & 1) as usize] = class;
+        self.maps
+            .cgroups
+            .insert(&cgroup_id, &v, 0)
+            .map_err(op(format!("writing map {MAP_CGROUPS}")))
+    }
+
+    /// Removes a cgroup that no longer exists from the kernel's table.
+    pub fn forget_cgroup(&mut self, cgroup_id: u64) -> Result<(), KernelError> {
+        match self.maps.cgroups.remove(&cgroup_id) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(op(format!(
+                "removing cgroup {cgroup_id} from map {MAP_CGROUPS}"
+            ))(e)),
+        }
+    }
+
+    /// Every cgroup id the kernel knows.
+    pub fn cgroup_ids(&self) -> Vec<u64> {
+        self.maps.cgroups.keys().filter_map(|r| r.ok()).collect()
+    }
+
+    /// Makes the cgroup open at `dir` the `slot`-th enforced scope.
+    pub fn set_scope(&mut self, slot: u32, dir: fs::File) -> Result<(), KernelError> {
+        self.maps
+            .scopes
+            .set(slot, dir, 0)
+            .map_err(op(format!("writing map {MAP_SCOPES}")))
+    }
+
+    /// The kernel's tally of connects with no identity, by (exe id, cgroup id).
+    pub fn uncovered(&self) -> Vec<(UncoveredKey, UncoveredValue)> {
+        self.maps.uncovered.iter().filter_map(|r| r.ok()).collect()
     }
 }
 

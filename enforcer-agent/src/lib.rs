@@ -6,15 +6,20 @@
 pub mod api;
 pub mod attest;
 pub mod btf;
+pub mod cgroups;
 pub mod client;
 pub mod daemon;
+pub mod events;
+pub mod exes;
 pub mod kernel;
 pub mod listeners;
 pub mod metrics;
 pub mod policy;
 pub mod probe;
+pub mod procs;
 pub mod server;
 pub mod sys;
+pub mod views;
 
 /// True under `CI=true` (or `CI=1`): tests that cannot run there fail instead of skipping.
 #[cfg(test)]

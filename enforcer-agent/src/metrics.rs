@@ -10,6 +10,7 @@
 //! |------|------|--------|
 //! | `enforcer_decisions_total` | counter | `identity`, `verdict` |
 //! | `enforcer_events_lost_total` | counter (absolute value read back from the kernel) | |
+//! | `enforcer_events_dropped_total` | counter (decision lines not written: the output was full) | |
 //! | `enforcer_map_entries` | gauge | `map` |
 //! | `enforcer_map_capacity` | gauge | `map` |
 //! | `enforcer_attestation_seconds` | histogram, 16 exponential buckets 50µs..5s | |
@@ -84,6 +85,7 @@ struct Inner {
     registry: Registry,
     decisions: Family<DecisionLabels, Counter>,
     events_lost: Counter,
+    events_dropped: Counter,
     map_entries: Family<MapLabels, U64Gauge>,
     map_capacity: Family<MapLabels, U64Gauge>,
     attestation: Histogram,
@@ -131,6 +133,14 @@ impl Metrics {
             events_lost.clone(),
         );
 
+        let events_dropped = Counter::default();
+        registry.register(
+            "events_dropped",
+            "Decision lines the agent dropped because stdout (or --events-file) did not take \
+             them fast enough",
+            events_dropped.clone(),
+        );
+
         let map_entries = Family::<MapLabels, U64Gauge>::default();
         registry.register(
             "map_entries",
@@ -158,6 +168,7 @@ impl Metrics {
                 registry,
                 decisions,
                 events_lost,
+                events_dropped,
                 map_entries,
                 map_capacity,
                 attestation,
@@ -179,6 +190,14 @@ impl Metrics {
     /// as a counter reset, which Prometheus handles.
     pub fn set_lost_events(&self, n: u64) {
         self.inner.events_lost.inner().store(n, Ordering::Relaxed);
+    }
+
+    /// Decision lines dropped so far (absolute), exported as `enforcer_events_dropped_total`.
+    pub fn set_dropped_events(&self, n: u64) {
+        self.inner
+            .events_dropped
+            .inner()
+            .store(n, Ordering::Relaxed);
     }
 
     /// Fill of one kernel map: gauges `enforcer_map_entries{map}` and `enforcer_map_capacity{map}`.
@@ -345,6 +364,7 @@ mod tests {
         metrics.decision("none", "deny");
         metrics.clone().decision("none", "audit");
         metrics.set_lost_events(7);
+        metrics.set_dropped_events(3);
         metrics.set_map_fill("identities", 12, 4096);
         metrics.observe_attestation(0.002);
         metrics.observe_attestation(f64::NAN);
@@ -358,6 +378,8 @@ mod tests {
             r#"enforcer_decisions_total{identity="none",verdict="audit"} 1"#,
             "# TYPE enforcer_events_lost counter",
             "enforcer_events_lost_total 7",
+            "# TYPE enforcer_events_dropped counter",
+            "enforcer_events_dropped_total 3",
             "# TYPE enforcer_map_entries gauge",
             r#"enforcer_map_entries{map="identities"} 12"#,
             r#"enforcer_map_capacity{map="identities"} 4096"#,

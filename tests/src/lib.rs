@@ -426,6 +426,10 @@ pub struct Agent {
     pub extra: Vec<String>,
     /// Extra environment of the agent process (e.g. `ENFORCER_PROBE_DENY`).
     pub env: Vec<(String, String)>,
+    /// Set by [`Agent::start_stdout_unread`]: the read end of the agent's stdout, which
+    /// nobody reads (the pipe fills up).
+    pub unread_stdout: Option<std::process::ChildStdout>,
+    keep_stdout_unread: bool,
 }
 
 impl Agent {
@@ -446,12 +450,18 @@ impl Agent {
 
     /// [`Agent::start_bytes`] with extra environment for the agent process.
     pub fn start_env(policy: &[u8], extra: &[&str], env: &[(&str, &str)]) -> Self {
+        let mut a = Self::unspawned(policy, extra, env);
+        a.spawn();
+        a
+    }
+
+    fn unspawned(policy: &[u8], extra: &[&str], env: &[(&str, &str)]) -> Self {
         let state_dir = TempDir::new("state");
         let policy_path = state_dir.path("policy.yaml");
         fs::write(&policy_path, policy).expect("writing the policy");
         let pin_root = PathBuf::from("/sys/fs/bpf").join(unique("pins"));
         let pin_dir = pin_root.join("v1");
-        let mut a = Self {
+        Self {
             child: None,
             pin_dir,
             pin_root,
@@ -464,9 +474,37 @@ impl Agent {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
-        };
+            unread_stdout: None,
+            keep_stdout_unread: false,
+        }
+    }
+
+    /// Starts an agent whose stdout is a pipe nobody reads, its capacity cut to one page
+    /// (the read end is kept in [`Agent::unread_stdout`]): decision lines fill it quickly.
+    pub fn start_stdout_unread(policy_yaml: &str) -> Self {
+        let mut a = Self::unspawned(policy_yaml.as_bytes(), &[], &[]);
+        a.keep_stdout_unread = true;
         a.spawn();
         a
+    }
+
+    /// Bytes waiting in the unread stdout pipe.
+    pub fn unread_stdout_bytes(&self) -> usize {
+        let pipe = self
+            .unread_stdout
+            .as_ref()
+            .expect("started with start_stdout_unread");
+        let mut n: libc::c_int = 0;
+        // SAFETY: FIONREAD writes one int through the pointer, on a descriptor we own.
+        let r = unsafe {
+            libc::ioctl(
+                std::os::fd::AsRawFd::as_raw_fd(pipe),
+                libc::FIONREAD,
+                &raw mut n,
+            )
+        };
+        assert!(r == 0, "FIONREAD: {}", std::io::Error::last_os_error());
+        n as usize
     }
 
     /// (Re)starts the agent process on the same pins and state.
@@ -492,12 +530,26 @@ impl Agent {
         let mut child = c.spawn().expect("spawning enforcer-agent");
         let out = child.stdout.take().expect("stdout");
         let err = child.stderr.take().expect("stderr");
-        let so = self.stdout.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(out).lines().map_while(Result::ok) {
-                so.lock().expect("lock").push(line);
-            }
-        });
+        if self.keep_stdout_unread {
+            // One page: the smallest pipe, full after a dozen decision lines.
+            // SAFETY: F_SETPIPE_SZ on a pipe descriptor we own.
+            let r = unsafe {
+                libc::fcntl(
+                    std::os::fd::AsRawFd::as_raw_fd(&out),
+                    libc::F_SETPIPE_SZ,
+                    4096,
+                )
+            };
+            assert!(r >= 0, "F_SETPIPE_SZ: {}", std::io::Error::last_os_error());
+            self.unread_stdout = Some(out);
+        } else {
+            let so = self.stdout.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(out).lines().map_while(Result::ok) {
+                    so.lock().expect("lock").push(line);
+                }
+            });
+        }
         let se = self.stderr.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(err).lines().map_while(Result::ok) {
@@ -690,6 +742,8 @@ impl Agent {
 
 impl Drop for Agent {
     fn drop(&mut self) {
+        // An agent blocked on its unread stdout gets EPIPE and can exit.
+        self.unread_stdout = None;
         self.stop();
         // Whatever the agent left (it was killed, or failed): detach by removing the pins.
         remove_pins(&self.pin_root);

@@ -661,3 +661,127 @@ fn metrics_file_watch_completions() {
         "not a man page"
     );
 }
+
+/// Spawns a never-seen copy of the probe (patched with `marker`) in `cg`, connecting to
+/// `dst` over TCP; returns (exit code, held at exec by the kernel, time from spawn to exit).
+fn fresh_exec(
+    agent: &Agent,
+    dir: &TempDir,
+    cg: &TestCgroup,
+    marker: u8,
+    dst: std::net::SocketAddr,
+) -> (i32, bool, Duration) {
+    let bin = dir.path(&format!("fresh-{marker}"));
+    copy_probe(Path::new(PROBE_BIN), &bin, Some(marker));
+    timed_exec(agent, cg, &bin, dst)
+}
+
+/// Runs `bin tcp dst` in `cg`: (exit code, held at exec, time from spawn to exit). "Held"
+/// comes from the kernel's counter: a release within microseconds can end before
+/// `waitpid` sees the stop.
+fn timed_exec(
+    agent: &Agent,
+    cg: &TestCgroup,
+    bin: &Path,
+    dst: std::net::SocketAddr,
+) -> (i32, bool, Duration) {
+    let held0 = kernel_counter(&agent.pin_dir, enforcer_common::Counter::Held);
+    let t0 = std::time::Instant::now();
+    let (code, _) = wait_traced(spawn_in(cg, bin, &["tcp", &dst.to_string()]));
+    let t = t0.elapsed();
+    let held = kernel_counter(&agent.pin_dir, enforcer_common::Counter::Held) > held0;
+    (code, held, t)
+}
+
+/// The event loop never waits on a client or on stdout: with an API connection held open
+/// without a request, and the agent's stdout a pipe nobody reads until it is full, a
+/// never-seen binary is still attested and released as fast as when nothing holds the agent.
+///
+/// Before, the loop served each API client inline (up to its 2 s request timeout) and
+/// printed each decision to stdout inline (a full pipe blocked it for good), so the held
+/// process was released 2 s late, or never. The bound: three times the same run's unloaded
+/// time plus 300 ms (noise on a busy 2-core machine), capped at 1.5 s so that it always stays
+/// below the old 2 s stall.
+#[test]
+fn a_silent_api_client_and_a_full_stdout_never_delay_a_held_exec() {
+    if !require_root("a_silent_api_client_and_a_full_stdout_never_delay_a_held_exec") {
+        return;
+    }
+    let cg = TestCgroup::new("offloop");
+    let l = Listeners::new();
+    let dir = TempDir::new("offloop");
+    let (app, other) = probe_pair(Path::new(PROBE_BIN), &dir);
+    let yaml = format!(
+        "apiVersion: enforcer/v1\nkind: Policy\ntrustDomain: t.org\nmode: enforce\nunattested: deny\nscope: [\"{}\"]\nidentities:\n  - name: app\n    match:\n      - binarySha256: [{}]\nrules:\n  - identity: app\n    egress:\n      - to: {{cidr: 127.0.0.1/32, ports: [{}], protocol: tcp}}\n",
+        cg.rel,
+        sha256_file(&app),
+        l.tcp4.port(),
+    );
+    let agent = Agent::start_stdout_unread(&yaml);
+    // Every fresh copy below has another sha256 than `app`: unattested, denied. The
+    // "never-seen binary" is what matters (held at exec, attested, released); its verdict is
+    // checked too.
+    let mut unloaded = Vec::new();
+    for m in *b"abc" {
+        let (code, held, t) = fresh_exec(&agent, &dir, &cg, m, l.tcp4);
+        assert_eq!(code, EPERM, "an unattested fresh binary is denied");
+        assert!(
+            held,
+            "a never-seen binary in an enforced scope is held at exec"
+        );
+        unloaded.push(t);
+    }
+    unloaded.sort();
+    let base = unloaded[1];
+    let bound = (base * 3 + Duration::from_millis(300)).min(Duration::from_millis(1500));
+    eprintln!("unloaded exec-to-exit {unloaded:?}; bound {bound:?}");
+    // `app` itself, exec'd fresh, is attested and allowed.
+    let (code, held, _) = timed_exec(&agent, &cg, &app, l.tcp4);
+    assert_eq!((code, held), (OK, true), "{}", agent.log());
+
+    // 1. An API client that connects and never sends a request.
+    let silent = std::os::unix::net::UnixStream::connect(agent.api_socket()).expect("connect");
+    let (code, held, t) = fresh_exec(&agent, &dir, &cg, b'd', l.tcp4);
+    assert_eq!((code, held), (EPERM, true));
+    assert!(
+        t < bound,
+        "with a silent API client a held exec took {t:?} (bound {bound:?}, unloaded {base:?})"
+    );
+
+    // 2. Fill stdout: denied connects are reported, and nobody reads the pipe.
+    let t0 = std::time::Instant::now();
+    while agent.unread_stdout_bytes() < 4096 - 1024 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "the agent's stdout did not fill ({} bytes)",
+            agent.unread_stdout_bytes()
+        );
+        for _ in 0..10 {
+            let (code, _) = wait_traced(spawn_in(&cg, &other, &["tcp", &l.tcp4.to_string()]));
+            assert_eq!(code, EPERM);
+        }
+    }
+    // More decisions than the pipe holds are now queued behind it.
+    for _ in 0..20 {
+        let (code, _) = wait_traced(spawn_in(&cg, &other, &["tcp", &l.tcp4.to_string()]));
+        assert_eq!(code, EPERM);
+    }
+    let silent2 = std::os::unix::net::UnixStream::connect(agent.api_socket()).expect("connect");
+    let (code, held, t) = fresh_exec(&agent, &dir, &cg, b'e', l.tcp4);
+    assert_eq!((code, held), (EPERM, true));
+    assert!(
+        t < bound,
+        "with stdout full and a silent API client a held exec took {t:?} (bound {bound:?}, unloaded {base:?})"
+    );
+    // The allowed workload, exec'd from a fresh path, is attested and allowed at once too.
+    let app2 = dir.path("app2");
+    fs::copy(&app, &app2).expect("copy");
+    let (code, held, t) = timed_exec(&agent, &cg, &app2, l.tcp4);
+    assert_eq!((code, held), (OK, true), "{}", agent.log());
+    assert!(t < bound, "app took {t:?} (bound {bound:?})");
+    // The API answers meanwhile, and the stdout pipe is still full.
+    let status = agent.cli_json(&["status"]);
+    assert!(status["counters"].is_array(), "{status}");
+    assert!(agent.unread_stdout_bytes() >= 4096 - 1024);
+    drop((silent, silent2));
+}

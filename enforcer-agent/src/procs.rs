@@ -1,0 +1,93 @@
+//! The process table: every process the agent tracks, with the facts its identity comes from.
+
+use std::collections::{HashMap, HashSet};
+
+/// One process the agent tracks.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Tracked {
+    pub exe_id: u32,
+    pub cgroup: String,
+    pub uid: u32,
+    pub gid: u32,
+}
+
+#[derive(Default)]
+pub struct ProcessTable {
+    procs: HashMap<u32, Tracked>,
+}
+
+impl ProcessTable {
+    pub fn get(&self, pid: u32) -> Option<&Tracked> {
+        self.procs.get(&pid)
+    }
+
+    pub fn insert(&mut self, pid: u32, t: Tracked) {
+        self.procs.insert(pid, t);
+    }
+
+    /// A fork: the child has its parent's facts (when the parent is tracked).
+    pub fn fork(&mut self, parent: u32, child: u32) {
+        if let Some(t) = self.procs.get(&parent).cloned() {
+            self.procs.insert(child, t);
+        }
+    }
+
+    pub fn exit(&mut self, pid: u32) {
+        self.procs.remove(&pid);
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (u32, &Tracked)> {
+        self.procs.iter().map(|(&pid, t)| (pid, t))
+    }
+
+    pub fn len(&self) -> usize {
+        self.procs.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.procs.is_empty()
+    }
+
+    /// Exe ids of the tracked processes.
+    pub fn exe_ids(&self) -> HashSet<u32> {
+        self.procs.values().map(|t| t.exe_id).collect()
+    }
+
+    /// Drops processes for which `alive(pid)` is false (their exit event was lost). Returns
+    /// how many were dropped.
+    pub fn sweep(&mut self, alive: impl Fn(u32) -> bool) -> usize {
+        let before = self.procs.len();
+        self.procs.retain(|&pid, _| alive(pid));
+        before - self.procs.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(exe_id: u32) -> Tracked {
+        Tracked {
+            exe_id,
+            cgroup: "/a".into(),
+            uid: 0,
+            gid: 0,
+        }
+    }
+
+    #[test]
+    fn fork_exit_and_sweep() {
+        let mut p = ProcessTable::default();
+        p.insert(1, t(5));
+        p.fork(1, 2);
+        p.fork(3, 4); // untracked parent: nothing
+        assert_eq!(p.get(2), Some(&t(5)));
+        assert!(p.get(4).is_none());
+        p.insert(6, t(7));
+        assert_eq!(p.exe_ids(), HashSet::from([5, 7]));
+        p.exit(1);
+        assert_eq!(p.len(), 2);
+        assert_eq!(p.sweep(|pid| pid != 6), 1);
+        assert_eq!(p.exe_ids(), HashSet::from([5]));
+    }
+}

@@ -1,0 +1,433 @@
+//! What the API asks of the agent, answered from read-only views of its components and the
+//! kernel maps (`status`, `identities`, `explain`, `events`), and `policy apply`. The server
+//! ([`crate::server`]) reads and writes the connections on tasks of its own; only the request
+//! reaches the event loop, which answers it here without waiting on any client.
+
+use std::net::IpAddr;
+
+use anyhow::{Context as _, Result, bail};
+use enforcer_common::*;
+
+use crate::{
+    api::{self, reply, request},
+    daemon::{Agent, facts_of, hex32},
+    policy,
+    server::Call,
+};
+
+/// Window of the coverage report (connections with no identity).
+pub const UNCOVERED_WINDOW: std::time::Duration = std::time::Duration::from_secs(600);
+
+impl Agent {
+    /// Answers one API call; never waits on the client (the server task writes the reply).
+    pub(crate) fn answer(&mut self, call: Call) {
+        match call {
+            Call::Ask(kind, reply) => {
+                let _ = reply.send(self.ask(kind));
+            }
+            Call::History { all, reply } => {
+                let _ = reply.send(self.sink.feed.history(all));
+            }
+            Call::Follow { stream, all } => {
+                self.sink.feed.follow(stream, all);
+                self.sync_report_allow();
+            }
+        }
+    }
+
+    fn ask(&mut self, kind: request::Kind) -> reply::Kind {
+        match kind {
+            request::Kind::Status(_) => reply::Kind::Status(self.status()),
+            request::Kind::Identities(_) => reply::Kind::Identities(self.identities()),
+            request::Kind::Explain(r) => match self.explain(&r) {
+                Ok(d) => reply::Kind::Explain(d),
+                Err(e) => reply::Kind::Error(format!("{e:#}")),
+            },
+            request::Kind::Apply(r) => match self.apply_request(&r) {
+                Ok(a) => reply::Kind::Apply(a),
+                Err(e) => reply::Kind::Error(format!(
+                    "policy not applied, the policy in force is unchanged: {e:#}"
+                )),
+            },
+            // The server answers `events` from the history it asks for.
+            request::Kind::Events(_) => {
+                reply::Kind::Error("events are served by the API server".into())
+            }
+        }
+    }
+
+    fn rule_text(&self, rule: u32) -> String {
+        match rule {
+            RULE_DEFAULT_DENY => "default deny (no egress entry matches)".to_string(),
+            RULE_UNATTESTED => "unattested".to_string(),
+            RULE_PENDING => "pending attestation".to_string(),
+            RULE_UNTRACKED => "untracked process".to_string(),
+            RULE_NO_CONFIG => "no policy loaded".to_string(),
+            r => {
+                let own = self.in_force.policy.rules.len();
+                let i = r as usize;
+                let rule = if i < own {
+                    self.in_force.policy.rules.get(i)
+                } else {
+                    self.in_force.listener_rules.get(i - own)
+                };
+                rule.map_or_else(|| format!("rule {r}"), |r| r.text.clone())
+            }
+        }
+    }
+
+    /// The decision record of one connect event.
+    pub(crate) fn decision(&self, ev: &Event) -> api::Decision {
+        let t = self.procs.get(ev.tgid);
+        let exe = t.and_then(|t| self.exes.get(t.exe_id));
+        let dst: IpAddr = if ev.family == FAMILY_V6 {
+            IpAddr::from(ev.dst)
+        } else {
+            IpAddr::from([ev.dst[0], ev.dst[1], ev.dst[2], ev.dst[3]])
+        };
+        api::Decision {
+            pid: ev.tgid,
+            exe: exe.map(|e| e.path.clone()),
+            sha256: exe.map(|e| hex32(&e.sha256)),
+            cgroup: t.map(|t| t.cgroup.clone()),
+            uid: ev.uid,
+            identity: self.in_force.identity_name(ev.ident).map(str::to_string),
+            verdict: verdict_name(ev.verdict).to_string(),
+            dst: dst.to_string(),
+            port: ev.port.into(),
+            protocol: protocol_name(ev.proto).to_string(),
+            rule: self.rule_text(ev.rule),
+            time_ns: ev.ktime_ns,
+        }
+    }
+
+    /// Connects with no identity in the last window, by executable and cgroup, from the
+    /// kernel's own tally (`ENF_UNCOVERED`).
+    fn uncovered(&self) -> Vec<api::Uncovered> {
+        let now_ns = nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME)
+            .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
+            .unwrap_or(0);
+        let window = UNCOVERED_WINDOW.as_nanos() as u64;
+        let mut out: Vec<api::Uncovered> = self
+            .kernel
+            .uncovered()
+            .into_iter()
+            .filter(|(_, v)| now_ns.saturating_sub(v.last_ns) <= window)
+            .map(|(k, v)| {
+                let exe = self.exes.get(k.exe_id);
+                let dst: IpAddr = if v.last_family == FAMILY_V6 {
+                    IpAddr::from(v.last_dst)
+                } else {
+                    IpAddr::from([v.last_dst[0], v.last_dst[1], v.last_dst[2], v.last_dst[3]])
+                };
+                api::Uncovered {
+                    exe: exe
+                        .map(|e| e.path.clone())
+                        .unwrap_or_else(|| "(not attested)".into()),
+                    sha256: exe.map(|e| hex32(&e.sha256)).unwrap_or_default(),
+                    cgroup: self
+                        .cgroups
+                        .get(k.cgroup_id)
+                        .map(str::to_string)
+                        .unwrap_or_else(|| format!("cgroup id {}", k.cgroup_id)),
+                    connects: v.connects,
+                    destinations: vec![format!(
+                        "last: {} {dst}:{}",
+                        protocol_name(v.last_proto),
+                        v.last_port
+                    )],
+                }
+            })
+            .collect();
+        out.sort_by(|a, b| b.connects.cmp(&a.connects).then(a.exe.cmp(&b.exe)));
+        out
+    }
+
+    fn status(&mut self) -> api::Status {
+        let cfg = self.kernel.config().unwrap_or_default();
+        let generation = cfg.active & 1;
+        let g = cfg.generations[generation as usize];
+        let counters = Counter::ALL
+            .iter()
+            .map(|&c| api::NamedCount {
+                name: c.name().into(),
+                value: self.kernel.counter(c),
+            })
+            .chain([
+                // Decision lines stdout (or --events-file) did not take in time.
+                api::NamedCount {
+                    name: "events_dropped".into(),
+                    value: self.sink.dropped(),
+                },
+                api::NamedCount {
+                    name: "exe_ids_in_use".into(),
+                    value: self.exes.len() as u64,
+                },
+                api::NamedCount {
+                    name: "cgroups_known".into(),
+                    value: self.cgroups.len() as u64,
+                },
+            ])
+            .collect();
+        let attached = self
+            .kernel
+            .links()
+            .into_iter()
+            .map(|l| {
+                let (program, target) = match l.strip_prefix("tp_") {
+                    Some(tp) => (program_label(tp), tp.to_string()),
+                    None => {
+                        let mut parts = l.trim_start_matches("cg_").splitn(2, '_');
+                        let id: u64 = parts.next().and_then(|s| s.parse().ok()).unwrap_or(0);
+                        let hook = parts.next().unwrap_or("?");
+                        let path = self
+                            .cgroups
+                            .get(id)
+                            .map(str::to_string)
+                            .unwrap_or_else(|| format!("cgroup id {id}"));
+                        (program_label(hook), path)
+                    }
+                };
+                api::Attachment { program, target }
+            })
+            .collect();
+        let maps = self
+            .kernel
+            .fill()
+            .into_iter()
+            .map(|(name, entries, capacity)| api::MapFill {
+                name: name.into(),
+                entries,
+                capacity,
+            })
+            .collect();
+        let uncovered = self.uncovered();
+        api::Status {
+            kernel_features: self
+                .probe
+                .features
+                .iter()
+                .map(|f| {
+                    if f.found {
+                        format!("{}: {}", f.name, f.detail)
+                    } else {
+                        format!("{}: MISSING ({}); {}", f.name, f.detail, f.without)
+                    }
+                })
+                .collect(),
+            kernel_release: self.probe.release.clone(),
+            features: self
+                .probe
+                .features
+                .iter()
+                .map(|f| api::KernelFeature {
+                    name: f.name.into(),
+                    required: f.required,
+                    found: f.found,
+                    detail: f.detail.clone(),
+                    without: f.without.into(),
+                })
+                .collect(),
+            attached,
+            maps,
+            policy_source: self.in_force.source.clone(),
+            policy_hash: self.in_force.hash.clone(),
+            mode: match (g.loaded, g.mode) {
+                (0, _) => "none".into(),
+                (_, m) if m == Mode::Enforce as u32 => Mode::Enforce.name().into(),
+                _ => Mode::Audit.name().into(),
+            },
+            generation,
+            counters,
+            drift: {
+                let d = self.drift(generation);
+                if !d.is_empty() {
+                    self.kernel.forget_written();
+                }
+                d
+            },
+            uncovered,
+            uncovered_window_secs: UNCOVERED_WINDOW.as_secs(),
+            events_lost: self.kernel.counter(Counter::EventsLost),
+        }
+    }
+
+    /// Differences between what the kernel holds for the generation in force and what the
+    /// agent compiled (someone edited a map by hand, or a write was lost).
+    fn drift(&self, generation: u32) -> Vec<String> {
+        let mut out = Vec::new();
+        match policy::rule_entries_of(
+            &self.in_force.policy.rules,
+            &self.in_force.listener_rules,
+            generation,
+            self.kernel.max_rules,
+        ) {
+            Ok(want) => {
+                let have = self.kernel.rules_of(generation);
+                compare("ENF_RULES", &want, &have, &mut out);
+            }
+            Err(e) => out.push(format!("the policy in force no longer compiles: {e}")),
+        }
+        let want: Vec<(IdMatchKey, u32)> = self.in_force.classes.idmatch_entries(generation);
+        let have = self.kernel.idmatch_of(generation);
+        compare("ENF_IDMATCH", &want, &have, &mut out);
+        let mut classes = self.in_force.classes.clone();
+        for (id, exe) in self.exes.iter() {
+            let want = classes.bin_class(&exe.sha256, Some(&exe.path));
+            let have = self.kernel.bin_class(generation, id);
+            if want != have {
+                out.push(format!(
+                    "ENF_BINCLASS: executable {} ({}) has class {have}, the policy gives {want}",
+                    id, exe.path
+                ));
+            }
+        }
+        out
+    }
+
+    fn identities(&self) -> api::Identities {
+        let mut processes: Vec<api::Process> = self
+            .procs
+            .iter()
+            .map(|(pid, t)| {
+                let exe = self.exes.get(t.exe_id);
+                let res = exe.map(|e| policy::resolve(&self.in_force.policy, &facts_of(e, t)));
+                let pending = self
+                    .kernel
+                    .process(pid)
+                    .is_some_and(|s| s.flags & PROC_PENDING != 0);
+                api::Process {
+                    pid,
+                    exe: exe.map(|e| e.path.clone()),
+                    sha256: exe.map(|e| hex32(&e.sha256)),
+                    cgroup: Some(t.cgroup.clone()),
+                    uid: t.uid,
+                    gid: t.gid,
+                    identity: res
+                        .as_ref()
+                        .and_then(|r| self.in_force.identity_name(r.ident))
+                        .map(str::to_string),
+                    reason: res
+                        .map(|r| r.reason)
+                        .unwrap_or_else(|| "executable not hashed".into()),
+                    pending,
+                }
+            })
+            .collect();
+        processes.sort_by_key(|p| p.pid);
+        api::Identities { processes }
+    }
+
+    fn explain(&self, r: &api::ExplainRequest) -> Result<api::Decision> {
+        let dst: IpAddr = r
+            .dst
+            .parse()
+            .with_context(|| format!("{:?} is not an IP address; pass --to ADDR:PORT", r.dst))?;
+        let port = u16::try_from(r.port)
+            .ok()
+            .filter(|p| *p != 0)
+            .with_context(|| format!("port {} is out of range 1-65535", r.port))?;
+        let proto = match r.protocol.as_str() {
+            "tcp" => PROTO_TCP,
+            "udp" => PROTO_UDP,
+            other => bail!("protocol {other:?} is neither tcp nor udp"),
+        };
+        let cgroup = crate::attest::process_cgroup(r.pid)
+            .with_context(|| format!("no process {} to explain", r.pid))?;
+        let t = self.procs.get(r.pid);
+        let exe = t.and_then(|t| self.exes.get(t.exe_id));
+        let in_scope = self.in_force.policy.scope.iter().any(|s| {
+            let s = s.trim_end_matches('/');
+            s.is_empty() || cgroup == s || cgroup.starts_with(&format!("{s}/"))
+        });
+        let (verdict, ident, rule) = if in_scope {
+            let j = self.kernel.judge(r.pid, dst, port, proto)?;
+            (j.verdict.name(), j.ident, self.rule_text(j.rule))
+        } else {
+            (
+                Verdict::Allow.name(),
+                IDENT_NONE,
+                format!(
+                    "outside the enforced scope ({})",
+                    self.in_force.policy.scope.join(", ")
+                ),
+            )
+        };
+        Ok(api::Decision {
+            pid: r.pid,
+            exe: exe.map(|e| e.path.clone()),
+            sha256: exe.map(|e| hex32(&e.sha256)),
+            cgroup: Some(cgroup),
+            uid: t.map(|t| t.uid).unwrap_or(0),
+            identity: self.in_force.identity_name(ident).map(str::to_string),
+            verdict: verdict.to_string(),
+            dst: dst.to_string(),
+            port: port.into(),
+            protocol: protocol_name(proto).to_string(),
+            rule,
+            time_ns: 0,
+        })
+    }
+
+    fn apply_request(&mut self, r: &api::ApplyRequest) -> Result<api::Applied> {
+        let name = if r.name.is_empty() {
+            "policy"
+        } else {
+            r.name.as_str()
+        };
+        let t0 = std::time::Instant::now();
+        let (p, warnings) = policy::load(name, &r.policy).map_err(anyhow::Error::new)?;
+        let decode_ms = (t0.elapsed().as_secs_f64() * 1e4).round() / 10.0;
+        self.apply_from(p, Some(format!("{name} (policy apply)")))?;
+        tracing::info!(policy = %name, decode_ms, "policy applied through the API");
+        Ok(api::Applied {
+            policy_hash: self.in_force.hash.clone(),
+            generation: self.in_force.generation,
+            warnings: warnings.iter().map(|w| w.render(name)).collect(),
+        })
+    }
+}
+
+fn compare<K: Ord + Copy + std::fmt::Debug, V: PartialEq + Copy + std::fmt::Debug>(
+    map: &str,
+    want: &[(K, V)],
+    have: &[(K, V)],
+    out: &mut Vec<String>,
+) {
+    let want: std::collections::BTreeMap<K, V> = want.iter().copied().collect();
+    let have: std::collections::BTreeMap<K, V> = have.iter().copied().collect();
+    let missing = want.iter().filter(|(k, v)| have.get(k) != Some(v)).count();
+    let extra = have.keys().filter(|k| !want.contains_key(k)).count();
+    if missing + extra > 0 {
+        let example = have
+            .iter()
+            .find(|(k, v)| want.get(k) != Some(v))
+            .map(|(k, v)| format!("; e.g. {k:?} -> {v:?}"))
+            .unwrap_or_default();
+        out.push(format!(
+            "{map}: {missing} compiled entries missing or changed, {extra} entries not in the policy{example}"
+        ));
+    }
+}
+
+fn protocol_name(p: u8) -> &'static str {
+    match p {
+        PROTO_TCP => "tcp",
+        PROTO_UDP => "udp",
+        _ => "other",
+    }
+}
+
+/// `status`'s name of the program attached at `attach` (a cgroup hook or a tracepoint), from
+/// the program table: `cgroup/connect4`, `raw_tracepoint/sched_process_exec`.
+fn program_label(attach: &str) -> String {
+    match PROGRAMS.iter().find(|p| p.kind.attach_point() == attach) {
+        Some(p) => format!("{}/{attach}", p.kind.section()),
+        None => format!("unknown/{attach}"),
+    }
+}
+
+/// The name of a verdict read back from the kernel (anything unknown is a deny).
+fn verdict_name(v: u32) -> &'static str {
+    Verdict::from_raw(v).name()
+}
