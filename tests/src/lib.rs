@@ -588,7 +588,7 @@ impl Agent {
     }
 
     /// Lines of the agent's log (all its runs) that contain `needle`.
-    fn count_log(&self, needle: &str) -> usize {
+    pub fn count_log(&self, needle: &str) -> usize {
         self.stderr
             .lock()
             .expect("lock")
@@ -619,6 +619,17 @@ impl Agent {
         assert_eq!(code, 0, "enforcer-agent {args:?} failed: {err}");
         serde_json::from_str(&out)
             .unwrap_or_else(|e| panic!("enforcer-agent {args:?}: not JSON ({e}): {out}"))
+    }
+
+    /// One counter of `status --json` (kernel counters and the agent's own); panics when
+    /// `status` has no counter of that name, so a renamed counter never reads as 0.
+    pub fn status_counter(&self, name: &str) -> u64 {
+        let status = self.cli_json(&["status"]);
+        status["counters"]
+            .as_array()
+            .and_then(|c| c.iter().find(|c| c["name"] == name))
+            .and_then(|c| c["value"].as_u64())
+            .unwrap_or_else(|| panic!("status has no counter {name}: {status}"))
     }
 
     /// True when the agent's kernel probe (`status --json`) found `feature`. When it did not,
@@ -703,15 +714,7 @@ impl Agent {
     /// Waits until the agent's log has `n` lines containing `needle`.
     pub fn wait_log(&self, needle: &str, n: usize) {
         let t0 = Instant::now();
-        while self
-            .stderr
-            .lock()
-            .expect("lock")
-            .iter()
-            .filter(|l| l.contains(needle))
-            .count()
-            < n
-        {
+        while self.count_log(needle) < n {
             assert!(
                 t0.elapsed() < Duration::from_secs(30),
                 "agent never logged {needle:?} x{n}:\n{}",

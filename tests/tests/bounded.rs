@@ -33,27 +33,6 @@ fn map_len<K: aya::Pod, V: aya::Pod>(pin_dir: &Path, name: &str) -> usize {
 /// In any log line of the agent about a failed write to (or removal from) `ENF_CGROUPS`.
 const MAP_FULL_CGROUPS: &str = "ENF_CGROUPS";
 
-/// A counter of `status --json`.
-fn status_counter(agent: &Agent, name: &str) -> u64 {
-    let status = agent.cli_json(&["status"]);
-    status["counters"]
-        .as_array()
-        .and_then(|c| c.iter().find(|c| c["name"] == name))
-        .and_then(|c| c["value"].as_u64())
-        .unwrap_or_else(|| panic!("status has no counter {name}: {status}"))
-}
-
-/// Lines of the agent's log with `needle`.
-fn log_count(agent: &Agent, needle: &str) -> usize {
-    agent
-        .stderr
-        .lock()
-        .expect("lock")
-        .iter()
-        .filter(|l| l.contains(needle))
-        .count()
-}
-
 fn yaml(scope: &str, app_sha: &str, cgroup: Option<&str>, l: &Listeners) -> String {
     let cg = cgroup.map_or(String::new(), |c| format!("\n        cgroup: [\"{c}\"]"));
     format!(
@@ -133,7 +112,7 @@ fn cgroup_churn_keeps_the_cgroup_map_bounded() {
     assert_eq!(done.load(Ordering::Relaxed), total);
     // Other processes of the machine may come and go before the agent reads them; what
     // must never happen is a full cgroup map.
-    assert_eq!(log_count(&agent, MAP_FULL_CGROUPS), 0, "{}", agent.log());
+    assert_eq!(agent.count_log(MAP_FULL_CGROUPS), 0, "{}", agent.log());
     eprintln!(
         "cgroup churn: {total} cgroups, {checks} spot checks, max ENF_CGROUPS fill {max_fill}, {:.1} s",
         t0.elapsed().as_secs_f64()
@@ -283,7 +262,7 @@ fn exe_churn_keeps_exe_ids_and_the_exe_map_bounded() {
         assert_eq!(run_in(&cg, &app_n, &["tcp", &l.extra4.to_string()]), EPERM);
         assert_eq!(run_in(&cg, &other_n, &["tcp", &l.tcp4.to_string()]), EPERM);
         let in_kernel = map_len::<ExeKey, u32>(&agent.pin_dir, enforcer_common::MAP_EXES);
-        let ids = status_counter(&agent, "exe_ids_in_use");
+        let ids = agent.status_counter("exe_ids_in_use");
         max_exes = max_exes.max(in_kernel);
         max_ids = max_ids.max(ids);
         eprintln!(
@@ -295,7 +274,7 @@ fn exe_churn_keeps_exe_ids_and_the_exe_map_bounded() {
     // The agent sees every exec of the machine (others come and go before it reads them);
     // what must never happen is running out of exe ids (today's message, and the old one).
     for needle in ["executable ids are in use", "executable slots are used"] {
-        assert_eq!(log_count(&agent, needle), 0, "{}", agent.log());
+        assert_eq!(agent.count_log(needle), 0, "{}", agent.log());
     }
     let log_lines = fs::read_to_string(agent.state_dir.path("exes.log"))
         .expect("exes.log")

@@ -521,6 +521,35 @@ impl Checker {
         ok.then_some((out, nodes))
     }
 
+    /// A non-empty list of globs under `key`, each checked by `problem`, into `out`; false
+    /// when any is wrong (each reported where it stands).
+    fn globs(
+        &mut self,
+        node: &Node,
+        key: &str,
+        example: &str,
+        problem: fn(&str) -> Option<String>,
+        out: &mut Vec<String>,
+    ) -> bool {
+        let Some(items) = self.nonempty_list(node, key, &format!("[{example}]")) else {
+            return false;
+        };
+        let mut ok = true;
+        for it in items {
+            match self.string(it, &format!("a {key} entry"), example) {
+                Some(g) => match problem(&g) {
+                    None => out.push(g),
+                    Some(msg) => {
+                        self.err(it, msg);
+                        ok = false;
+                    }
+                },
+                None => ok = false,
+            }
+        }
+        ok
+    }
+
     fn match_entry(&mut self, node: &Node, j: usize) -> Option<MatchEntry> {
         let what = format!("match[{j}]");
         let f = self.fields(node, &what, MATCH_KEYS, &[])?;
@@ -567,42 +596,22 @@ impl Checker {
             }
         }
         if let Some(n) = f.get("cgroup") {
-            match self.nonempty_list(n, "cgroup", "[\"/system.slice/app.service\"]") {
-                Some(items) => {
-                    for it in items {
-                        match self.string(it, "a cgroup entry", "\"/system.slice/app.service\"") {
-                            Some(g) => match glob_problem(&g) {
-                                None => entry.cgroup.push(g),
-                                Some(msg) => {
-                                    self.err(it, msg);
-                                    ok = false;
-                                }
-                            },
-                            None => ok = false,
-                        }
-                    }
-                }
-                None => ok = false,
-            }
+            ok &= self.globs(
+                n,
+                "cgroup",
+                "\"/system.slice/app.service\"",
+                glob_problem,
+                &mut entry.cgroup,
+            );
         }
         if let Some(n) = f.get("systemdUnit") {
-            match self.nonempty_list(n, "systemdUnit", "[\"nginx.service\"]") {
-                Some(items) => {
-                    for it in items {
-                        match self.string(it, "a systemdUnit entry", "\"nginx.service\"") {
-                            Some(g) => match unit_glob_problem(&g) {
-                                None => entry.systemd_unit.push(g),
-                                Some(msg) => {
-                                    self.err(it, msg);
-                                    ok = false;
-                                }
-                            },
-                            None => ok = false,
-                        }
-                    }
-                }
-                None => ok = false,
-            }
+            ok &= self.globs(
+                n,
+                "systemdUnit",
+                "\"nginx.service\"",
+                unit_glob_problem,
+                &mut entry.systemd_unit,
+            );
         }
         if let Some(n) = f.get("uid") {
             match self.nonempty_list(n, "uid", "[1000]") {

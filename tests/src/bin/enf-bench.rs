@@ -777,15 +777,6 @@ fn rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
-fn counter(agent: &Agent, name: &str) -> u64 {
-    let s = agent.cli_json(&["status"]);
-    s["counters"]
-        .as_array()
-        .and_then(|c| c.iter().find(|c| c["name"] == name))
-        .and_then(|c| c["value"].as_u64())
-        .unwrap_or(0)
-}
-
 /// Exec storm, exec-to-identity time, agent CPU/RSS, kernel memory per rule: notes lines.
 fn exec_and_memory(
     agents: &[Agent],
@@ -846,7 +837,7 @@ fn exec_and_memory(
     let _ = wait_traced(spawn_in(enf10, &tru, &[]));
     let_settle();
     let _ = wait_traced(spawn_in(enf10, &tru, &[]));
-    let lost0 = counter(agent, "events_lost");
+    let lost0 = agent.status_counter("events_lost");
     let cpu0 = cpu_seconds(apid);
     let n = 20_000;
     let me = std::env::current_exe().map_err(|e| e.to_string())?;
@@ -866,7 +857,7 @@ fn exec_and_memory(
     let secs = t0.elapsed().as_secs_f64();
     std::thread::sleep(std::time::Duration::from_millis(500));
     let cpu = cpu_seconds(apid) - cpu0;
-    let lost = counter(agent, "events_lost") - lost0;
+    let lost = agent.status_counter("events_lost") - lost0;
     let rate = n as f64 / secs;
     let cpu_pct = 100.0 * cpu / secs;
     let rss = rss_kib(apid);
@@ -877,9 +868,9 @@ fn exec_and_memory(
     ));
     // Bursts: 10x the spawners at once (20 on 2 cores), a short burst each, 5 times; every
     // process must still be tracked (events lost stays 0, nothing left pending).
-    let lost0 = counter(agent, "events_lost");
-    let known0 = counter(agent, "exec_known");
-    let failed0 = counter(agent, "proc_insert_failed");
+    let lost0 = agent.status_counter("events_lost");
+    let known0 = agent.status_counter("exec_known");
+    let failed0 = agent.status_counter("proc_insert_failed");
     let mut burst_rates = Vec::new();
     for _ in 0..5 {
         let t0 = Instant::now();
@@ -892,9 +883,9 @@ fn exec_and_memory(
         burst_rates.push(5000.0 / t0.elapsed().as_secs_f64());
         std::thread::sleep(std::time::Duration::from_millis(200));
     }
-    let burst_lost = counter(agent, "events_lost") - lost0;
-    let burst_known = counter(agent, "exec_known") - known0;
-    let burst_failed = counter(agent, "proc_insert_failed") - failed0;
+    let burst_lost = agent.status_counter("events_lost") - lost0;
+    let burst_known = agent.status_counter("exec_known") - known0;
+    let burst_failed = agent.status_counter("proc_insert_failed") - failed0;
     notes.push(format!(
         "Exec bursts: 5 bursts of 20 concurrent spawners (10x the sustained run's 2) x 250 fork+exec each: {} exec/s; {burst_lost} events lost, {burst_known} execs given their identity in the kernel at exec (of 25,000 plus the spawners), {burst_failed} process-table insert failures.",
         burst_rates
