@@ -17,14 +17,18 @@ use tokio::{
 };
 
 use crate::{
+    api::{self, reply, request},
     attest::{self, HashCache},
     cgroups::CgroupRegistry,
     events::EventSink,
-    exes::{Exe, ExeError, ExeRegistry},
+    exes::{ExeError, ExeRegistry},
+    in_force::InForce,
     kernel::Kernel,
     listeners::{self, Listener},
-    policy::{self, Classes, Policy, ProcessFacts},
+    policy::{self, Classes, Policy},
     procs::ProcessTable,
+    server::Call,
+    views::View,
 };
 
 /// What `enforcer-agent run` was asked to do.
@@ -53,36 +57,6 @@ pub struct Options {
 }
 
 pub use crate::procs::Tracked;
-
-/// The policy in force, as one value: what was compiled from it and what it was compiled
-/// against. An apply builds the next one completely, then swaps it in.
-pub(crate) struct InForce {
-    pub(crate) policy: Policy,
-    pub(crate) classes: Classes,
-    /// The generation it is written in (the kernel's `active`).
-    pub(crate) generation: u32,
-    /// `ENF_IDMATCH` entries written for it (classes interned after the apply add some).
-    pub(crate) idmatch_written: HashSet<(IdMatchKey, u32)>,
-    /// Rules made for identity destinations from the listeners found (see `listeners`); their
-    /// rule ids follow the policy's own rules.
-    pub(crate) listener_rules: Vec<policy::Rule>,
-    /// Listeners of identities named in `to: {identity: X}` destinations, as last applied.
-    pub(crate) listeners: BTreeSet<(u32, Listener)>,
-    /// Where the policy came from.
-    pub(crate) source: String,
-    /// sha256 of the compiled policy (computed once per apply).
-    pub(crate) hash: String,
-}
-
-impl InForce {
-    pub(crate) fn identity_name(&self, ident: u32) -> Option<&str> {
-        let i = ident.checked_sub(1)? as usize;
-        self.policy
-            .identities
-            .get(i)
-            .map(|id| id.spiffe_id.as_str())
-    }
-}
 
 /// The agent: the kernel, and the components it keeps current. Each component is its own
 /// module with its own tests ([`crate::procs`], [`crate::exes`], [`crate::cgroups`],
@@ -115,10 +89,6 @@ fn digest(bytes: &[u8]) -> [u8; 32] {
 /// sha256 of a file's content (None when unreadable).
 fn fingerprint(path: &Path) -> Option<[u8; 32]> {
     fs::read(path).ok().map(|b| digest(&b))
-}
-
-pub(crate) fn hex32(b: &[u8; 32]) -> String {
-    hex::encode(b)
 }
 
 impl Agent {
@@ -627,7 +597,7 @@ impl Agent {
             let Some(exe) = self.exes.get(t.exe_id) else {
                 continue;
             };
-            let ident = policy::resolve(policy, &facts_of(exe, t)).ident;
+            let ident = policy::resolve(policy, &t.facts(exe)).ident;
             if targets.contains(&ident) {
                 out.extend(
                     listeners::process_listeners(pid)
@@ -798,7 +768,7 @@ impl Agent {
             }
             Ok(EventKind::Exit) => self.procs.exit(ev.tgid),
             Ok(EventKind::Connect) => {
-                let d = self.decision(ev);
+                let d = self.view().decision(ev);
                 let followers = self.sink.feed.followers();
                 self.sink.emit(d);
                 if self.sink.feed.followers() != followers {
@@ -967,12 +937,84 @@ fn resume(pid: u32, start_ns: u64) -> Result<()> {
     Ok(())
 }
 
-/// What [`policy::resolve`] needs of a tracked process and its executable.
-pub(crate) fn facts_of<'a>(exe: &'a Exe, t: &'a Tracked) -> ProcessFacts<'a> {
-    ProcessFacts {
-        sha256: Some(&exe.sha256),
-        exe_path: Some(&exe.path),
-        cgroup: Some(&t.cgroup),
-        uid: t.uid,
+/// The API's requests, answered on the event loop from read-only views ([`crate::views`]);
+/// the server task writes the reply, so no client is ever waited on here.
+impl Agent {
+    /// Read-only view of the components, for answers and event records.
+    pub(crate) fn view(&self) -> View<'_> {
+        View {
+            kernel: &self.kernel,
+            in_force: &self.in_force,
+            exes: &self.exes,
+            procs: &self.procs,
+            cgroups: &self.cgroups,
+            sink: &self.sink,
+            probe: &self.probe,
+        }
+    }
+
+    /// `status`; drift found means the kernel no longer holds what was written, so the next
+    /// apply writes everything again.
+    fn status(&mut self) -> api::Status {
+        let s = self.view().status();
+        if !s.drift.is_empty() {
+            self.kernel.forget_written();
+        }
+        s
+    }
+
+    /// Answers one API call; never waits on the client (the server task writes the reply).
+    pub(crate) fn answer(&mut self, call: Call) {
+        match call {
+            Call::Ask(kind, reply) => {
+                let _ = reply.send(self.ask(kind));
+            }
+            Call::History { all, reply } => {
+                let _ = reply.send(self.sink.feed.history(all));
+            }
+            Call::Follow { stream, all } => {
+                self.sink.feed.follow(stream, all);
+                self.sync_report_allow();
+            }
+        }
+    }
+
+    fn ask(&mut self, kind: request::Kind) -> reply::Kind {
+        match kind {
+            request::Kind::Status(_) => reply::Kind::Status(self.status()),
+            request::Kind::Identities(_) => reply::Kind::Identities(self.view().identities()),
+            request::Kind::Explain(r) => match self.view().explain(&r) {
+                Ok(d) => reply::Kind::Explain(d),
+                Err(e) => reply::Kind::Error(format!("{e:#}")),
+            },
+            request::Kind::Apply(r) => match self.apply_request(&r) {
+                Ok(a) => reply::Kind::Apply(a),
+                Err(e) => reply::Kind::Error(format!(
+                    "policy not applied, the policy in force is unchanged: {e:#}"
+                )),
+            },
+            // The server answers `events` from the history it asks for.
+            request::Kind::Events(_) => {
+                reply::Kind::Error("events are served by the API server".into())
+            }
+        }
+    }
+
+    fn apply_request(&mut self, r: &api::ApplyRequest) -> Result<api::Applied> {
+        let name = if r.name.is_empty() {
+            "policy"
+        } else {
+            r.name.as_str()
+        };
+        let t0 = std::time::Instant::now();
+        let (p, warnings) = policy::load(name, &r.policy).map_err(anyhow::Error::new)?;
+        let decode_ms = (t0.elapsed().as_secs_f64() * 1e4).round() / 10.0;
+        self.apply_from(p, Some(format!("{name} (policy apply)")))?;
+        tracing::info!(policy = %name, decode_ms, "policy applied through the API");
+        Ok(api::Applied {
+            policy_hash: self.in_force.hash.clone(),
+            generation: self.in_force.generation,
+            warnings: warnings.iter().map(|w| w.render(name)).collect(),
+        })
     }
 }

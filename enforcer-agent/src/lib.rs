@@ -11,6 +11,7 @@ pub mod client;
 pub mod daemon;
 pub mod events;
 pub mod exes;
+pub mod in_force;
 pub mod kernel;
 pub mod listeners;
 pub mod metrics;

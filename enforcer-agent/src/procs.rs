@@ -2,6 +2,8 @@
 
 use std::collections::{HashMap, HashSet};
 
+use crate::{exes::Exe, policy::ProcessFacts};
+
 /// One process the agent tracks.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Tracked {
@@ -14,6 +16,18 @@ pub struct Tracked {
 #[derive(Default)]
 pub struct ProcessTable {
     procs: HashMap<u32, Tracked>,
+}
+
+impl Tracked {
+    /// What [`crate::policy::resolve`] needs of this process and its executable.
+    pub(crate) fn facts<'a>(&'a self, exe: &'a Exe) -> ProcessFacts<'a> {
+        ProcessFacts {
+            sha256: Some(&exe.sha256),
+            exe_path: Some(&exe.path),
+            cgroup: Some(&self.cgroup),
+            uid: self.uid,
+        }
+    }
 }
 
 impl ProcessTable {

@@ -1,7 +1,6 @@
-//! What the API asks of the agent, answered from read-only views of its components and the
-//! kernel maps (`status`, `identities`, `explain`, `events`), and `policy apply`. The server
-//! ([`crate::server`]) reads and writes the connections on tasks of its own; only the request
-//! reaches the event loop, which answers it here without waiting on any client.
+//! What the API asks of the agent (`status`, `identities`, `explain`) and the record of each
+//! decision, answered from a [`View`]: read-only borrows of its components and the kernel maps.
+//! Nothing here changes state; `policy apply` and following events are the daemon's.
 
 use std::net::IpAddr;
 
@@ -9,73 +8,26 @@ use anyhow::{Context as _, Result, bail};
 use enforcer_common::*;
 
 use crate::{
-    api::{self, reply, request},
-    daemon::{Agent, facts_of, hex32},
-    policy,
-    server::Call,
+    api, cgroups::CgroupRegistry, events::EventSink, exes::ExeRegistry, in_force::InForce,
+    kernel::Kernel, policy, probe::Probe, procs::ProcessTable,
 };
 
 /// Window of the coverage report (connections with no identity).
 pub const UNCOVERED_WINDOW: std::time::Duration = std::time::Duration::from_secs(600);
 
-impl Agent {
-    /// Answers one API call; never waits on the client (the server task writes the reply).
-    pub(crate) fn answer(&mut self, call: Call) {
-        match call {
-            Call::Ask(kind, reply) => {
-                let _ = reply.send(self.ask(kind));
-            }
-            Call::History { all, reply } => {
-                let _ = reply.send(self.sink.feed.history(all));
-            }
-            Call::Follow { stream, all } => {
-                self.sink.feed.follow(stream, all);
-                self.sync_report_allow();
-            }
-        }
-    }
+/// Read-only borrows of the agent's components: everything the API's answers and the event
+/// records read, nothing they could change.
+pub(crate) struct View<'a> {
+    pub(crate) kernel: &'a Kernel,
+    pub(crate) in_force: &'a InForce,
+    pub(crate) exes: &'a ExeRegistry,
+    pub(crate) procs: &'a ProcessTable,
+    pub(crate) cgroups: &'a CgroupRegistry,
+    pub(crate) sink: &'a EventSink,
+    pub(crate) probe: &'a Probe,
+}
 
-    fn ask(&mut self, kind: request::Kind) -> reply::Kind {
-        match kind {
-            request::Kind::Status(_) => reply::Kind::Status(self.status()),
-            request::Kind::Identities(_) => reply::Kind::Identities(self.identities()),
-            request::Kind::Explain(r) => match self.explain(&r) {
-                Ok(d) => reply::Kind::Explain(d),
-                Err(e) => reply::Kind::Error(format!("{e:#}")),
-            },
-            request::Kind::Apply(r) => match self.apply_request(&r) {
-                Ok(a) => reply::Kind::Apply(a),
-                Err(e) => reply::Kind::Error(format!(
-                    "policy not applied, the policy in force is unchanged: {e:#}"
-                )),
-            },
-            // The server answers `events` from the history it asks for.
-            request::Kind::Events(_) => {
-                reply::Kind::Error("events are served by the API server".into())
-            }
-        }
-    }
-
-    fn rule_text(&self, rule: u32) -> String {
-        match rule {
-            RULE_DEFAULT_DENY => "default deny (no egress entry matches)".to_string(),
-            RULE_UNATTESTED => "unattested".to_string(),
-            RULE_PENDING => "pending attestation".to_string(),
-            RULE_UNTRACKED => "untracked process".to_string(),
-            RULE_NO_CONFIG => "no policy loaded".to_string(),
-            r => {
-                let own = self.in_force.policy.rules.len();
-                let i = r as usize;
-                let rule = if i < own {
-                    self.in_force.policy.rules.get(i)
-                } else {
-                    self.in_force.listener_rules.get(i - own)
-                };
-                rule.map_or_else(|| format!("rule {r}"), |r| r.text.clone())
-            }
-        }
-    }
-
+impl View<'_> {
     /// The decision record of one connect event.
     pub(crate) fn decision(&self, ev: &Event) -> api::Decision {
         let t = self.procs.get(ev.tgid);
@@ -88,7 +40,7 @@ impl Agent {
         api::Decision {
             pid: ev.tgid,
             exe: exe.map(|e| e.path.clone()),
-            sha256: exe.map(|e| hex32(&e.sha256)),
+            sha256: exe.map(|e| hex::encode(e.sha256)),
             cgroup: t.map(|t| t.cgroup.clone()),
             uid: ev.uid,
             identity: self.in_force.identity_name(ev.ident).map(str::to_string),
@@ -96,7 +48,7 @@ impl Agent {
             dst: dst.to_string(),
             port: ev.port.into(),
             protocol: protocol_name(ev.proto).to_string(),
-            rule: self.rule_text(ev.rule),
+            rule: self.in_force.rule_text(ev.rule),
             time_ns: ev.ktime_ns,
         }
     }
@@ -124,7 +76,7 @@ impl Agent {
                     exe: exe
                         .map(|e| e.path.clone())
                         .unwrap_or_else(|| "(not attested)".into()),
-                    sha256: exe.map(|e| hex32(&e.sha256)).unwrap_or_default(),
+                    sha256: exe.map(|e| hex::encode(e.sha256)).unwrap_or_default(),
                     cgroup: self
                         .cgroups
                         .get(k.cgroup_id)
@@ -143,7 +95,7 @@ impl Agent {
         out
     }
 
-    fn status(&mut self) -> api::Status {
+    pub(crate) fn status(&self) -> api::Status {
         let cfg = self.kernel.config().unwrap_or_default();
         let generation = cfg.active & 1;
         let g = cfg.generations[generation as usize];
@@ -239,13 +191,7 @@ impl Agent {
             },
             generation,
             counters,
-            drift: {
-                let d = self.drift(generation);
-                if !d.is_empty() {
-                    self.kernel.forget_written();
-                }
-                d
-            },
+            drift: self.drift(generation),
             uncovered,
             uncovered_window_secs: UNCOVERED_WINDOW.as_secs(),
             events_lost: self.kernel.counter(Counter::EventsLost),
@@ -285,13 +231,13 @@ impl Agent {
         out
     }
 
-    fn identities(&self) -> api::Identities {
+    pub(crate) fn identities(&self) -> api::Identities {
         let mut processes: Vec<api::Process> = self
             .procs
             .iter()
             .map(|(pid, t)| {
                 let exe = self.exes.get(t.exe_id);
-                let res = exe.map(|e| policy::resolve(&self.in_force.policy, &facts_of(e, t)));
+                let res = exe.map(|e| policy::resolve(&self.in_force.policy, &t.facts(e)));
                 let pending = self
                     .kernel
                     .process(pid)
@@ -299,7 +245,7 @@ impl Agent {
                 api::Process {
                     pid,
                     exe: exe.map(|e| e.path.clone()),
-                    sha256: exe.map(|e| hex32(&e.sha256)),
+                    sha256: exe.map(|e| hex::encode(e.sha256)),
                     cgroup: Some(t.cgroup.clone()),
                     uid: t.uid,
                     gid: t.gid,
@@ -318,7 +264,7 @@ impl Agent {
         api::Identities { processes }
     }
 
-    fn explain(&self, r: &api::ExplainRequest) -> Result<api::Decision> {
+    pub(crate) fn explain(&self, r: &api::ExplainRequest) -> Result<api::Decision> {
         let dst: IpAddr = r
             .dst
             .parse()
@@ -342,7 +288,7 @@ impl Agent {
         });
         let (verdict, ident, rule) = if in_scope {
             let j = self.kernel.judge(r.pid, dst, port, proto)?;
-            (j.verdict.name(), j.ident, self.rule_text(j.rule))
+            (j.verdict.name(), j.ident, self.in_force.rule_text(j.rule))
         } else {
             (
                 Verdict::Allow.name(),
@@ -356,7 +302,7 @@ impl Agent {
         Ok(api::Decision {
             pid: r.pid,
             exe: exe.map(|e| e.path.clone()),
-            sha256: exe.map(|e| hex32(&e.sha256)),
+            sha256: exe.map(|e| hex::encode(e.sha256)),
             cgroup: Some(cgroup),
             uid: t.map(|t| t.uid).unwrap_or(0),
             identity: self.in_force.identity_name(ident).map(str::to_string),
@@ -366,24 +312,6 @@ impl Agent {
             protocol: protocol_name(proto).to_string(),
             rule,
             time_ns: 0,
-        })
-    }
-
-    fn apply_request(&mut self, r: &api::ApplyRequest) -> Result<api::Applied> {
-        let name = if r.name.is_empty() {
-            "policy"
-        } else {
-            r.name.as_str()
-        };
-        let t0 = std::time::Instant::now();
-        let (p, warnings) = policy::load(name, &r.policy).map_err(anyhow::Error::new)?;
-        let decode_ms = (t0.elapsed().as_secs_f64() * 1e4).round() / 10.0;
-        self.apply_from(p, Some(format!("{name} (policy apply)")))?;
-        tracing::info!(policy = %name, decode_ms, "policy applied through the API");
-        Ok(api::Applied {
-            policy_hash: self.in_force.hash.clone(),
-            generation: self.in_force.generation,
-            warnings: warnings.iter().map(|w| w.render(name)).collect(),
         })
     }
 }
