@@ -2,9 +2,8 @@
 
 use sha2::{Digest, Sha256};
 
-use super::cgroup_attr::unit_glob_problem;
+use super::cgroup_attr::CgroupAttr;
 use super::check::entries_overlap;
-use super::glob::glob_problem;
 use super::{
     Action, Diagnostic, Identity, MatchEntry, Mode, Policy, PolicyError, Protocol, Rule, Severity,
     check,
@@ -343,11 +342,10 @@ fn validate(p: &Policy) -> Result<(), String> {
             if *m == MatchEntry::default() {
                 return Err(format!("identities[{i}].match[{j}] is empty"));
             }
-            if let Some(msg) = m.cgroup.iter().find_map(|g| glob_problem(g)) {
-                return Err(format!("identities[{i}].match[{j}]: {msg}"));
-            }
-            if let Some(msg) = m.systemd_unit.iter().find_map(|g| unit_glob_problem(g)) {
-                return Err(format!("identities[{i}].match[{j}]: {msg}"));
+            for attr in CgroupAttr::ALL {
+                if let Some(msg) = attr.globs(m).iter().find_map(|g| attr.problem(g)) {
+                    return Err(format!("identities[{i}].match[{j}]: {msg}"));
+                }
             }
             if m.binary_path.iter().any(|x| !x.starts_with('/')) {
                 return Err(format!(

@@ -6,7 +6,7 @@
 //! one variant here, one `MatchEntry` field and one YAML key.
 
 use super::MatchEntry;
-use super::glob::cgroup_glob_match;
+use super::glob::{cgroup_glob_match, glob_problem};
 
 /// An attribute of a cgroup that a `match` entry can select on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -28,11 +28,35 @@ impl CgroupAttr {
         }
     }
 
+    /// An example value, for messages.
+    pub const fn example(self) -> &'static str {
+        match self {
+            CgroupAttr::Path => "\"/system.slice/app.service\"",
+            CgroupAttr::SystemdUnit => "\"nginx.service\"",
+        }
+    }
+
+    /// Why `glob` is not a valid glob on this attribute, if it is not.
+    pub fn problem(self, glob: &str) -> Option<String> {
+        match self {
+            CgroupAttr::Path => glob_problem(glob),
+            CgroupAttr::SystemdUnit => unit_glob_problem(glob),
+        }
+    }
+
     /// The entry's globs on this attribute (empty: the entry does not constrain it).
     pub fn globs(self, e: &MatchEntry) -> &[String] {
         match self {
             CgroupAttr::Path => &e.cgroup,
             CgroupAttr::SystemdUnit => &e.systemd_unit,
+        }
+    }
+
+    /// The entry's globs on this attribute, to fill in.
+    pub fn globs_mut(self, e: &mut MatchEntry) -> &mut Vec<String> {
+        match self {
+            CgroupAttr::Path => &mut e.cgroup,
+            CgroupAttr::SystemdUnit => &mut e.systemd_unit,
         }
     }
 

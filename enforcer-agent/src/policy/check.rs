@@ -5,8 +5,8 @@ use std::net::IpAddr;
 
 use ipnet::{IpNet, Ipv4Net};
 
-use super::cgroup_attr::{CgroupAttr, unit_glob_problem};
-use super::glob::{glob_problem, globs_intersect};
+use super::cgroup_attr::CgroupAttr;
+use super::glob::globs_intersect;
 use super::yaml::{self, Kind, Node};
 use super::{Action, Diagnostic, Identity, MatchEntry, Mode, Policy, Protocol, Rule, Severity};
 
@@ -521,24 +521,18 @@ impl Checker {
         ok.then_some((out, nodes))
     }
 
-    /// A non-empty list of globs under `key`, each checked by `problem`, into `out`; false
-    /// when any is wrong (each reported where it stands).
-    fn globs(
-        &mut self,
-        node: &Node,
-        key: &str,
-        example: &str,
-        problem: fn(&str) -> Option<String>,
-        out: &mut Vec<String>,
-    ) -> bool {
+    /// The non-empty list of globs on a cgroup attribute, each checked, into the entry;
+    /// false when any is wrong (each reported where it stands).
+    fn globs(&mut self, node: &Node, attr: CgroupAttr, entry: &mut MatchEntry) -> bool {
+        let (key, example) = (attr.key(), attr.example());
         let Some(items) = self.nonempty_list(node, key, &format!("[{example}]")) else {
             return false;
         };
         let mut ok = true;
         for it in items {
             match self.string(it, &format!("a {key} entry"), example) {
-                Some(g) => match problem(&g) {
-                    None => out.push(g),
+                Some(g) => match attr.problem(&g) {
+                    None => attr.globs_mut(entry).push(g),
                     Some(msg) => {
                         self.err(it, msg);
                         ok = false;
@@ -595,23 +589,10 @@ impl Checker {
                 None => ok = false,
             }
         }
-        if let Some(n) = f.get("cgroup") {
-            ok &= self.globs(
-                n,
-                "cgroup",
-                "\"/system.slice/app.service\"",
-                glob_problem,
-                &mut entry.cgroup,
-            );
-        }
-        if let Some(n) = f.get("systemdUnit") {
-            ok &= self.globs(
-                n,
-                "systemdUnit",
-                "\"nginx.service\"",
-                unit_glob_problem,
-                &mut entry.systemd_unit,
-            );
+        for attr in CgroupAttr::ALL {
+            if let Some(n) = f.get(attr.key()) {
+                ok &= self.globs(n, attr, &mut entry);
+            }
         }
         if let Some(n) = f.get("uid") {
             match self.nonempty_list(n, "uid", "[1000]") {

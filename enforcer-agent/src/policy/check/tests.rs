@@ -359,3 +359,10 @@ fn systemd_unit_selector() {
     assert!(has(&d, 7, 30, Severity::Error, "is a path"), "{d:#?}");
     assert!(has(&d, 7, 57, Severity::Error, "not a list"), "{d:#?}");
 }
+
+#[test]
+fn every_cgroup_attribute_is_a_match_key() {
+    for attr in crate::policy::CgroupAttr::ALL {
+        assert!(MATCH_KEYS.contains(&attr.key()), "{attr:?}");
+    }
+}
