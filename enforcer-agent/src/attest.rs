@@ -34,6 +34,10 @@ const HINT_CGROUP: &str = "check that the cgroup exists under the cgroup2 mount"
 /// Why a process, file or cgroup could not be attested.
 #[derive(Debug, thiserror::Error)]
 pub enum AttestError {
+    #[error(
+        "{path} is not a cgroup2 file system; give the folder where the host's cgroup v2 hierarchy is mounted (e.g. /sys/fs/cgroup, or /sys/fs/cgroup/unified on a hybrid host)"
+    )]
+    NotCgroup2 { path: PathBuf },
     /// The process exited (or its pid was reused) while it was being read.
     #[error("process {pid} is gone (while reading {what}); nothing to attest, skip it")]
     Gone { pid: u32, what: String },
@@ -177,8 +181,31 @@ pub fn cgroup2_mount_from(mountinfo: &str) -> Option<PathBuf> {
     fallback
 }
 
-/// Where cgroup2 is mounted, read from `/proc/self/mountinfo`.
+/// The cgroup2 mount given on the command line (`run --cgroup2`), which wins over mountinfo.
+static CGROUP2_MOUNT: OnceLock<PathBuf> = OnceLock::new();
+
+const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
+
+/// Uses `dir` as the cgroup2 mount from now on (a container that sees the host's cgroup2 at
+/// another place, e.g. a DaemonSet's `/host/sys/fs/cgroup`). Refused unless `dir` is the root
+/// of a cgroup2 file system.
+pub fn use_cgroup2_mount(dir: &Path) -> Result<(), AttestError> {
+    let st =
+        nix::sys::statfs::statfs(dir).map_err(|e| io_err("statfs", dir, io::Error::from(e)))?;
+    if st.filesystem_type().0 != CGROUP2_SUPER_MAGIC {
+        return Err(AttestError::NotCgroup2 {
+            path: dir.to_path_buf(),
+        });
+    }
+    let _ = CGROUP2_MOUNT.set(dir.to_path_buf());
+    Ok(())
+}
+
+/// Where cgroup2 is mounted: `run --cgroup2` if given, else read from `/proc/self/mountinfo`.
 pub fn cgroup2_mount() -> Result<PathBuf, AttestError> {
+    if let Some(dir) = CGROUP2_MOUNT.get() {
+        return Ok(dir.clone());
+    }
     let path = "/proc/self/mountinfo";
     let text = fs::read_to_string(path).map_err(|e| io_err("read", path, e))?;
     cgroup2_mount_from(&text).ok_or(AttestError::NoCgroup2)
@@ -938,5 +965,21 @@ mod tests {
         let now_ns = boot.tv_sec as u64 * 1_000_000_000 + boot.tv_nsec as u64;
         let own = parse_stat(&fs::read_to_string("/proc/self/stat").unwrap()).unwrap();
         assert!(boot_ns_to_ticks(now_ns) >= own.start_ticks);
+    }
+}
+
+#[cfg(test)]
+mod cgroup2_flag_tests {
+    use super::*;
+
+    #[test]
+    fn a_folder_that_is_not_cgroup2_is_refused() {
+        let err = use_cgroup2_mount(Path::new("/tmp")).unwrap_err();
+        assert!(matches!(err, AttestError::NotCgroup2 { .. }), "{err}");
+        assert!(err.to_string().contains("/tmp is not a cgroup2"), "{err}");
+        assert!(
+            CGROUP2_MOUNT.get().is_none(),
+            "a refused folder is not used"
+        );
     }
 }

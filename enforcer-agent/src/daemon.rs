@@ -54,6 +54,8 @@ pub struct Options {
     pub max_rules: u32,
     /// When `run` began (the "agent ready" log line says how long the start took).
     pub started: std::time::Instant,
+    /// Where pod metadata comes from.
+    pub k8s: crate::k8s::Options,
 }
 
 pub use crate::procs::Tracked;

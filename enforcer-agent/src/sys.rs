@@ -210,3 +210,24 @@ const BPF_FS_MAGIC: i64 = 0xcafe4a11;
 pub fn is_bpffs(path: &Path) -> bool {
     nix::sys::statfs::statfs(path).is_ok_and(|s| s.filesystem_type().0 == BPF_FS_MAGIC)
 }
+
+/// Joins the cgroup namespace of PID 1 when this process is in another one, and says whether
+/// it did. `/proc/PID/cgroup` shows paths relative to the reader's cgroup namespace, so an
+/// agent in a container with a private cgroup namespace (cgroup v2 hosts give unprivileged
+/// containers one) would read other processes' paths as `/../..`. Needs the host's PID 1 in
+/// view (`hostPID`) and CAP_SYS_ADMIN; call it before any thread starts (a namespace is per
+/// thread, and threads inherit it).
+pub fn join_init_cgroup_namespace() -> io::Result<bool> {
+    use std::os::unix::fs::MetadataExt as _;
+    let mine = std::fs::metadata("/proc/self/ns/cgroup")?;
+    let init = std::fs::metadata("/proc/1/ns/cgroup")?;
+    if (mine.dev(), mine.ino()) == (init.dev(), init.ino()) {
+        return Ok(false);
+    }
+    let ns = std::fs::File::open("/proc/1/ns/cgroup")?;
+    // SAFETY: a syscall on an fd we hold and a flag.
+    if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWCGROUP) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(true)
+}

@@ -56,6 +56,21 @@ enum Cmd {
         #[arg(long, default_value_t = enforcer_common::DEFAULT_MAX_RULES,
               value_parser = clap::value_parser!(u32).range(1..=i64::from(enforcer_common::MAX_RULES_LIMIT)))]
         max_rules: u32,
+        /// Where the host's cgroup v2 hierarchy is mounted (a container that sees it elsewhere,
+        /// e.g. /host/sys/fs/cgroup); default: found in /proc/self/mountinfo.
+        #[arg(long, value_name = "DIR")]
+        cgroup2: Option<PathBuf>,
+        /// The container runtime's CRI socket, for pod metadata; default: the first of
+        /// containerd's, CRI-O's and cri-dockerd's usual sockets that answers.
+        #[arg(long, value_name = "PATH")]
+        cri_socket: Option<PathBuf>,
+        /// This node's name (in a DaemonSet: the downward API's spec.nodeName). Turns on the
+        /// API-server watch of this node's pods (service accounts, current labels).
+        #[arg(long, value_name = "NAME", env = "NODE_NAME")]
+        kube_node: Option<String>,
+        /// The API server's URL; default: the in-cluster configuration.
+        #[arg(long, value_name = "URL")]
+        kube_api: Option<String>,
     },
     /// Print shell completions generated from this command line.
     Completions {
@@ -476,9 +491,27 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
             metrics_addr,
             events_file,
             max_rules,
+            cgroup2,
+            cri_socket,
+            kube_node,
+            kube_api,
         } => {
             let started = std::time::Instant::now();
             init_logging();
+            // Before any thread starts: a cgroup namespace is per thread.
+            match enforcer_agent::sys::join_init_cgroup_namespace() {
+                Ok(true) => {
+                    tracing::info!("joined the cgroup namespace of PID 1 (host cgroup paths)")
+                }
+                Ok(false) => {}
+                Err(e) => bail!(
+                    "this agent is in a cgroup namespace of its own and cannot join PID 1's: {e}; run it with the host's PID namespace (hostPID) and CAP_SYS_ADMIN, or in the host's cgroup namespace"
+                ),
+            }
+            if let Some(dir) = &cgroup2 {
+                enforcer_agent::attest::use_cgroup2_mount(dir)
+                    .with_context(|| format!("--cgroup2 {}", dir.display()))?;
+            }
             let (p, source) = match &file {
                 Some(f) => {
                     let name = f.display().to_string();
@@ -513,6 +546,11 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
                 events_file,
                 max_rules,
                 started,
+                k8s: enforcer_agent::k8s::Options {
+                    cri_socket,
+                    kube_node,
+                    kube_api,
+                },
             };
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()

@@ -21,3 +21,15 @@ pub struct PodMeta {
     /// no `serviceAccount` selector holds.
     pub service_account: Option<String>,
 }
+
+/// Where the agent looks for pod metadata (`run` flags).
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    /// The container runtime's CRI socket (`--cri-socket`); `None`: found automatically.
+    pub cri_socket: Option<std::path::PathBuf>,
+    /// This node's name (`--kube-node`, from the downward API): turns on the API-server pod
+    /// watch for the pods of this node.
+    pub kube_node: Option<String>,
+    /// The API server's URL (`--kube-api`); `None`: the in-cluster configuration.
+    pub kube_api: Option<String>,
+}
