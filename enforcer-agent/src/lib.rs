@@ -16,6 +16,7 @@ pub mod k8s;
 pub mod kernel;
 pub mod listeners;
 pub mod metrics;
+pub mod pods;
 pub mod policy;
 pub mod probe;
 pub mod procs;
