@@ -557,6 +557,8 @@ mod tests {
     fn classes_agree_with_resolve() {
         let mut r = Rng(0x9e37_79b9_7f4a_7c15);
         let pods = pods();
+        // Samples that got their identity through a k8s selector (the generator must make some).
+        let mut by_k8s = 0;
         for _ in 0..400 {
             let p = random_policy(&mut r);
             let mut classes = Classes::new(&p);
@@ -600,10 +602,13 @@ mod tests {
                         cgroup: Some(*cg),
                         uid: *uid,
                     };
-                    assert_eq!(kernel, resolve(&p, &facts).ident, "{p:?} {facts:?}");
+                    let res = resolve(&p, &facts);
+                    assert_eq!(kernel, res.ident, "{p:?} {facts:?}");
+                    by_k8s += usize::from(res.reason.contains("k8s."));
                 }
             }
         }
+        assert!(by_k8s > 100, "{by_k8s}");
     }
 
     #[test]
