@@ -358,7 +358,10 @@ impl Agent {
         if !self.in_force.classes.uses_cgroups() && self.kernel.knows_cgroup(id) {
             return Ok(());
         }
-        let class = self.in_force.classes.cg_class(path);
+        let class = self
+            .in_force
+            .classes
+            .cg_class(&policy::CgroupFacts::without_pod(path));
         self.sync_idmatch()?;
         self.kernel
             .set_cgroup_class(self.in_force.generation, id, class)?;
@@ -455,7 +458,7 @@ impl Agent {
         let cgs: Vec<(u64, u32)> = self
             .cgroups
             .iter()
-            .map(|(id, p)| (id, classes.cg_class(p)))
+            .map(|(id, p)| (id, classes.cg_class(&policy::CgroupFacts::without_pod(p))))
             .collect();
         let idm = classes.idmatch_entries(next);
         let compile_ms = t0.elapsed().as_secs_f64() * 1e3;

@@ -2,7 +2,10 @@
 
 use std::collections::{HashMap, HashSet};
 
-use crate::{exes::Exe, policy::ProcessFacts};
+use crate::{
+    exes::Exe,
+    policy::{CgroupFacts, ProcessFacts},
+};
 
 /// One process the agent tracks.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -24,7 +27,8 @@ impl Tracked {
         ProcessFacts {
             sha256: Some(&exe.sha256),
             exe_path: Some(&exe.path),
-            cgroup: Some(&self.cgroup),
+            // The lead wires the cgroup's pod in with the metadata sources.
+            cgroup: Some(CgroupFacts::without_pod(&self.cgroup)),
             uid: self.uid,
         }
     }

@@ -2,7 +2,7 @@
 
 use sha2::{Digest, Sha256};
 
-use super::cgroup_attr::CgroupAttr;
+use super::cgroup_attr::{CgroupAttr, label_atom, split_label};
 use super::check::entries_overlap;
 use super::{
     Action, Diagnostic, Identity, MatchEntry, Mode, Policy, PolicyError, Protocol, Rule, Severity,
@@ -11,10 +11,11 @@ use super::{
 
 /// Field 1 of every bundle.
 const MAGIC: &[u8] = b"ENFORCER-POLICY";
-/// Version of the bundle format (field 2). 2 added `systemdUnit` (match field 5): an agent
-/// that ignored it would widen identities, so older agents must refuse these bundles.
-pub const BUNDLE_FORMAT: u32 = 2;
-/// Oldest format this agent reads (a format-1 bundle has no field it does not know).
+/// Version of the bundle format (field 2). 2 added `systemdUnit` (match field 5), 3 the `k8s`
+/// selectors (match fields 6 to 9): an agent that ignored them would widen identities, so
+/// older agents must refuse these bundles.
+pub const BUNDLE_FORMAT: u32 = 3;
+/// Oldest format this agent reads (older formats have no field it does not know).
 const BUNDLE_FORMAT_MIN: u32 = 1;
 
 #[derive(Clone, PartialEq, prost::Message)]
@@ -69,6 +70,25 @@ struct MatchMsg {
     uid: Vec<u32>,
     #[prost(string, repeated, tag = "5")]
     systemd_unit: Vec<String>,
+    #[prost(string, repeated, tag = "6")]
+    k8s_namespace: Vec<String>,
+    #[prost(string, repeated, tag = "7")]
+    k8s_service_account: Vec<String>,
+    #[prost(string, repeated, tag = "8")]
+    k8s_container: Vec<String>,
+    /// All must hold.
+    #[prost(message, repeated, tag = "9")]
+    k8s_pod_labels: Vec<LabelMsg>,
+}
+
+/// One `k8s.podLabels` pair.
+#[derive(Clone, PartialEq, prost::Message)]
+struct LabelMsg {
+    #[prost(string, tag = "1")]
+    key: String,
+    /// A glob on the label's value.
+    #[prost(string, tag = "2")]
+    value: String,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
@@ -146,6 +166,20 @@ pub fn encode_bundle(policy: &Policy) -> Vec<u8> {
                             cgroup: m.cgroup.clone(),
                             uid: m.uid.clone(),
                             systemd_unit: m.systemd_unit.clone(),
+                            k8s_namespace: m.k8s_namespace.clone(),
+                            k8s_service_account: m.k8s_service_account.clone(),
+                            k8s_container: m.k8s_container.clone(),
+                            k8s_pod_labels: m
+                                .k8s_pod_labels
+                                .iter()
+                                .map(|atom| {
+                                    let (key, value) = split_label(atom).unwrap_or((atom, ""));
+                                    LabelMsg {
+                                        key: key.to_string(),
+                                        value: value.to_string(),
+                                    }
+                                })
+                                .collect(),
                         })
                         .collect(),
                 })
@@ -238,6 +272,14 @@ pub fn decode_bundle(bytes: &[u8]) -> Result<Policy, PolicyError> {
                 cgroup: m.cgroup,
                 systemd_unit: m.systemd_unit,
                 uid: m.uid,
+                k8s_namespace: m.k8s_namespace,
+                k8s_service_account: m.k8s_service_account,
+                k8s_container: m.k8s_container,
+                k8s_pod_labels: m
+                    .k8s_pod_labels
+                    .iter()
+                    .map(|l| label_atom(&l.key, &l.value))
+                    .collect(),
             });
         }
         identities.push(Identity {
@@ -346,6 +388,20 @@ fn validate(p: &Policy) -> Result<(), String> {
                 if let Some(msg) = attr.globs(m).iter().find_map(|g| attr.problem(g)) {
                     return Err(format!("identities[{i}].match[{j}]: {msg}"));
                 }
+            }
+            let keys: Vec<&str> = m
+                .k8s_pod_labels
+                .iter()
+                .filter_map(|a| split_label(a).map(|(k, _)| k))
+                .collect();
+            if let Some(k) = keys
+                .iter()
+                .enumerate()
+                .find_map(|(x, k)| keys[..x].contains(k).then_some(k))
+            {
+                return Err(format!(
+                    "identities[{i}].match[{j}] has the podLabels key {k:?} twice"
+                ));
             }
             if m.binary_path.iter().any(|x| !x.starts_with('/')) {
                 return Err(format!(
@@ -517,5 +573,78 @@ mod tests {
             load("bin", &[0xff, 0xfe, 0x00]),
             Err(PolicyError::NotUtf8 { .. })
         ));
+    }
+
+    const K8S: &str = "apiVersion: enforcer/v1\nkind: Policy\ntrustDomain: t.org\nidentities:\n  - name: web\n    match:\n      - binarySha256: [\"1111111111111111111111111111111111111111111111111111111111111111\"]\n        k8s: {namespace: [prod], serviceAccount: [api], podLabels: {app: web, \"app.kubernetes.io/tier\": \"b*\"}, container: [\"app*\"]}\n  - name: dev\n    match:\n      - k8s: {namespace: [dev]}\n";
+
+    #[test]
+    fn k8s_roundtrip_and_validation() -> Result<(), PolicyError> {
+        let p = match check(K8S) {
+            Ok((p, _)) => p,
+            Err(d) => panic!("{d:?}"),
+        };
+        assert_eq!(p.identities[0].spiffe_id, "spiffe://t.org/ns/prod/sa/api");
+        let b = encode_bundle(&p);
+        assert_eq!(decode_bundle(&b)?, p);
+        let msg: BundleMsg = match prost::Message::decode(b.as_slice()) {
+            Ok(m) => m,
+            Err(e) => panic!("{e}"),
+        };
+        assert_eq!(msg.format, 3);
+        let labels = &msg
+            .policy
+            .as_ref()
+            .map(|p| p.identities[0].matches[0].k8s_pod_labels.clone());
+        assert_eq!(
+            labels.as_deref().map(|l| l
+                .iter()
+                .map(|l| (l.key.as_str(), l.value.as_str()))
+                .collect::<Vec<_>>()),
+            Some(vec![("app", "web"), ("app.kubernetes.io/tier", "b*")])
+        );
+        // Every k8s field is validated again on load.
+        let bad = |f: &dyn Fn(&mut MatchEntry), needle: &str| {
+            let mut q = p.clone();
+            f(&mut q.identities[0].matches[0]);
+            let e = decode_bundle(&encode_bundle(&q));
+            assert!(
+                matches!(&e, Err(PolicyError::InvalidBundle(m)) if m.contains(needle)),
+                "{needle}: {e:?}"
+            );
+        };
+        bad(&|m| m.k8s_namespace = vec!["Prod".into()], "namespace name");
+        bad(
+            &|m| m.k8s_service_account = vec!["a..b".into()],
+            "service account",
+        );
+        bad(&|m| m.k8s_container = vec!["a_b".into()], "container name");
+        bad(&|m| m.k8s_pod_labels = vec!["ap p=web".into()], "label key");
+        bad(
+            &|m| m.k8s_pod_labels = vec!["app=we b".into()],
+            "label value",
+        );
+        bad(
+            &|m| m.k8s_pod_labels = vec!["app=a".into(), "app=b".into()],
+            "twice",
+        );
+        bad(&|m| m.k8s_namespace = vec![String::new()], "is empty");
+        // The bundle's overlap check covers k8s selectors: dev's entry made to match prod.
+        bad(
+            &|m| {
+                *m = MatchEntry {
+                    k8s_namespace: vec!["dev".into()],
+                    ..MatchEntry::default()
+                }
+            },
+            "can match the same process",
+        );
+        // A format-2 bundle (no k8s field) still loads.
+        let mut old: BundleMsg = match prost::Message::decode(encode_bundle(&full()).as_slice()) {
+            Ok(m) => m,
+            Err(e) => panic!("{e}"),
+        };
+        old.format = 2;
+        assert_eq!(decode_bundle(&prost::Message::encode_to_vec(&old))?, full());
+        Ok(())
     }
 }

@@ -5,10 +5,12 @@ use std::net::IpAddr;
 
 use ipnet::{IpNet, Ipv4Net};
 
-use super::cgroup_attr::CgroupAttr;
-use super::glob::globs_intersect;
+use super::cgroup_attr::{CgroupAttr, K8S_KEY, label_atom, label_key_problem, label_value_problem};
 use super::yaml::{self, Kind, Node};
-use super::{Action, Diagnostic, Identity, MatchEntry, Mode, Policy, Protocol, Rule, Severity};
+use super::{
+    Action, Diagnostic, Identity, MatchEntry, Mode, Policy, Protocol, Rule, Severity,
+    default_spiffe_id,
+};
 
 const TOP_KEYS: &[&str] = &[
     "apiVersion",
@@ -22,7 +24,16 @@ const TOP_KEYS: &[&str] = &[
     "rules",
 ];
 const IDENTITY_KEYS: &[&str] = &["name", "spiffeId", "match"];
-const MATCH_KEYS: &[&str] = &["binarySha256", "binaryPath", "cgroup", "systemdUnit", "uid"];
+const MATCH_KEYS: &[&str] = &[
+    "binarySha256",
+    "binaryPath",
+    "cgroup",
+    "systemdUnit",
+    "uid",
+    K8S_KEY,
+];
+/// Keys of a match entry's `k8s` mapping (the `k8s` attributes of [`CgroupAttr`]).
+const K8S_KEYS: &[&str] = &["namespace", "serviceAccount", "podLabels", "container"];
 const RULE_KEYS: &[&str] = &["identity", "egress", "deny"];
 const ENTRY_KEYS: &[&str] = &["to"];
 const TO_KEYS: &[&str] = &["cidr", "ports", "protocol", "identity"];
@@ -429,9 +440,10 @@ impl Checker {
                 numbers.insert(name.clone(), index_to_ident(i));
                 Some(name)
             });
-            let spiffe_id = match (f.get("spiffeId"), &name, trust_domain) {
-                (Some(n), _, td) => self.spiffe_id(n, td),
-                (None, Some(name), Some(td)) => Some(format!("spiffe://{td}/{name}")),
+            let matches = f.get("match").and_then(|n| self.matches(n));
+            let spiffe_id = match (f.get("spiffeId"), &name, trust_domain, &matches) {
+                (Some(n), _, td, _) => self.spiffe_id(n, td),
+                (None, Some(name), Some(td), Some((m, _))) => Some(default_spiffe_id(td, name, m)),
                 _ => None,
             };
             if let (Some(id), Some(n)) = (&spiffe_id, name_node) {
@@ -444,7 +456,6 @@ impl Checker {
                     seen_ids.insert(id.clone(), n.line);
                 }
             }
-            let matches = f.get("match").and_then(|n| self.matches(n));
             match (name, spiffe_id, matches) {
                 (Some(name), Some(spiffe_id), Some((matches, nodes))) => {
                     out.push(CheckedIdentity {
@@ -550,7 +561,7 @@ impl Checker {
         if f.entries.is_empty() {
             self.err(
                 node,
-                format!("{what} is empty; an entry never matches everything: give binarySha256, binaryPath, cgroup, systemdUnit and/or uid"),
+                format!("{what} is empty; an entry never matches everything: give binarySha256, binaryPath, cgroup, systemdUnit, k8s and/or uid"),
             );
             return None;
         }
@@ -590,9 +601,14 @@ impl Checker {
             }
         }
         for attr in CgroupAttr::ALL {
-            if let Some(n) = f.get(attr.key()) {
+            if let (None, key) = attr.yaml_key()
+                && let Some(n) = f.get(key)
+            {
                 ok &= self.globs(n, attr, &mut entry);
             }
+        }
+        if let Some(n) = f.get(K8S_KEY) {
+            ok &= self.k8s(n, &what, &mut entry);
         }
         if let Some(n) = f.get("uid") {
             match self.nonempty_list(n, "uid", "[1000]") {
@@ -630,6 +646,109 @@ impl Checker {
             );
         }
         ok.then_some(entry)
+    }
+
+    /// The `k8s` mapping of a match entry: its selectors into the entry; false when any is
+    /// wrong (each reported where it stands).
+    fn k8s(&mut self, node: &Node, what: &str, entry: &mut MatchEntry) -> bool {
+        let what = format!("{what}.{K8S_KEY}");
+        let Some(f) = self.fields(node, &what, K8S_KEYS, &[]) else {
+            return false;
+        };
+        if matches!(&node.kind, Kind::Map(pairs) if pairs.is_empty()) {
+            self.err(
+                node,
+                format!("{what} is empty, so it selects nothing; give namespace, serviceAccount, podLabels and/or container, e.g. `k8s: {{namespace: [payments], serviceAccount: [api]}}`, or remove it"),
+            );
+            return false;
+        }
+        let mut ok = true;
+        for attr in CgroupAttr::ALL {
+            let (Some(_), key) = attr.yaml_key() else {
+                continue;
+            };
+            let Some(n) = f.get(key) else { continue };
+            ok &= if attr == CgroupAttr::K8sPodLabels {
+                self.pod_labels(n, entry)
+            } else {
+                self.globs(n, attr, entry)
+            };
+        }
+        ok
+    }
+
+    /// `podLabels: {KEY: GLOB}`: exact label keys, globs on their values.
+    fn pod_labels(&mut self, node: &Node, entry: &mut MatchEntry) -> bool {
+        let attr = CgroupAttr::K8sPodLabels;
+        let (key, example) = (attr.key(), attr.example());
+        let Kind::Map(pairs) = &node.kind else {
+            self.err(
+                node,
+                format!(
+                    "{key} must be a mapping of label keys to values, not {}; write e.g. podLabels: {example}",
+                    node.type_name()
+                ),
+            );
+            return false;
+        };
+        if pairs.is_empty() {
+            self.err(
+                node,
+                format!("{key} is empty, so it selects nothing; give at least one label, e.g. podLabels: {example}, or remove the key"),
+            );
+            return false;
+        }
+        let mut ok = true;
+        let mut seen: HashMap<&str, usize> = HashMap::new();
+        for (k, v) in pairs {
+            let label = match &k.kind {
+                Kind::Scalar { value, .. } if !k.is_null() => value.as_str(),
+                _ => {
+                    self.err(
+                        k,
+                        format!(
+                            "a {key} key must be a label key such as app, not {}",
+                            k.type_name()
+                        ),
+                    );
+                    ok = false;
+                    continue;
+                }
+            };
+            if let Some(msg) = label_key_problem(label) {
+                self.err(k, msg);
+                ok = false;
+                continue;
+            }
+            if let Some(line) = seen.get(label) {
+                self.err(
+                    k,
+                    format!("duplicate label key {label:?} in {key} (first given on line {line}); keep one"),
+                );
+                ok = false;
+                continue;
+            }
+            seen.insert(label, k.line);
+            let value = match &v.kind {
+                Kind::Scalar { value, .. } if !v.is_null() => value.as_str(),
+                _ => {
+                    self.err(
+                        v,
+                        format!("the {key} value of {label:?} must be a string, not {}; write e.g. {label}: web, or {label}: \"*\" for any value", v.type_name()),
+                    );
+                    ok = false;
+                    continue;
+                }
+            };
+            match label_value_problem(label, value) {
+                None => entry.k8s_pod_labels.push(label_atom(label, value)),
+                Some(msg) => {
+                    self.err(v, msg);
+                    ok = false;
+                }
+            }
+        }
+        ok
     }
 
     fn nonempty_list<'n>(
@@ -970,7 +1089,7 @@ impl Checker {
                             self.err(
                                 at,
                                 format!(
-                                    "identities[{b_i}] {:?} match[{b_j}] can match the same process as identities[{a_i}] {:?} match[{a_j}] (line {a_line}): {why}; make them disjoint with different binarySha256, cgroup or uid selectors",
+                                    "identities[{b_i}] {:?} match[{b_j}] can match the same process as identities[{a_i}] {:?} match[{a_j}] (line {a_line}): {why}; make them disjoint with different binarySha256, cgroup, k8s or uid selectors",
                                     b.identity.name, a.identity.name
                                 ),
                             );
@@ -1086,27 +1205,25 @@ pub(crate) fn entries_overlap(a: &MatchEntry, b: &MatchEntry) -> Option<String> 
     if (!ash && !ap) || (!bsh && !bp) {
         why.push("one has no binary selector".into());
     }
-    // Each cgroup attribute on its own (a cgroup glob against a unit glob is not compared:
-    // conservatively, they may overlap).
+    // Each cgroup attribute on its own (a cgroup glob against a unit glob, or a namespace,
+    // is not compared: conservatively, they may overlap).
     for attr in CgroupAttr::ALL {
         let (ga, gb) = (attr.globs(a), attr.globs(b));
         let key = attr.key();
         match (ga.is_empty(), gb.is_empty()) {
             (false, false) => {
-                let (x, y) = ga
-                    .iter()
-                    .flat_map(|x| gb.iter().map(move |y| (x, y)))
-                    .find(|(x, y)| globs_intersect(x, y))?;
-                why.push(format!("{key} {x:?} and {y:?} overlap"));
+                let (x, y) = attr.lists_compatible(ga, gb)?;
+                if attr.all_must_hold() {
+                    why.push(format!("no {key} of one contradicts the other's"));
+                } else {
+                    why.push(format!("{key} {x:?} and {y:?} overlap"));
+                }
             }
             (true, true) if attr == CgroupAttr::Path => {
                 why.push("neither constrains the cgroup".into());
             }
             (true, true) => {}
-            _ if attr == CgroupAttr::Path => {
-                why.push("one does not constrain the cgroup".into());
-            }
-            _ => why.push("one does not constrain the systemd unit".into()),
+            _ => why.push(format!("one does not constrain {key}")),
         }
     }
     if !a.uid.is_empty() && !b.uid.is_empty() {

@@ -56,6 +56,17 @@ pub fn cgroup_glob_match(pattern: &str, path: &str) -> bool {
     reach[segs.len()]
 }
 
+/// Does the name glob `pattern` (`*` matches any characters, `/` included) match `value`?
+/// The glob of Kubernetes names and label values, which are single names, not paths.
+pub(crate) fn name_glob_match(pattern: &str, value: &str) -> bool {
+    seg_match(pattern.as_bytes(), value.as_bytes())
+}
+
+/// Can some name match both name globs ([`name_glob_match`])?
+pub(crate) fn name_globs_intersect(a: &str, b: &str) -> bool {
+    seg_intersect(a.as_bytes(), b.as_bytes())
+}
+
 /// Can some single segment match both segment globs?
 fn seg_intersect(a: &[u8], b: &[u8]) -> bool {
     // reach[i][j]: some string drives a to i and b to j.
@@ -174,6 +185,18 @@ mod tests {
         assert!(!cgroup_glob_match("/a/**/c", "/a/b/b/d"));
         assert!(cgroup_glob_match("/a/*x*y", "/a/zxqxy"));
         assert!(!cgroup_glob_match("/a/*x*y", "/a/zxqx"));
+    }
+
+    #[test]
+    fn name_globs() {
+        assert!(name_glob_match("payments", "payments"));
+        assert!(name_glob_match("pay*", "payments"));
+        assert!(name_glob_match("*", ""));
+        assert!(name_glob_match("", ""));
+        assert!(!name_glob_match("pay*", "shop"));
+        assert!(!name_glob_match("payments", "payments-2"));
+        assert!(name_globs_intersect("pay*", "*ments"));
+        assert!(!name_globs_intersect("pay*", "shop*"));
     }
 
     #[test]

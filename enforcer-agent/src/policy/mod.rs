@@ -12,6 +12,9 @@
 //! - `cgroup` globs: `*` matches within one path segment, `**` (a whole segment) matches any
 //!   number of segments, zero included, so `/kubepods.slice/**` matches `/kubepods.slice`
 //!   itself and everything below it. No other character is special.
+//! - `k8s.podLabels` keys are exact label keys; their values are globs like the other `k8s`
+//!   selectors (`*` matches any characters, `""` only the empty value), and every pair of an
+//!   entry must hold.
 //! - A `cidr` may be a bare address (a host, `/32` or `/128`); an IPv4-mapped IPv6 CIDR
 //!   (`::ffff:a.b.c.d/n`, n >= 96) is stored as the IPv4 CIDR it carries.
 
@@ -24,7 +27,7 @@ mod resolve;
 mod yaml;
 
 pub use bundle::{BUNDLE_FORMAT, decode_bundle, encode_bundle, is_bundle, load, policy_hash};
-pub use cgroup_attr::{CgroupAttr, systemd_unit};
+pub use cgroup_attr::{CgroupAttr, CgroupFacts, systemd_unit};
 pub use check::check;
 pub use compile::{kernel_verdict, rule_entries, rule_entries_of};
 pub use glob::cgroup_glob_match;
@@ -141,6 +144,37 @@ pub struct MatchEntry {
     /// Globs on the systemd unit that owns the process's cgroup ([`systemd_unit`]).
     pub systemd_unit: Vec<String>,
     pub uid: Vec<u32>,
+    /// `k8s.namespace`: globs on the namespace of the pod the cgroup belongs to.
+    pub k8s_namespace: Vec<String>,
+    /// `k8s.serviceAccount`: globs on the pod's service account.
+    pub k8s_service_account: Vec<String>,
+    /// `k8s.podLabels`: `KEY=GLOB` pairs (exact label key, glob on its value), all of which
+    /// must hold.
+    pub k8s_pod_labels: Vec<String>,
+    /// `k8s.container`: globs on the container's name in the pod spec.
+    pub k8s_container: Vec<String>,
+}
+
+/// The SPIFFE ID of an identity that sets no `spiffeId`: SPIRE's Kubernetes shape
+/// `spiffe://TD/ns/NS/sa/SA` when every entry with `k8s` selectors pins the same single
+/// namespace and single service account (no glob), else `spiffe://TD/NAME`.
+pub fn default_spiffe_id(trust_domain: &str, name: &str, matches: &[MatchEntry]) -> String {
+    let pinned = |e: &MatchEntry| match (&e.k8s_namespace[..], &e.k8s_service_account[..]) {
+        ([ns], [sa]) if !ns.contains('*') && !sa.contains('*') => Some((ns.clone(), sa.clone())),
+        _ => None,
+    };
+    let mut k8s = matches.iter().filter(|e| {
+        CgroupAttr::ALL
+            .iter()
+            .any(|a| a.is_k8s() && !a.globs(e).is_empty())
+    });
+    let first = k8s.next().and_then(pinned);
+    match first {
+        Some(pair) if k8s.all(|e| pinned(e).as_ref() == Some(&pair)) => {
+            format!("spiffe://{trust_domain}/ns/{}/sa/{}", pair.0, pair.1)
+        }
+        _ => format!("spiffe://{trust_domain}/{name}"),
+    }
 }
 
 /// One compiled egress or deny destination.

@@ -5,7 +5,7 @@ use std::collections::{BTreeSet, HashMap};
 
 use enforcer_common::{ANY, BIN_NONE, CG_NONE, IdMatchKey};
 
-use super::cgroup_attr::CgroupAttr;
+use super::cgroup_attr::{CgroupAttr, CgroupFacts};
 use super::{Identity, MatchEntry, Policy};
 
 /// Facts of one process.
@@ -13,8 +13,8 @@ use super::{Identity, MatchEntry, Policy};
 pub struct ProcessFacts<'a> {
     pub sha256: Option<&'a [u8; 32]>,
     pub exe_path: Option<&'a str>,
-    /// Path relative to the cgroup2 root, e.g. `/system.slice/x.service`.
-    pub cgroup: Option<&'a str>,
+    /// The process's cgroup: its path relative to the cgroup2 root and its pod, if known.
+    pub cgroup: Option<CgroupFacts<'a>>,
     pub uid: u32,
 }
 
@@ -44,10 +44,9 @@ fn holds(e: &MatchEntry, p: &Probe<'_>) -> bool {
         && (e.binary_path.is_empty()
             || p.exe_path
                 .is_some_and(|x| e.binary_path.iter().any(|b| b == x)))
-        && CgroupAttr::ALL.iter().all(|&a| {
-            let globs = a.globs(e);
-            globs.is_empty() || globs.iter().any(|g| (p.cgroup)(a, g))
-        })
+        && CgroupAttr::ALL
+            .iter()
+            .all(|&a| a.combine(a.globs(e), |g| (p.cgroup)(a, g)))
         && (e.uid.is_empty() || e.uid.contains(&p.uid))
 }
 
@@ -155,7 +154,7 @@ fn resolve_probe(identities: &[Identity], p: &Probe<'_>) -> Resolution {
 /// beats a path beats neither, then more selectors beat fewer); on equal specificity of two
 /// identities the lower identity number wins and `tie` says so.
 pub fn resolve(policy: &Policy, facts: &ProcessFacts<'_>) -> Resolution {
-    let cg = |a: CgroupAttr, g: &str| facts.cgroup.is_some_and(|c| a.matches(g, c));
+    let cg = |a: CgroupAttr, g: &str| facts.cgroup.is_some_and(|c| a.matches(g, &c));
     resolve_probe(
         &policy.identities,
         &Probe {
@@ -221,6 +220,20 @@ impl Classes {
         !self.globs.is_empty()
     }
 
+    /// True when the policy has `k8s` selectors: a container's cgroup must not be classified
+    /// before its pod metadata is known (it would get the class of a cgroup without a pod).
+    pub fn uses_k8s(&self) -> bool {
+        self.globs.iter().any(|(a, _)| a.is_k8s())
+    }
+
+    /// True when the policy has `k8s.serviceAccount` selectors (which only the API server
+    /// can make hold).
+    pub fn uses_service_account(&self) -> bool {
+        self.globs
+            .iter()
+            .any(|(a, _)| *a == CgroupAttr::K8sServiceAccount)
+    }
+
     /// Binary class of a file: interned from (which binarySha256 atom it matches, which
     /// binaryPath atom it matches); [`BIN_NONE`] when it matches neither. Classes start at 1.
     pub fn bin_class(&mut self, sha256: &[u8; 32], exe_path: Option<&str>) -> u32 {
@@ -238,14 +251,14 @@ impl Classes {
         c
     }
 
-    /// Cgroup class: interned set of the policy's cgroup-attribute globs that hold for this
-    /// cgroup (its path, the systemd unit the path names...); [`CG_NONE`] when none.
-    pub fn cg_class(&mut self, cgroup_path: &str) -> u32 {
+    /// Cgroup class: interned set of the policy's cgroup-attribute atoms that hold for this
+    /// cgroup (its path, the systemd unit the path names, its pod...); [`CG_NONE`] when none.
+    pub fn cg_class(&mut self, cgroup: &CgroupFacts<'_>) -> u32 {
         let set: Vec<usize> = self
             .globs
             .iter()
             .enumerate()
-            .filter(|(_, (a, g))| a.matches(g, cgroup_path))
+            .filter(|(_, (a, g))| a.matches(g, cgroup))
             .map(|(i, _)| i)
             .collect();
         if set.is_empty() {
@@ -320,6 +333,7 @@ impl Classes {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::k8s::PodMeta;
     use crate::policy::{Action, Identity, Mode};
 
     pub(crate) struct Rng(u64);
@@ -359,6 +373,48 @@ mod tests {
         "/a/d.scope",
     ];
     const UIDS: &[u32] = &[0, 1000, 1001];
+    const NAMESPACES: &[&str] = &["prod", "dev", "p*", "*"];
+    const ACCOUNTS: &[&str] = &["api", "db", "*"];
+    const CONTAINERS: &[&str] = &["app", "side*", ""];
+    const LABELS: &[&str] = &[
+        "app=web",
+        "app=db",
+        "app=*",
+        "tier=back",
+        "tier=*",
+        "env=p*",
+    ];
+
+    /// Pods the samples run in (`None`: a cgroup without a known pod).
+    fn pods() -> Vec<Option<PodMeta>> {
+        let pod = |ns: &str, sa: Option<&str>, labels: &[(&str, &str)], container: &str| {
+            Some(PodMeta {
+                namespace: ns.into(),
+                pod_name: format!("{ns}-pod"),
+                pod_uid: "0b1c2d3e-0000-4000-8000-000000000001".into(),
+                labels: labels
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+                container: container.into(),
+                service_account: sa.map(str::to_string),
+            })
+        };
+        vec![
+            None,
+            pod(
+                "prod",
+                Some("api"),
+                &[("app", "web"), ("tier", "back")],
+                "app",
+            ),
+            pod("prod", None, &[("app", "web"), ("tier", "back")], "app"),
+            pod("dev", Some("api"), &[("app", "web")], "sidecar"),
+            pod("prod", Some("db"), &[("app", "db"), ("env", "prod")], "app"),
+            pod("payments", Some("api"), &[], "app"),
+            pod("prod", Some("api"), &[("app", "")], ""),
+        ]
+    }
 
     fn pick<T: Clone>(r: &mut Rng, pool: &[T]) -> Vec<T> {
         let mut v: Vec<T> = Vec::new();
@@ -400,6 +456,29 @@ mod tests {
                             if r.chance(40) {
                                 e.uid = pick(r, UIDS);
                             }
+                            if r.chance(25) {
+                                e.k8s_namespace =
+                                    pick(r, NAMESPACES).iter().map(|s| s.to_string()).collect();
+                            }
+                            if r.chance(20) {
+                                e.k8s_service_account =
+                                    pick(r, ACCOUNTS).iter().map(|s| s.to_string()).collect();
+                            }
+                            if r.chance(15) {
+                                e.k8s_container =
+                                    pick(r, CONTAINERS).iter().map(|s| s.to_string()).collect();
+                            }
+                            if r.chance(25) {
+                                // One pair per label key, as `check` makes them.
+                                let mut labels: Vec<String> = Vec::new();
+                                for l in pick(r, LABELS) {
+                                    let key = l.split('=').next();
+                                    if !labels.iter().any(|x| x.split('=').next() == key) {
+                                        labels.push(l.to_string());
+                                    }
+                                }
+                                e.k8s_pod_labels = labels;
+                            }
                         }
                         e
                     })
@@ -422,9 +501,8 @@ mod tests {
         let e = |sha: bool, path: bool, uid: bool| MatchEntry {
             binary_sha256: if sha { vec![h(1)] } else { vec![] },
             binary_path: if path { vec!["/x".into()] } else { vec![] },
-            cgroup: vec![],
-            systemd_unit: vec![],
             uid: if uid { vec![7] } else { vec![] },
+            ..MatchEntry::default()
         };
         let mut p = random_policy(&mut Rng(5));
         p.identities = vec![
@@ -478,7 +556,10 @@ mod tests {
     #[test]
     fn classes_agree_with_resolve() {
         let mut r = Rng(0x9e37_79b9_7f4a_7c15);
-        for _ in 0..300 {
+        let pods = pods();
+        // Samples that got their identity through a k8s selector (the generator must make some).
+        let mut by_k8s = 0;
+        for _ in 0..400 {
             let p = random_policy(&mut r);
             let mut classes = Classes::new(&p);
             let mut samples = Vec::new();
@@ -491,10 +572,13 @@ mod tests {
                     Some("/other"),
                     None,
                 ][r.below(5)];
-                let cg = CGS[r.below(CGS.len())];
+                let cg = CgroupFacts {
+                    path: CGS[r.below(CGS.len())],
+                    pod: pods[r.below(pods.len())].as_ref(),
+                };
                 let uid = [0, 1000, 1001, 5][r.below(4)];
                 let bin = classes.bin_class(&sha, path);
-                let cgc = classes.cg_class(cg);
+                let cgc = classes.cg_class(&cg);
                 samples.push((sha, path, cg, uid, bin, cgc));
             }
             for generation in [0, 1] {
@@ -515,13 +599,16 @@ mod tests {
                     let facts = ProcessFacts {
                         sha256: Some(sha),
                         exe_path: *path,
-                        cgroup: Some(cg),
+                        cgroup: Some(*cg),
                         uid: *uid,
                     };
-                    assert_eq!(kernel, resolve(&p, &facts).ident, "{p:?} {facts:?}");
+                    let res = resolve(&p, &facts);
+                    assert_eq!(kernel, res.ident, "{p:?} {facts:?}");
+                    by_k8s += usize::from(res.reason.contains("k8s."));
                 }
             }
         }
+        assert!(by_k8s > 100, "{by_k8s}");
     }
 
     #[test]
@@ -537,9 +624,12 @@ mod tests {
         assert_eq!(c.bin_class(&h(200), None), BIN_NONE);
         assert_eq!(c.bin_class(&h(9), Some("/x")), 1);
         assert_eq!(c.bin_class(&h(9), None), 1);
-        assert_eq!(c.cg_class("/nowhere/at/all"), CG_NONE);
-        assert_eq!(c.cg_class("/a/b"), 1);
-        assert_eq!(c.cg_class("/a"), 1);
+        assert_eq!(
+            c.cg_class(&CgroupFacts::without_pod("/nowhere/at/all")),
+            CG_NONE
+        );
+        assert_eq!(c.cg_class(&CgroupFacts::without_pod("/a/b")), 1);
+        assert_eq!(c.cg_class(&CgroupFacts::without_pod("/a")), 1);
         // A unit selector folds into the cgroup class too (the kernel sees only the class).
         let mut q = p.clone();
         q.identities[0].matches = vec![MatchEntry {
@@ -548,9 +638,20 @@ mod tests {
         }];
         let mut u = Classes::new(&q);
         assert!(u.uses_cgroups());
-        assert_eq!(u.cg_class("/system.slice/db.service"), CG_NONE);
-        assert_eq!(u.cg_class("/system.slice/web-1.service"), 1);
-        assert_eq!(u.cg_class("/system.slice/web-1.service/worker"), 1);
+        assert_eq!(
+            u.cg_class(&CgroupFacts::without_pod("/system.slice/db.service")),
+            CG_NONE
+        );
+        assert_eq!(
+            u.cg_class(&CgroupFacts::without_pod("/system.slice/web-1.service")),
+            1
+        );
+        assert_eq!(
+            u.cg_class(&CgroupFacts::without_pod(
+                "/system.slice/web-1.service/worker"
+            )),
+            1
+        );
         let e = c.idmatch_entries(1);
         assert_eq!(
             e,
@@ -564,5 +665,113 @@ mod tests {
                 1
             )]
         );
+    }
+
+    #[test]
+    fn pod_classes() {
+        let mut p = random_policy(&mut Rng(3));
+        p.identities = vec![Identity {
+            name: "web".into(),
+            spiffe_id: "spiffe://t/ns/prod/sa/api".into(),
+            matches: vec![MatchEntry {
+                binary_sha256: vec![h(1)],
+                k8s_namespace: vec!["prod".into()],
+                k8s_pod_labels: vec!["app=web".into(), "tier=b*".into()],
+                ..MatchEntry::default()
+            }],
+        }];
+        let mut c = Classes::new(&p);
+        assert!(c.uses_cgroups() && c.uses_k8s() && !c.uses_service_account());
+        let pods = pods();
+        let prod = pods[1].as_ref();
+        let prod_again = pods[2].as_ref(); // the same namespace and labels, no service account
+        let dev = pods[3].as_ref();
+        let cg = |path, pod| CgroupFacts { path, pod };
+        // Two containers' cgroups with the same pod facts share one class.
+        let a = c.cg_class(&cg("/kubepods/besteffort/pod1/aaaa", prod));
+        assert_ne!(a, CG_NONE);
+        assert_eq!(c.cg_class(&cg("/kubepods/besteffort/pod1/bbbb", prod)), a);
+        assert_eq!(
+            c.cg_class(&cg("/kubepods/burstable/pod2/cccc", prod_again)),
+            a
+        );
+        // A pod of another namespace with the same labels: only the label atom holds.
+        let other = c.cg_class(&cg("/kubepods/besteffort/pod3/dddd", dev));
+        assert!(other != a && other != CG_NONE);
+        // No k8s atom holds without a pod, or for a pod with nothing in common.
+        assert_eq!(
+            c.cg_class(&cg("/kubepods/besteffort/pod4/eeee", pods[5].as_ref())),
+            CG_NONE
+        );
+        assert_eq!(
+            c.cg_class(&cg("/kubepods/besteffort/pod1/aaaa", None)),
+            CG_NONE
+        );
+        let bin = c.bin_class(&h(1), None);
+        let entries: HashMap<IdMatchKey, u32> = c.idmatch_entries(0).into_iter().collect();
+        let kernel = |cgc| {
+            entries
+                .get(&IdMatchKey {
+                    generation: 0,
+                    bin,
+                    cg: cgc,
+                    uid: ANY,
+                })
+                .copied()
+                .unwrap_or(0)
+        };
+        assert_eq!(kernel(a), 1);
+        assert_eq!(kernel(other), 0);
+        assert_eq!(kernel(CG_NONE), 0);
+        // The same binary in a pod of another namespace is not that identity, by resolve too.
+        let sha = h(1);
+        let facts = |pod| ProcessFacts {
+            sha256: Some(&sha),
+            exe_path: None,
+            cgroup: Some(cg("/kubepods/besteffort/pod3/dddd", pod)),
+            uid: 0,
+        };
+        assert_eq!(resolve(&p, &facts(dev)).ident, 0);
+        let r = resolve(&p, &facts(prod));
+        assert_eq!(r.ident, 1);
+        assert_eq!(
+            r.reason,
+            "identities[0].match[0]: binarySha256 + k8s.namespace + k8s.podLabels"
+        );
+        // One label of two is not enough (the pairs of podLabels are AND-ed).
+        let mut half = pods[1].clone().unwrap_or_default();
+        half.labels.remove("tier");
+        assert_eq!(resolve(&p, &facts(Some(&half))).ident, 0);
+        // Only `app=web` holds: a class of its own, which gives no identity.
+        let k = c.cg_class(&cg("/kubepods/x", Some(&half)));
+        assert!(k != a && k != CG_NONE);
+        assert!(
+            !c.idmatch_entries(0)
+                .iter()
+                .any(|(key, id)| key.cg == k && *id != 0)
+        );
+        // serviceAccount: holds only once the pod's account is known.
+        p.identities[0].matches[0].k8s_service_account = vec!["api".into()];
+        let mut c = Classes::new(&p);
+        assert!(c.uses_service_account());
+        assert_eq!(resolve(&p, &facts(prod)).ident, 1);
+        assert_eq!(resolve(&p, &facts(prod_again)).ident, 0);
+        assert_ne!(
+            c.cg_class(&cg("/p", prod)),
+            c.cg_class(&cg("/p", prod_again))
+        );
+        // More k8s selectors are more specific.
+        p.identities.push(Identity {
+            name: "any-prod".into(),
+            spiffe_id: "spiffe://t/any-prod".into(),
+            matches: vec![MatchEntry {
+                binary_sha256: vec![h(1)],
+                k8s_namespace: vec!["p*".into()],
+                ..MatchEntry::default()
+            }],
+        });
+        let r = resolve(&p, &facts(prod));
+        assert_eq!((r.ident, r.tie), (1, None));
+        assert_eq!(resolve(&p, &facts(prod_again)).ident, 2);
     }
 }

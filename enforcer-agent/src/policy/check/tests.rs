@@ -363,6 +363,256 @@ fn systemd_unit_selector() {
 #[test]
 fn every_cgroup_attribute_is_a_match_key() {
     for attr in crate::policy::CgroupAttr::ALL {
-        assert!(MATCH_KEYS.contains(&attr.key()), "{attr:?}");
+        match attr.yaml_key() {
+            (None, key) => assert!(MATCH_KEYS.contains(&key), "{attr:?}"),
+            (Some(parent), key) => {
+                assert!(MATCH_KEYS.contains(&parent), "{attr:?}");
+                assert!(K8S_KEYS.contains(&key), "{attr:?}");
+                assert_eq!(attr.key(), format!("{parent}.{key}"));
+            }
+        }
+    }
+    for key in K8S_KEYS {
+        assert!(
+            crate::policy::CgroupAttr::ALL
+                .iter()
+                .any(|a| a.yaml_key() == (Some(K8S_KEY), *key)),
+            "{key}"
+        );
+    }
+}
+
+/// (line, col) of the first occurrence of `needle` in `src`, 1-based.
+fn at(src: &str, needle: &str) -> (usize, usize) {
+    let Some(i) = src.find(needle) else {
+        panic!("{needle:?} not in {src}")
+    };
+    let line = src[..i].matches('\n').count() + 1;
+    let col = i - src[..i].rfind('\n').map_or(0, |n| n + 1) + 1;
+    (line, col)
+}
+
+#[test]
+fn k8s_selectors() {
+    let src = with_head(&format!(
+        "identities:\n  - name: web\n    match:\n      - binarySha256: [{H1}]\n        k8s:\n          namespace: [payments]\n          serviceAccount: [api]\n          podLabels: {{app: web, \"app.kubernetes.io/tier\": \"back*\", version: 2, empty: \"\"}}\n          container: [\"app*\", sidecar]\n  - name: other\n    match:\n      - k8s: {{namespace: [\"team-*\"]}}\n"
+    ));
+    let (p, warnings) = ok(&src);
+    assert!(warnings.is_empty(), "{warnings:?}");
+    let e = &p.identities[0].matches[0];
+    assert_eq!(e.k8s_namespace, vec!["payments"]);
+    assert_eq!(e.k8s_service_account, vec!["api"]);
+    assert_eq!(
+        e.k8s_pod_labels,
+        vec![
+            "app=web",
+            "app.kubernetes.io/tier=back*",
+            "version=2",
+            "empty="
+        ]
+    );
+    assert_eq!(e.k8s_container, vec!["app*", "sidecar"]);
+    // No spiffeId: SPIRE's k8s shape when one namespace and one account are pinned.
+    assert_eq!(
+        p.identities[0].spiffe_id,
+        "spiffe://t.org/ns/payments/sa/api"
+    );
+    assert_eq!(p.identities[1].spiffe_id, "spiffe://t.org/other");
+    assert_eq!(p.identities[1].matches[0].k8s_namespace, vec!["team-*"]);
+}
+
+#[test]
+fn k8s_selector_errors() {
+    let long = "a".repeat(64);
+    let entries = [
+        (
+            "k8s: {Namespace: [x]}",
+            "Namespace",
+            "did you mean `namespace`?",
+        ),
+        (
+            "k8s: {names: [x]}",
+            "names",
+            "unknown key `names` in match[2].k8s",
+        ),
+        ("k8s: {}", "{}", "is empty, so it selects nothing"),
+        ("k8s: [payments]", "[payments]", "must be a mapping"),
+        ("k8s: {namespace: []}", "[]", "empty list"),
+        ("k8s: {namespace: payments}", "payments}", "must be a list"),
+        (
+            "k8s: {namespace: [Payments]}",
+            "Payments",
+            "upper-case letter 'P'",
+        ),
+        (
+            "k8s: {namespace: [\"pay_ments\"]}",
+            "\"pay_ments\"",
+            "DNS-1123 label",
+        ),
+        (
+            "k8s: {namespace: [\"-pay\"]}",
+            "\"-pay\"",
+            "starts with '-'",
+        ),
+        (
+            &format!("k8s: {{namespace: [{long}]}}"),
+            &long,
+            "longer than 63",
+        ),
+        (
+            "k8s: {namespace: [\"\"]}",
+            "\"\"]",
+            "must be a non-empty string",
+        ),
+        (
+            "k8s: {serviceAccount: [\"api..x\"]}",
+            "\"api..x\"",
+            "empty part between dots",
+        ),
+        (
+            "k8s: {serviceAccount: [\"api.-x\"]}",
+            "\"api.-x\"",
+            "DNS-1123 subdomain",
+        ),
+        (
+            "k8s: {container: [\"app/1\"]}",
+            "\"app/1\"",
+            "container name",
+        ),
+        (
+            "k8s: {podLabels: [app]}",
+            "[app]",
+            "must be a mapping of label keys",
+        ),
+        ("k8s: {podLabels: {}}", "{}}", "give at least one label"),
+        (
+            "k8s: {podLabels: {\"app*\": web}}",
+            "\"app*\"",
+            "label keys are exact",
+        ),
+        (
+            "k8s: {podLabels: {\"Example.com/app\": web}}",
+            "\"Example.com",
+            "prefix",
+        ),
+        (
+            "k8s: {podLabels: {\"-app\": web}}",
+            "\"-app\"",
+            "not a Kubernetes label key",
+        ),
+        (
+            "k8s: {podLabels: {app: \"web app\"}}",
+            "\"web app\"",
+            "label value",
+        ),
+        ("k8s: {podLabels: {app: null}}", "null", "must be a string"),
+        (
+            "k8s: {podLabels: {app: [web]}}",
+            "[web]",
+            "must be a string",
+        ),
+        (
+            "k8s: {podLabels: {app: a, app: b}}",
+            "app: b",
+            "duplicate label key \"app\"",
+        ),
+    ];
+    let mut src = with_head("identities:\n  - name: a\n    match:\n      - uid: [0]\n");
+    for (e, _, _) in &entries {
+        src.push_str(&format!("      - {e}\n"));
+    }
+    let d = errors(&src);
+    for (i, (e, needle, message)) in entries.iter().enumerate() {
+        let line_start = src
+            .find(&format!("      - {e}\n"))
+            .unwrap_or_else(|| panic!("{e}"));
+        let (line, _) = at(&src, &format!("      - {e}\n"));
+        let col = e.find(needle).unwrap_or_else(|| panic!("{needle} in {e}")) + 9;
+        assert!(line_start > 0);
+        assert!(
+            has(&d, line, col, Severity::Error, message),
+            "entry {i} {e}: expected {line}:{col} {message:?} in {d:#?}"
+        );
+    }
+    // One diagnostic per wrong entry (each reported where it stands, no cascade).
+    assert_eq!(d.len(), entries.len(), "{d:#?}");
+}
+
+#[test]
+fn k8s_default_spiffe_id() {
+    let id = |matches: &str, spiffe: &str| -> String {
+        let src = with_head(&format!(
+            "identities:\n  - name: web\n{spiffe}    match:\n{matches}"
+        ));
+        ok(&src).0.identities[0].spiffe_id.clone()
+    };
+    let pinned = "      - k8s: {namespace: [prod], serviceAccount: [api]}\n";
+    assert_eq!(id(pinned, ""), "spiffe://t.org/ns/prod/sa/api");
+    // Every entry with k8s pins the same pair; an entry without k8s does not count.
+    assert_eq!(
+        id(
+            &format!(
+                "{pinned}      - {{binarySha256: [{H1}], k8s: {{namespace: [prod], serviceAccount: [api], container: [app]}}}}\n      - uid: [5]\n"
+            ),
+            ""
+        ),
+        "spiffe://t.org/ns/prod/sa/api"
+    );
+    for other in [
+        "      - k8s: {namespace: [dev], serviceAccount: [api]}\n",
+        "      - k8s: {namespace: [prod]}\n",
+    ] {
+        assert_eq!(id(&format!("{pinned}{other}"), ""), "spiffe://t.org/web");
+    }
+    for m in [
+        "      - k8s: {namespace: [\"prod*\"], serviceAccount: [api]}\n",
+        "      - k8s: {namespace: [prod, dev], serviceAccount: [api]}\n",
+        "      - k8s: {namespace: [prod], serviceAccount: [\"*\"]}\n",
+        "      - k8s: {namespace: [prod], podLabels: {app: web}}\n",
+        "      - uid: [5]\n",
+    ] {
+        assert_eq!(id(m, ""), "spiffe://t.org/web", "{m}");
+    }
+    // An explicit spiffeId always wins.
+    assert_eq!(
+        id(pinned, "    spiffeId: spiffe://t.org/payments/api\n"),
+        "spiffe://t.org/payments/api"
+    );
+}
+
+#[test]
+fn k8s_overlaps() {
+    let k = |s: &str| format!("{{binarySha256: [{H1}], k8s: {s}}}");
+    for (a, b) in [
+        (k("{namespace: [prod]}"), k("{namespace: [\"p*\"]}")),
+        (k("{podLabels: {app: web}}"), k("{podLabels: {tier: back}}")),
+        (k("{podLabels: {app: web}}"), k("{namespace: [prod]}")),
+        (
+            k("{podLabels: {app: \"w*\"}}"),
+            format!("binarySha256: [{H1}]"),
+        ),
+    ] {
+        let d = errors(&two(&a, &b));
+        assert!(
+            d.iter()
+                .any(|x| x.line == 10 && x.message.contains("can match the same process")),
+            "{a} / {b}: {d:#?}"
+        );
+    }
+    for (a, b) in [
+        (k("{namespace: [prod]}"), k("{namespace: [dev]}")),
+        (
+            k("{podLabels: {app: web, tier: back}}"),
+            k("{podLabels: {app: db, tier: back}}"),
+        ),
+        (
+            k("{serviceAccount: [api]}"),
+            k("{serviceAccount: [\"db*\"]}"),
+        ),
+        (k("{container: [app]}"), k("{container: [sidecar]}")),
+    ] {
+        if let Err(d) = check(&two(&a, &b)) {
+            panic!("{a} / {b}: {d:#?}");
+        }
     }
 }
