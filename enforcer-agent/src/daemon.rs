@@ -101,6 +101,13 @@ impl Agent {
     /// Loads (or takes over) the kernel state, attests every process, applies the policy and
     /// attaches to the policy's scopes.
     pub fn start(opts: &Options) -> Result<Self> {
+        // Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK (64 KiB by default there).
+        if let Err(e) = crate::sys::raise_memlock() {
+            tracing::debug!(
+                "RLIMIT_MEMLOCK not raised ({e}); kernels before 5.11 need it raised for the \
+                 maps (CAP_SYS_RESOURCE, or LimitMEMLOCK=infinity in a systemd unit)"
+            );
+        }
         // What the kernel offers, before anything is loaded: refuse a kernel that lacks a
         // required feature, log what is lost without an optional one.
         let probe = crate::probe::Probe::run();

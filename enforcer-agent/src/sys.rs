@@ -1,6 +1,7 @@
 //! Every raw system call of the agent, each behind a safe function: `bpf()` commands that
 //! aya does not offer (map batches, the probe's tiny program loads and link creation),
-//! pidfds, `uname` and the bpffs check. Nothing else in the crate calls `libc::syscall`.
+//! pidfds, `uname`, the bpffs check and `RLIMIT_MEMLOCK`. Nothing else in the crate calls
+//! `libc::syscall`.
 
 use std::{
     ffi::CStr,
@@ -209,4 +210,19 @@ const BPF_FS_MAGIC: i64 = 0xcafe4a11;
 /// True when `path` is on a bpffs.
 pub fn is_bpffs(path: &Path) -> bool {
     nix::sys::statfs::statfs(path).is_ok_and(|s| s.filesystem_type().0 == BPF_FS_MAGIC)
+}
+
+/// Raises `RLIMIT_MEMLOCK` to unlimited. Kernels before 5.11 charge BPF maps and programs
+/// to it (newer ones to the memory cgroup, and this changes nothing there). Raising the hard
+/// limit needs CAP_SYS_RESOURCE; without it the limit stays as it was.
+pub fn raise_memlock() -> io::Result<()> {
+    let unlimited = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: setrlimit reads one `rlimit` through the pointer, valid for the call.
+    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }

@@ -781,6 +781,120 @@ fn health_endpoints_and_configmap_swap() {
     });
 }
 
+/// The deployment files, as shipped: the capabilities they give the agent.
+const DAEMONSET: &str = include_str!("../../deploy/kubernetes/base/daemonset.yaml");
+const SYSTEMD_UNIT: &str = include_str!("../../deploy/systemd/enforcer-agent.service");
+
+/// The capability names of the DaemonSet's `capabilities: add:` list.
+fn daemonset_capabilities() -> Vec<String> {
+    DAEMONSET
+        .lines()
+        .skip_while(|l| l.trim() != "add:")
+        .skip(1)
+        .map(str::trim)
+        .filter(|l| !l.starts_with('#'))
+        .take_while(|l| l.starts_with("- "))
+        .map(|l| l[2..].trim().to_string())
+        .collect()
+}
+
+/// The capability names of the systemd unit's `CapabilityBoundingSet=`.
+fn unit_capabilities() -> Vec<String> {
+    SYSTEMD_UNIT
+        .lines()
+        .find_map(|l| l.strip_prefix("CapabilityBoundingSet="))
+        .expect("the unit sets CapabilityBoundingSet=")
+        .split_whitespace()
+        .map(str::to_string)
+        .collect()
+}
+
+/// A capability set (`CapEff`, `CapBnd`, ...) of /proc/PID/status.
+fn proc_caps(pid: &str, set: &str) -> u64 {
+    fs::read_to_string(format!("/proc/{pid}/status"))
+        .expect("reading /proc/PID/status")
+        .lines()
+        .find_map(|l| l.strip_prefix(set)?.strip_prefix(':'))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        .unwrap_or_else(|| panic!("no {set} in /proc/{pid}/status"))
+}
+
+fn capability_bits(names: &[String]) -> u64 {
+    names
+        .iter()
+        .map(|n| 1u64 << capability_number(n).unwrap_or_else(|| panic!("unknown capability {n}")))
+        .fold(0, |a, b| a | b)
+}
+
+/// The agent works with only the capabilities the DaemonSet gives it, and with only those of
+/// the systemd unit: a never-seen binary of another user, executable but not readable by
+/// others (mode 0711), exec'd in the scope, is held, attested (its /proc/PID/exe opened and
+/// its content hashed), resumed and judged by its identity; the unattested one is denied.
+/// The agent's effective set is exactly the list.
+#[test]
+fn agent_runs_with_only_the_deployment_capabilities() {
+    if !require_root("agent_runs_with_only_the_deployment_capabilities") {
+        return;
+    }
+    const NOBODY: u32 = 65534;
+    for (what, names) in [
+        ("the DaemonSet", daemonset_capabilities()),
+        ("the systemd unit", unit_capabilities()),
+    ] {
+        assert!(names.len() >= 5, "{what}: {names:?}");
+        let caps = capability_bits(&names);
+        let cg = TestCgroup::new("caps");
+        let l = Listeners::new();
+        let dir = TempDir::new("caps");
+        let (app, other) = probe_pair(Path::new(PROBE_BIN), &dir);
+        let sha = sha256_file(&app);
+        for b in [&app, &other] {
+            nix::unistd::chown(
+                b.as_path(),
+                Some(nix::unistd::Uid::from_raw(NOBODY)),
+                Some(nix::unistd::Gid::from_raw(NOBODY)),
+            )
+            .expect("chown");
+            fs::set_permissions(b, std::os::unix::fs::PermissionsExt::from_mode(0o711))
+                .expect("chmod");
+        }
+        let yaml = format!(
+            "apiVersion: enforcer/v1\nkind: Policy\ntrustDomain: t.org\nmode: enforce\nunattested: deny\nscope: [\"{}\"]\nidentities:\n  - name: app\n    match:\n      - binarySha256: [{sha}]\nrules:\n  - identity: app\n    egress:\n      - to: {{cidr: 127.0.0.1/32, ports: [{}], protocol: tcp}}\n",
+            cg.rel,
+            l.tcp4.port()
+        );
+        let agent = Agent::start_with_caps(&yaml, &[], caps);
+        let pid = agent.child.as_ref().expect("running").id();
+        let eff = proc_caps(&pid.to_string(), "CapEff");
+        // This machine's own bounding set may lack some (CAP_SYS_RESOURCE in some VMs).
+        let have = proc_caps("self", "CapBnd");
+        assert_eq!(
+            eff,
+            caps & have,
+            "{what}: the agent holds {eff:#x}, the list is {names:?} ({caps:#x}), this machine offers {have:#x}"
+        );
+        let tcp4 = l.tcp4.to_string();
+        assert_eq!(
+            run_in_as(&cg, &app, &["tcp", &tcp4], NOBODY),
+            OK,
+            "{what} ({names:?}): the app identity must be attested and allowed\n{}",
+            agent.log()
+        );
+        assert_eq!(
+            run_in_as(&cg, &other, &["tcp", &tcp4], NOBODY),
+            EPERM,
+            "{what}: unattested is denied"
+        );
+        assert_eq!(
+            agent.cli_json(&["status"])["policy_hash"]
+                .as_str()
+                .map(str::len),
+            Some(64),
+            "{what}: a policy is in force"
+        );
+    }
+}
+
 /// Spawns a never-seen copy of the probe (patched with `marker`) in `cg`, connecting to
 /// `dst` over TCP; returns (exit code, held at exec by the kernel, time from spawn to exit).
 fn fresh_exec(
