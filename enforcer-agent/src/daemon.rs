@@ -80,7 +80,13 @@ pub struct Agent {
     last_fill: Instant,
     /// The cgroup registry is swept at once when it grows to this many entries.
     cgroup_watermark: usize,
+    /// Drift found at the last readiness check, and when (None: check at the next one).
+    drift_checked: Option<(Instant, Vec<String>)>,
 }
+
+/// `/readyz` compares the kernel maps with the compiled policy at most this often (and
+/// after each apply); the probe itself only reads the last result.
+const DRIFT_CHECK_EVERY: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// sha256 of a policy file's bytes.
 fn digest(bytes: &[u8]) -> [u8; 32] {
@@ -97,6 +103,13 @@ impl Agent {
     /// Loads (or takes over) the kernel state, attests every process, applies the policy and
     /// attaches to the policy's scopes.
     pub fn start(opts: &Options) -> Result<Self> {
+        // Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK (64 KiB by default there).
+        if let Err(e) = crate::sys::raise_memlock() {
+            tracing::debug!(
+                "RLIMIT_MEMLOCK not raised ({e}); kernels before 5.11 need it raised for the \
+                 maps (CAP_SYS_RESOURCE, or LimitMEMLOCK=infinity in a systemd unit)"
+            );
+        }
         // What the kernel offers, before anything is loaded: refuse a kernel that lacks a
         // required feature, log what is lost without an optional one.
         let probe = crate::probe::Probe::run();
@@ -185,6 +198,7 @@ impl Agent {
             policy_fingerprint: None,
             last_fill: Instant::now(),
             cgroup_watermark: CGROUP_WATERMARK_MIN,
+            drift_checked: None,
         };
         agent.kernel.attach_tracepoints()?;
         agent.scan_cgroups();
@@ -523,6 +537,7 @@ impl Agent {
             hash,
         };
         self.sync_report_allow();
+        self.drift_checked = None;
         tracing::info!(
             generation = next,
             hash = %self.in_force.hash,
@@ -584,6 +599,57 @@ impl Agent {
                 self.collect_exes(true);
             }
         }
+    }
+
+    /// Readiness for `/readyz`: programs attached, the policy in force published, and the
+    /// maps in sync with it (compared every [`DRIFT_CHECK_EVERY`] and after each apply).
+    fn check_readiness(&mut self) {
+        let generation = self.in_force.generation;
+        let policy_applied = !self.in_force.hash.is_empty()
+            && self.kernel.active_generation().ok() == Some(generation)
+            && self.kernel.generation_loaded(generation).unwrap_or(false);
+        let scopes: Vec<(u64, &str)> = self
+            .in_force
+            .policy
+            .scope
+            .iter()
+            .map(|s| {
+                (
+                    attest::cgroup_id(&self.cg_mount, s).unwrap_or(0),
+                    s.as_str(),
+                )
+            })
+            .collect();
+        let missing_links = self.kernel.missing_links(&scopes);
+        let stale = self
+            .drift_checked
+            .as_ref()
+            .is_none_or(|(at, _)| at.elapsed() >= DRIFT_CHECK_EVERY);
+        if stale {
+            let drift = self.view().drift(generation);
+            if !drift.is_empty() {
+                tracing::warn!(
+                    differences = drift.len(),
+                    first = %drift[0],
+                    "the kernel maps differ from the policy in force; the next apply rewrites them"
+                );
+                self.kernel.forget_written();
+            }
+            self.drift_checked = Some((Instant::now(), drift));
+        }
+        let drift = self
+            .drift_checked
+            .as_ref()
+            .map(|(_, d)| d.clone())
+            .unwrap_or_default();
+        self.sink
+            .metrics
+            .health()
+            .set_readiness(crate::health::Readiness {
+                policy_applied,
+                missing_links,
+                drift,
+            });
     }
 
     /// Listeners of the identities that `to: {identity: X}` destinations of `policy` name.
@@ -811,6 +877,8 @@ impl Agent {
             None => None,
         };
         self.policy_fingerprint = opts.policy_path.as_deref().and_then(fingerprint);
+        self.sink.metrics.health().tick();
+        self.check_readiness();
         tracing::info!(
             api = %opts.api_socket.display(),
             startup_ms = opts.started.elapsed().as_millis() as u64,
@@ -841,6 +909,7 @@ impl Agent {
                     // A held process whose event was lost must not stay frozen: scan the
                     // process map at once when the kernel lost events, else every 5 s.
                     ticks += 1;
+                    self.sink.metrics.health().tick();
                     let lost = self.kernel.counter(Counter::EventsLost);
                     if lost != lost_seen || ticks.is_multiple_of(10) {
                         lost_seen = lost;
@@ -849,6 +918,9 @@ impl Agent {
                     }
                     self.refresh_listeners();
                     self.watch_policy_file(opts);
+                    if ticks.is_multiple_of(10) || self.drift_checked.is_none() {
+                        self.check_readiness();
+                    }
                     self.update_metrics();
                 }
                 call = calls.recv() => match call {
@@ -1021,5 +1093,48 @@ impl Agent {
             generation: self.in_force.generation,
             warnings: warnings.iter().map(|w| w.render(name)).collect(),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::symlink;
+
+    use super::*;
+
+    /// The kubelet's atomic writer: the ConfigMap's files live in a timestamped folder,
+    /// `..data` points to it and `policy.yaml` points to `..data/policy.yaml`; an update
+    /// writes a new folder, renames a new `..data` symlink over the old one and removes the
+    /// old folder. The watch reads through the symlinks, so it sees the new content.
+    #[test]
+    fn policy_watch_sees_a_configmap_symlink_swap() {
+        let dir = std::env::temp_dir().join(format!("enf-cm-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(dir.join("..2026_12_01_06_00_00.1")).expect("mkdir");
+        fs::write(
+            dir.join("..2026_12_01_06_00_00.1/policy.yaml"),
+            "mode: audit\n",
+        )
+        .expect("w");
+        symlink("..2026_12_01_06_00_00.1", dir.join("..data")).expect("symlink");
+        symlink("..data/policy.yaml", dir.join("policy.yaml")).expect("symlink");
+        let path = dir.join("policy.yaml");
+        let before = fingerprint(&path);
+        assert_eq!(before, Some(digest(b"mode: audit\n")));
+
+        fs::create_dir_all(dir.join("..2026_12_01_06_05_00.2")).expect("mkdir");
+        fs::write(
+            dir.join("..2026_12_01_06_05_00.2/policy.yaml"),
+            "mode: enforce\n",
+        )
+        .expect("w");
+        symlink("..2026_12_01_06_05_00.2", dir.join("..data_tmp")).expect("symlink");
+        fs::rename(dir.join("..data_tmp"), dir.join("..data")).expect("swap");
+        fs::remove_dir_all(dir.join("..2026_12_01_06_00_00.1")).expect("rm old");
+
+        let after = fingerprint(&path);
+        assert_eq!(after, Some(digest(b"mode: enforce\n")));
+        assert_ne!(before, after, "the watch must see the swapped content");
+        let _ = fs::remove_dir_all(&dir);
     }
 }

@@ -937,6 +937,22 @@ impl Kernel {
             .collect()
     }
 
+    /// Links that should be pinned and are not: the process tracepoints, and the socket
+    /// programs on each of `scopes` (cgroup id, path for the message). One readdir.
+    pub fn missing_links(&self, scopes: &[(u64, &str)]) -> Vec<String> {
+        let have: std::collections::HashSet<String> = self.links().into_iter().collect();
+        let tps = tracepoint_programs()
+            .filter(|(_, tp)| !have.contains(&format!("tp_{tp}")))
+            .map(|(name, tp)| format!("{name} on raw tracepoint {tp}"));
+        let cgs = scopes.iter().flat_map(|&(id, path)| {
+            socket_programs()
+                .filter(|(hook, _)| !have.contains(&format!("cg_{id}_{hook}")))
+                .map(move |(hook, _)| format!("{hook} on {path}"))
+                .collect::<Vec<_>>()
+        });
+        tps.chain(cgs).collect()
+    }
+
     /// Pinned links: (link file name, program).
     pub fn links(&self) -> Vec<String> {
         let mut v: Vec<String> = fs::read_dir(self.pin_dir.join("links"))

@@ -17,6 +17,9 @@
 //!
 //! A labelled family (`decisions`, `map_*`) appears in the exposition once it has its first
 //! series; the unlabelled ones are always there.
+//!
+//! The same endpoint answers `GET /healthz` and `GET /readyz` from [`Metrics::health`]
+//! (see [`crate::health`]): 200 `ok`, or 503 with one line saying why not.
 
 use std::{
     convert::Infallible,
@@ -45,6 +48,8 @@ use prometheus_client::{
     registry::{Registry, Unit},
 };
 use tokio::{net::TcpListener, task::JoinSet};
+
+use crate::health::Health;
 
 /// Content type of the OpenMetrics text exposition.
 const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -89,6 +94,7 @@ struct Inner {
     map_entries: Family<MapLabels, U64Gauge>,
     map_capacity: Family<MapLabels, U64Gauge>,
     attestation: Histogram,
+    health: Health,
 }
 
 /// Agent metrics, opt-in (served only when `--metrics-addr` is given).
@@ -172,6 +178,7 @@ impl Metrics {
                 map_entries,
                 map_capacity,
                 attestation,
+                health: Health::new(),
             }),
         }
     }
@@ -216,6 +223,11 @@ impl Metrics {
         if seconds.is_finite() {
             self.inner.attestation.observe(seconds.max(0.0));
         }
+    }
+
+    /// Liveness and readiness, served as `/healthz` and `/readyz`.
+    pub fn health(&self) -> &Health {
+        &self.inner.health
     }
 
     /// Text exposition (OpenMetrics) of the registry.
@@ -295,10 +307,11 @@ impl Metrics {
     }
 
     fn respond(&self, req: &Request<Incoming>) -> Response<Full<Bytes>> {
-        if req.uri().path() != "/metrics" {
+        let path = req.uri().path();
+        if !matches!(path, "/metrics" | "/healthz" | "/readyz") {
             return plain(
                 StatusCode::NOT_FOUND,
-                "not found: metrics are at /metrics\n",
+                "not found: metrics are at /metrics, liveness at /healthz, readiness at /readyz\n",
             );
         }
         if req.method() != Method::GET && req.method() != Method::HEAD {
@@ -307,6 +320,17 @@ impl Metrics {
                 .headers_mut()
                 .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
             return response;
+        }
+        let health = match path {
+            "/healthz" => Some(self.inner.health.live()),
+            "/readyz" => Some(self.inner.health.ready()),
+            _ => None,
+        };
+        if let Some(state) = health {
+            return match state {
+                Ok(()) => plain(StatusCode::OK, "ok\n"),
+                Err(why) => plain_owned(StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n")),
+            };
         }
         let mut response = Response::new(Full::new(Bytes::from(self.render())));
         response
@@ -317,7 +341,11 @@ impl Metrics {
 }
 
 fn plain(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
-    let mut response = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+    plain_owned(status, body.to_owned())
+}
+
+fn plain_owned(status: StatusCode, body: String) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(body)));
     *response.status_mut() = status;
     response.headers_mut().insert(
         header::CONTENT_TYPE,
@@ -449,6 +477,24 @@ mod tests {
 
         let response = get(addr, "/other").await;
         assert!(response.starts_with("HTTP/1.1 404 "), "{response}");
+
+        // Health: live once the loop ticks; ready only once the daemon found it so.
+        metrics.health().tick();
+        let response = get(addr, "/healthz").await;
+        assert!(response.starts_with("HTTP/1.1 200 "), "{response}");
+        let response = get(addr, "/readyz").await;
+        assert!(response.starts_with("HTTP/1.1 503 "), "{response}");
+        assert!(
+            response.ends_with("\r\n\r\nnot ready: the agent is starting\n"),
+            "{response}"
+        );
+        metrics.health().set_readiness(crate::health::Readiness {
+            policy_applied: true,
+            ..Default::default()
+        });
+        let response = get(addr, "/readyz").await;
+        assert!(response.starts_with("HTTP/1.1 200 "), "{response}");
+        assert!(response.ends_with("\r\n\r\nok\n"), "{response}");
 
         handle.abort();
         assert!(handle.await.expect_err("aborted").is_cancelled());

@@ -1,6 +1,7 @@
 //! Every raw system call of the agent, each behind a safe function: `bpf()` commands that
 //! aya does not offer (map batches, the probe's tiny program loads and link creation),
-//! pidfds, `uname` and the bpffs check. Nothing else in the crate calls `libc::syscall`.
+//! pidfds, `uname`, the bpffs check and `RLIMIT_MEMLOCK`. Nothing else in the crate calls
+//! `libc::syscall`.
 
 use std::{
     ffi::CStr,
@@ -230,4 +231,19 @@ pub fn join_init_cgroup_namespace() -> io::Result<bool> {
         return Err(io::Error::last_os_error());
     }
     Ok(true)
+}
+
+/// Raises `RLIMIT_MEMLOCK` to unlimited. Kernels before 5.11 charge BPF maps and programs
+/// to it (newer ones to the memory cgroup, and this changes nothing there). Raising the hard
+/// limit needs CAP_SYS_RESOURCE; without it the limit stays as it was.
+pub fn raise_memlock() -> io::Result<()> {
+    let unlimited = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: setrlimit reads one `rlimit` through the pointer, valid for the call.
+    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }

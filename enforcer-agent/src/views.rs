@@ -200,7 +200,7 @@ impl View<'_> {
 
     /// Differences between what the kernel holds for the generation in force and what the
     /// agent compiled (someone edited a map by hand, or a write was lost).
-    fn drift(&self, generation: u32) -> Vec<String> {
+    pub(crate) fn drift(&self, generation: u32) -> Vec<String> {
         let mut out = Vec::new();
         match policy::rule_entries_of(
             &self.in_force.policy.rules,

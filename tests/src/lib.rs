@@ -430,6 +430,9 @@ pub struct Agent {
     /// nobody reads (the pipe fills up).
     pub unread_stdout: Option<std::process::ChildStdout>,
     keep_stdout_unread: bool,
+    /// Set by [`Agent::start_with_caps`]: the only capabilities the agent may hold (a bit per
+    /// capability number), in a session of its own; None: all of root's.
+    pub bounding_caps: Option<u64>,
 }
 
 impl Agent {
@@ -476,7 +479,18 @@ impl Agent {
                 .collect(),
             unread_stdout: None,
             keep_stdout_unread: false,
+            bounding_caps: None,
         }
+    }
+
+    /// Starts an agent that holds only the capabilities in `caps` (bit N = capability N), as
+    /// a container given exactly those would: its bounding set is cut to them, its
+    /// inheritable and ambient sets emptied, before exec.
+    pub fn start_with_caps(policy_yaml: &str, extra: &[&str], caps: u64) -> Self {
+        let mut a = Self::unspawned(policy_yaml.as_bytes(), extra, &[]);
+        a.bounding_caps = Some(caps);
+        a.spawn();
+        a
     }
 
     /// Starts an agent whose stdout is a pipe nobody reads, its capacity cut to one page
@@ -527,6 +541,20 @@ impl Agent {
             .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
+        if let Some(keep) = self.bounding_caps {
+            // SAFETY: the closure makes only async-signal-safe system calls.
+            unsafe {
+                c.pre_exec(move || {
+                    // Its own session, as in a container: the kernel lets any process send
+                    // SIGCONT within its session, so only then does resuming held processes
+                    // of other users show whether CAP_KILL is there.
+                    if libc::setsid() < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    limit_capabilities(keep)
+                });
+            }
+        }
         let mut child = c.spawn().expect("spawning enforcer-agent");
         let out = child.stdout.take().expect("stdout");
         let err = child.stderr.take().expect("stderr");
@@ -814,4 +842,82 @@ pub fn run_cmd(bin: &Path, args: &[&str]) -> (i32, String, String) {
     }
     let status = child.wait().expect("wait");
     (status.code().unwrap_or(-1), out, err)
+}
+
+/// Capability numbers by name (include/uapi/linux/capability.h), as a DaemonSet names them.
+pub fn capability_number(name: &str) -> Option<u32> {
+    let name = name.trim().trim_start_matches("CAP_").to_ascii_uppercase();
+    Some(match name.as_str() {
+        "CHOWN" => 0,
+        "DAC_OVERRIDE" => 1,
+        "DAC_READ_SEARCH" => 2,
+        "FOWNER" => 3,
+        "KILL" => 5,
+        "NET_ADMIN" => 12,
+        "IPC_LOCK" => 14,
+        "SYS_PTRACE" => 19,
+        "SYS_ADMIN" => 21,
+        "SYS_RESOURCE" => 24,
+        "PERFMON" => 38,
+        "BPF" => 39,
+        _ => return None,
+    })
+}
+
+/// In a child before exec: drops every capability not in `keep` from the bounding set and
+/// empties the inheritable and ambient sets, so that root's exec gets exactly `keep`.
+fn limit_capabilities(keep: u64) -> std::io::Result<()> {
+    #[repr(C)]
+    struct Header {
+        version: u32,
+        pid: libc::c_int,
+    }
+    #[repr(C)]
+    #[derive(Clone, Copy)]
+    struct Data {
+        effective: u32,
+        permitted: u32,
+        inheritable: u32,
+    }
+    for cap in 0..64u32 {
+        if keep & (1 << cap) != 0 {
+            continue;
+        }
+        // SAFETY: PR_CAPBSET_DROP takes a capability number and no pointers.
+        let r = unsafe { libc::prctl(libc::PR_CAPBSET_DROP, libc::c_ulong::from(cap), 0, 0, 0) };
+        // EINVAL: no such capability on this kernel.
+        if r != 0 && std::io::Error::last_os_error().raw_os_error() != Some(libc::EINVAL) {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    let mut header = Header {
+        version: 0x2008_0522, // _LINUX_CAPABILITY_VERSION_3
+        pid: 0,
+    };
+    let mut data = [Data {
+        effective: 0,
+        permitted: 0,
+        inheritable: 0,
+    }; 2];
+    // SAFETY: capget/capset with a version-3 header read or write two `Data`, which `data` holds.
+    unsafe {
+        if libc::syscall(libc::SYS_capget, &mut header, data.as_mut_ptr()) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        for d in &mut data {
+            d.inheritable = 0;
+        }
+        if libc::syscall(libc::SYS_capset, &mut header, data.as_ptr()) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // EINVAL: a kernel without ambient capabilities has none to clear.
+        let _ = libc::prctl(
+            libc::PR_CAP_AMBIENT,
+            libc::PR_CAP_AMBIENT_CLEAR_ALL as libc::c_ulong,
+            0,
+            0,
+            0,
+        );
+    }
+    Ok(())
 }

@@ -662,6 +662,239 @@ fn metrics_file_watch_completions() {
     );
 }
 
+/// The HTTP status line and the body of a GET on the metrics port.
+fn http_status_body(addr: std::net::SocketAddr, path: &str) -> (String, String) {
+    let r = http_get(addr, path);
+    let status = r.lines().next().unwrap_or_default().to_string();
+    let body = r.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or_default();
+    (status, body.to_string())
+}
+
+/// `/healthz` and `/readyz` on the metrics port, as the DaemonSet's probes use them: live and
+/// ready after start; a scope whose programs were detached (their pinned links removed) is
+/// not ready, with the reason in one line, until the next apply attaches them again. The
+/// policy file mounted from a ConfigMap (symlinks through `..data`, swapped atomically by
+/// the kubelet) is re-applied when `..data` moves.
+#[test]
+fn health_endpoints_and_configmap_swap() {
+    if !require_root("health_endpoints_and_configmap_swap") {
+        return;
+    }
+    let cg = TestCgroup::new("health");
+    let l = Listeners::new();
+    let dir = TempDir::new("health");
+    let app = dir.path("app");
+    copy_probe(Path::new(PROBE_BIN), &app, None);
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port();
+    let maddr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+    let policy = |allow: bool| {
+        let egress = if allow {
+            format!(
+                "    egress:\n      - to: {{cidr: 127.0.0.1/32, ports: [{}]}}\n",
+                l.tcp4.port()
+            )
+        } else {
+            "    egress: []\n".into()
+        };
+        format!(
+            "apiVersion: enforcer/v1\nkind: Policy\ntrustDomain: t.org\nmode: enforce\nunattested: deny\nscope: [\"{}\"]\nidentities:\n  - name: app\n    match:\n      - binarySha256: [{}]\nrules:\n  - identity: app\n{egress}",
+            cg.rel,
+            sha256_file(&app)
+        )
+    };
+    let agent = Agent::start_with(&policy(false), &["--metrics-addr", &maddr.to_string()]);
+    let (status, body) = wait_for("/readyz to answer 200", AGENT_TIMEOUT, || {
+        let (status, body) = http_status_body(maddr, "/readyz");
+        status.starts_with("HTTP/1.1 200").then_some((status, body))
+    });
+    assert_eq!(body, "ok\n", "{status}");
+    let (status, body) = http_status_body(maddr, "/healthz");
+    assert!(status.starts_with("HTTP/1.1 200"), "{status}\n{body}");
+    assert_eq!(body, "ok\n");
+
+    // Detach the scope's programs behind the agent's back: not ready, and why.
+    let links = agent.pin_dir.join("links");
+    let removed: Vec<std::path::PathBuf> = fs::read_dir(&links)
+        .expect("links")
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("cg_"))
+        })
+        .collect();
+    assert!(!removed.is_empty(), "no cgroup links pinned in {links:?}");
+    for p in &removed {
+        fs::remove_file(p).expect("removing a pinned link");
+    }
+    let body = wait_for("/readyz to answer 503", AGENT_TIMEOUT, || {
+        let (status, body) = http_status_body(maddr, "/readyz");
+        status.starts_with("HTTP/1.1 503").then_some(body)
+    });
+    assert!(
+        body.starts_with("not ready: ")
+            && body.contains("not attached")
+            && body.contains(&cg.rel)
+            && body.ends_with('\n')
+            && body.lines().count() == 1,
+        "{body}"
+    );
+    let (status, _) = http_status_body(maddr, "/healthz");
+    assert!(
+        status.starts_with("HTTP/1.1 200"),
+        "liveness does not depend on readiness: {status}"
+    );
+
+    // The policy file becomes a ConfigMap volume's layout, then the kubelet swaps `..data`.
+    let data = |name: &str, yaml: &str| {
+        let d = agent.state_dir.path(name);
+        fs::create_dir_all(&d).expect("mkdir");
+        fs::write(d.join("policy.yaml"), yaml).expect("writing the policy");
+    };
+    let sd = &agent.state_dir.0;
+    data("..2026_12_01_06_00_00.1", &policy(false));
+    std::os::unix::fs::symlink("..2026_12_01_06_00_00.1", sd.join("..data")).expect("..data");
+    std::os::unix::fs::symlink("..data/policy.yaml", sd.join("policy.yaml.tmp"))
+        .expect("policy.yaml symlink");
+    fs::rename(sd.join("policy.yaml.tmp"), &agent.policy_path).expect("replacing the file");
+    data("..2026_12_01_06_05_00.2", &policy(true));
+    std::os::unix::fs::symlink("..2026_12_01_06_05_00.2", sd.join("..data_tmp")).expect("tmp");
+    fs::rename(sd.join("..data_tmp"), sd.join("..data")).expect("swapping ..data");
+    fs::remove_dir_all(sd.join("..2026_12_01_06_00_00.1")).expect("removing the old data");
+    agent.wait_log("policy reloaded", 1);
+    let tcp4 = l.tcp4.to_string();
+    assert_eq!(
+        run_in(&cg, &app, &["tcp", &tcp4]),
+        OK,
+        "the swapped ConfigMap must be in force\n{}",
+        agent.log()
+    );
+    // The apply attached the scope again: ready.
+    wait_for("/readyz to answer 200 again", AGENT_TIMEOUT, || {
+        http_status_body(maddr, "/readyz")
+            .0
+            .starts_with("HTTP/1.1 200")
+            .then_some(())
+    });
+}
+
+/// The deployment files, as shipped: the capabilities they give the agent.
+const DAEMONSET: &str = include_str!("../../deploy/kubernetes/base/daemonset.yaml");
+const SYSTEMD_UNIT: &str = include_str!("../../deploy/systemd/enforcer-agent.service");
+
+/// The capability names of the DaemonSet's `capabilities: add:` list.
+fn daemonset_capabilities() -> Vec<String> {
+    DAEMONSET
+        .lines()
+        .skip_while(|l| l.trim() != "add:")
+        .skip(1)
+        .map(str::trim)
+        .filter(|l| !l.starts_with('#'))
+        .take_while(|l| l.starts_with("- "))
+        .map(|l| l[2..].trim().to_string())
+        .collect()
+}
+
+/// The capability names of the systemd unit's `CapabilityBoundingSet=`.
+fn unit_capabilities() -> Vec<String> {
+    SYSTEMD_UNIT
+        .lines()
+        .find_map(|l| l.strip_prefix("CapabilityBoundingSet="))
+        .expect("the unit sets CapabilityBoundingSet=")
+        .split_whitespace()
+        .map(str::to_string)
+        .collect()
+}
+
+/// A capability set (`CapEff`, `CapBnd`, ...) of /proc/PID/status.
+fn proc_caps(pid: &str, set: &str) -> u64 {
+    fs::read_to_string(format!("/proc/{pid}/status"))
+        .expect("reading /proc/PID/status")
+        .lines()
+        .find_map(|l| l.strip_prefix(set)?.strip_prefix(':'))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        .unwrap_or_else(|| panic!("no {set} in /proc/{pid}/status"))
+}
+
+fn capability_bits(names: &[String]) -> u64 {
+    names
+        .iter()
+        .map(|n| 1u64 << capability_number(n).unwrap_or_else(|| panic!("unknown capability {n}")))
+        .fold(0, |a, b| a | b)
+}
+
+/// The agent works with only the capabilities the DaemonSet gives it, and with only those of
+/// the systemd unit: a never-seen binary of another user, executable but not readable by
+/// others (mode 0711), exec'd in the scope, is held, attested (its /proc/PID/exe opened and
+/// its content hashed), resumed and judged by its identity; the unattested one is denied.
+/// The agent's effective set is exactly the list.
+#[test]
+fn agent_runs_with_only_the_deployment_capabilities() {
+    if !require_root("agent_runs_with_only_the_deployment_capabilities") {
+        return;
+    }
+    const NOBODY: u32 = 65534;
+    for (what, names) in [
+        ("the DaemonSet", daemonset_capabilities()),
+        ("the systemd unit", unit_capabilities()),
+    ] {
+        assert!(names.len() >= 5, "{what}: {names:?}");
+        let caps = capability_bits(&names);
+        let cg = TestCgroup::new("caps");
+        let l = Listeners::new();
+        let dir = TempDir::new("caps");
+        let (app, other) = probe_pair(Path::new(PROBE_BIN), &dir);
+        let sha = sha256_file(&app);
+        for b in [&app, &other] {
+            nix::unistd::chown(
+                b.as_path(),
+                Some(nix::unistd::Uid::from_raw(NOBODY)),
+                Some(nix::unistd::Gid::from_raw(NOBODY)),
+            )
+            .expect("chown");
+            fs::set_permissions(b, std::os::unix::fs::PermissionsExt::from_mode(0o711))
+                .expect("chmod");
+        }
+        let yaml = format!(
+            "apiVersion: enforcer/v1\nkind: Policy\ntrustDomain: t.org\nmode: enforce\nunattested: deny\nscope: [\"{}\"]\nidentities:\n  - name: app\n    match:\n      - binarySha256: [{sha}]\nrules:\n  - identity: app\n    egress:\n      - to: {{cidr: 127.0.0.1/32, ports: [{}], protocol: tcp}}\n",
+            cg.rel,
+            l.tcp4.port()
+        );
+        let agent = Agent::start_with_caps(&yaml, &[], caps);
+        let pid = agent.child.as_ref().expect("running").id();
+        let eff = proc_caps(&pid.to_string(), "CapEff");
+        // This machine's own bounding set may lack some (CAP_SYS_RESOURCE in some VMs).
+        let have = proc_caps("self", "CapBnd");
+        assert_eq!(
+            eff,
+            caps & have,
+            "{what}: the agent holds {eff:#x}, the list is {names:?} ({caps:#x}), this machine offers {have:#x}"
+        );
+        let tcp4 = l.tcp4.to_string();
+        assert_eq!(
+            run_in_as(&cg, &app, &["tcp", &tcp4], NOBODY),
+            OK,
+            "{what} ({names:?}): the app identity must be attested and allowed\n{}",
+            agent.log()
+        );
+        assert_eq!(
+            run_in_as(&cg, &other, &["tcp", &tcp4], NOBODY),
+            EPERM,
+            "{what}: unattested is denied"
+        );
+        assert_eq!(
+            agent.cli_json(&["status"])["policy_hash"]
+                .as_str()
+                .map(str::len),
+            Some(64),
+            "{what}: a policy is in force"
+        );
+    }
+}
+
 /// Spawns a never-seen copy of the probe (patched with `marker`) in `cg`, connecting to
 /// `dst` over TCP; returns (exit code, held at exec by the kernel, time from spawn to exit).
 fn fresh_exec(

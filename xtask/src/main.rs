@@ -7,6 +7,7 @@
 mod bench;
 mod build;
 mod cmd;
+mod deploy;
 mod run;
 mod setup;
 mod test;
@@ -42,6 +43,9 @@ enum Command {
     Bench(bench::Args),
     /// Real-kernel tests in Debian kernels under QEMU (root).
     VmTest(vm::Args),
+    /// Build, then the Debian package of the agent (binary, systemd unit, audit-mode policy):
+    /// target/debian/enforcer-agent_VERSION_ARCH.deb.
+    Deb,
 }
 
 fn main() -> ExitCode {
@@ -68,6 +72,10 @@ fn real_main() -> Result<()> {
         Command::Test(args) => test::test(&root, &args),
         Command::Bench(args) => bench::bench(&root, &args),
         Command::VmTest(args) => vm::vm_test(&root, &args),
+        Command::Deb => {
+            build::build(&root)?;
+            deploy::deb(&root).map(|_| ())
+        }
     }
 }
 

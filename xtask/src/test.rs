@@ -8,6 +8,7 @@ use anyhow::Result;
 use crate::{
     build::{EBPF_CRATES, build, clippy_ebpf},
     cmd::{clean_command, have, in_ci, is_root, require_root, stable_cargo, status, step},
+    deploy,
     setup::setup,
     toolchain::STABLE,
     vm,
@@ -81,11 +82,16 @@ pub fn test(root: &Path, args: &Args) -> Result<()> {
         ]);
         status(c, "apt-get install vagrant shellcheck")?;
     }
+    // The Kubernetes manifests, rendered and validated offline; the .deb that
+    // tests/tests/deploy.rs installs and removes.
+    deploy::validate(root)?;
+    let deb = deploy::deb(root)?;
     step("unit and real-kernel tests");
     let agent = root.join("target").join("release").join("enforcer-agent");
     let mut c = stable_cargo(root, &obj);
     c.args(["test", "--workspace", "--release"])
         .env("ENFORCER_AGENT_BIN", &agent)
+        .env("ENFORCER_DEB", &deb)
         .args(args);
     if !args.iter().any(|a| a == "--") {
         c.args(["--", "--test-threads=1"]);
