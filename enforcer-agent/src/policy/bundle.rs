@@ -173,7 +173,9 @@ pub fn encode_bundle(policy: &Policy) -> Vec<u8> {
                                 .k8s_pod_labels
                                 .iter()
                                 .map(|atom| {
-                                    let (key, value) = split_label(atom).unwrap_or((atom, ""));
+                                    // An atom without `=` (never made by `check`) is encoded
+                                    // so that decoding rejects it, not as an empty value.
+                                    let (key, value) = split_label(atom).unwrap_or((atom, "="));
                                     LabelMsg {
                                         key: key.to_string(),
                                         value: value.to_string(),
@@ -628,6 +630,7 @@ mod tests {
             "twice",
         );
         bad(&|m| m.k8s_namespace = vec![String::new()], "is empty");
+        bad(&|m| m.k8s_pod_labels = vec!["app".into()], "label value");
         // The bundle's overlap check covers k8s selectors: dev's entry made to match prod.
         bad(
             &|m| {
