@@ -161,7 +161,8 @@ impl CriClient {
     }
 
     /// The pod metadata of one container; `None` when the runtime does not know the container
-    /// (or no longer knows its sandbox).
+    /// (or no longer knows its sandbox). A sandbox id (the `pause` container's cgroup) is not a
+    /// container to CRI and gives `None` too; no pod process runs there.
     pub async fn container(&self, id: &str) -> Result<Option<PodMeta>, CriError> {
         let mut rt = self.rt.clone();
         let containers = rt
