@@ -14,9 +14,14 @@ pub struct Tools {
     pub bpf_linker_bin: PathBuf,
 }
 
+/// Debian packages the build needs: `protobuf-compiler` for the CRI client's generated code
+/// (k8s-cri's build script runs protoc).
+const APT_PACKAGES: &[&str] = &["protobuf-compiler"];
+
 /// Installs what is missing; returns where the tools are.
 pub fn setup() -> Result<Tools> {
     let t0 = Instant::now();
+    ensure_apt_packages(APT_PACKAGES)?;
     ensure_toolchain(NIGHTLY, &["rust-src", "clippy"])?;
     ensure_toolchain(STABLE, &["clippy", "rustfmt"])?;
     let bpf_linker_bin = ensure_bpf_linker()?;
@@ -25,6 +30,32 @@ pub fn setup() -> Result<Tools> {
         t0.elapsed().as_secs_f64()
     ));
     Ok(Tools { bpf_linker_bin })
+}
+
+fn apt_installed(pkg: &str) -> bool {
+    let mut c = clean_command("dpkg-query");
+    c.args(["-W", "-f=${Status}", pkg]);
+    output(c).is_some_and(|s| s.contains("install ok installed"))
+}
+
+fn ensure_apt_packages(pkgs: &[&str]) -> Result<()> {
+    let missing: Vec<&str> = pkgs.iter().copied().filter(|p| !apt_installed(p)).collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let list = missing.join(" ");
+    step(&format!("installing Debian packages: {list}"));
+    let mut c = clean_command("sh");
+    c.args([
+        "-c",
+        &format!(
+            "apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends {list}"
+        ),
+    ]);
+    status(
+        c,
+        &format!("apt-get install {list} (as root; or install them by hand)"),
+    )
 }
 
 fn tools_dir() -> Result<PathBuf> {
