@@ -150,6 +150,9 @@ pub struct Process {
     /// Not attested yet (exec of a never-seen file).
     #[prost(bool, tag = "9")]
     pub pending: bool,
+    /// `NAMESPACE/POD/CONTAINER` when the process runs in a pod the agent knows.
+    #[prost(string, optional, tag = "10")]
+    pub pod: Option<String>,
 }
 
 #[derive(Clone, PartialEq, prost::Message, Serialize)]
@@ -233,6 +236,33 @@ pub struct Status {
     /// What the agent probed of the kernel at start.
     #[prost(message, repeated, tag = "14")]
     pub features: Vec<KernelFeature>,
+    /// Where pod metadata comes from, and whether it answers.
+    #[prost(message, optional, tag = "15")]
+    pub kubernetes: Option<Kubernetes>,
+}
+
+/// Pod metadata sources (`status`).
+#[derive(Clone, PartialEq, prost::Message, Serialize)]
+pub struct Kubernetes {
+    /// `containerd v1.6.20 at /run/containerd/containerd.sock (connected)` or why not.
+    #[prost(string, tag = "1")]
+    pub runtime: String,
+    #[prost(bool, tag = "2")]
+    pub runtime_connected: bool,
+    /// `connected`, `not configured (no --kube-node)`, or why not.
+    #[prost(string, tag = "3")]
+    pub api_server: String,
+    #[prost(bool, tag = "4")]
+    pub api_server_connected: bool,
+    /// Containers whose pod the agent knows.
+    #[prost(uint64, tag = "5")]
+    pub containers_known: u64,
+    /// Containers whose processes wait for their pod's metadata (pending: denied in enforce).
+    #[prost(uint64, tag = "6")]
+    pub containers_waiting: u64,
+    /// What the operator should know (e.g. serviceAccount selectors that cannot match).
+    #[prost(string, repeated, tag = "7")]
+    pub notes: Vec<String>,
 }
 
 /// One kernel feature the agent probed at start.

@@ -82,11 +82,23 @@ pub struct Agent {
     cgroup_watermark: usize,
     /// Drift found at the last readiness check, and when (None: check at the next one).
     drift_checked: Option<(Instant, Vec<String>)>,
+    /// Pod metadata of container cgroups (CRI and API server), by container id.
+    pub(crate) pods: crate::k8s::PodDirectory,
+    /// Container cgroups waiting for their pod's metadata, and processes held for it.
+    pub(crate) waiting: crate::pods::PendingContainers,
+    /// Container ids the runtime does not know (no `k8s` selector holds there).
+    pub(crate) not_pods: HashSet<String>,
+    /// The metadata task (started by `run`).
+    feed: Option<crate::k8s::feed::PodFeed>,
+    pub(crate) k8s_health: k8s::K8sHealth,
 }
 
 /// `/readyz` compares the kernel maps with the compiled policy at most this often (and
 /// after each apply); the probe itself only reads the last result.
 const DRIFT_CHECK_EVERY: std::time::Duration = std::time::Duration::from_secs(30);
+
+mod k8s;
+pub use k8s::K8sHealth;
 
 /// sha256 of a policy file's bytes.
 fn digest(bytes: &[u8]) -> [u8; 32] {
@@ -103,6 +115,15 @@ impl Agent {
     /// Loads (or takes over) the kernel state, attests every process, applies the policy and
     /// attaches to the policy's scopes.
     pub fn start(opts: &Options) -> Result<Self> {
+        Self::start_with_pods(opts, Vec::new())
+    }
+
+    /// [`Agent::start`] knowing the containers the runtime runs (listed before the first
+    /// apply, so that a restart or a rolling update keeps every pod's identity).
+    pub fn start_with_pods(
+        opts: &Options,
+        pods: Vec<(String, crate::k8s::PodMeta)>,
+    ) -> Result<Self> {
         // Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK (64 KiB by default there).
         if let Err(e) = crate::sys::raise_memlock() {
             tracing::debug!(
@@ -129,7 +150,7 @@ impl Agent {
         policy::rule_entries_of(&opts.policy.rules, &[], 0, opts.max_rules as usize)
             .map_err(anyhow::Error::new)?;
         let fresh = !opts.pin_dir.join(MAP_CONFIG).exists();
-        let started = Self::start_kernel(opts, cg_mount, offsets, probe);
+        let started = Self::start_kernel(opts, cg_mount, offsets, probe, pods);
         if started.is_err() && fresh {
             let _ = crate::kernel::uninstall(&opts.pin_dir);
         }
@@ -141,6 +162,7 @@ impl Agent {
         cg_mount: PathBuf,
         offsets: KernelOffsets,
         probe: crate::probe::Probe,
+        pods: Vec<(String, crate::k8s::PodMeta)>,
     ) -> Result<Self> {
         let mut kernel = Kernel::load(&opts.pin_dir, opts.max_rules)?;
         if kernel.max_rules != opts.max_rules as usize {
@@ -199,7 +221,15 @@ impl Agent {
             last_fill: Instant::now(),
             cgroup_watermark: CGROUP_WATERMARK_MIN,
             drift_checked: None,
+            pods: crate::k8s::PodDirectory::new(),
+            waiting: crate::pods::PendingContainers::default(),
+            not_pods: HashSet::new(),
+            feed: None,
+            k8s_health: k8s::K8sHealth::default(),
         };
+        for (id, meta) in pods {
+            agent.pods.insert_container(&id, meta);
+        }
         agent.kernel.attach_tracepoints()?;
         agent.scan_cgroups();
         let t0 = Instant::now();
@@ -244,11 +274,12 @@ impl Agent {
         let mount = self.cg_mount.clone();
         let gone = self.cgroups.sweep(|p| attest::cgroup_id(&mount, p).ok());
         let n = gone.len();
-        for id in gone {
+        for &id in &gone {
             if let Err(e) = self.kernel.forget_cgroup(id) {
                 tracing::warn!("{e}");
             }
         }
+        self.pods_forget(&gone);
         self.cgroup_watermark =
             (self.cgroups.len() + CGROUP_WATERMARK_STEP).max(CGROUP_WATERMARK_MIN);
         if n > 0 {
@@ -372,13 +403,7 @@ impl Agent {
         if !self.in_force.classes.uses_cgroups() && self.kernel.knows_cgroup(id) {
             return Ok(());
         }
-        let class = self
-            .in_force
-            .classes
-            .cg_class(&policy::CgroupFacts::without_pod(path));
-        self.sync_idmatch()?;
-        self.kernel
-            .set_cgroup_class(self.in_force.generation, id, class)?;
+        self.classify_cgroup(id, path)?;
         Ok(())
     }
 
@@ -469,10 +494,31 @@ impl Agent {
             .iter()
             .map(|(id, e)| (id, classes.bin_class(&e.sha256, Some(&e.path))))
             .collect();
+        // A container cgroup still waiting for its pod gets no class (its processes stay
+        // pending); one whose pod is not known gets a class without it and the runtime is
+        // asked (the answer re-classifies it).
+        let mut ask = Vec::new();
         let cgs: Vec<(u64, u32)> = self
             .cgroups
             .iter()
-            .map(|(id, p)| (id, classes.cg_class(&policy::CgroupFacts::without_pod(p))))
+            .filter(|(id, _)| !self.waiting.has_cgroup(*id))
+            .map(|(id, p)| {
+                let pod = match self.pod_of(p) {
+                    k8s::PodOf::Known(m) => Some(m),
+                    k8s::PodOf::Unknown(c) => {
+                        ask.push(c);
+                        None
+                    }
+                    k8s::PodOf::NotPod => None,
+                };
+                (
+                    id,
+                    classes.cg_class(&policy::CgroupFacts {
+                        path: p,
+                        pod: pod.as_ref(),
+                    }),
+                )
+            })
             .collect();
         let idm = classes.idmatch_entries(next);
         let compile_ms = t0.elapsed().as_secs_f64() * 1e3;
@@ -522,6 +568,15 @@ impl Agent {
         for id in self.kernel.attached_cgroups() {
             if !keep.contains(&id) {
                 self.kernel.detach_cgroup(id)?;
+            }
+        }
+        if classes.uses_k8s()
+            && let Some(feed) = &self.feed
+        {
+            ask.sort();
+            ask.dedup();
+            for c in &ask {
+                feed.ask(c);
             }
         }
         let hash = policy::policy_hash(&policy);
@@ -668,7 +723,8 @@ impl Agent {
             let Some(exe) = self.exes.get(t.exe_id) else {
                 continue;
             };
-            let ident = policy::resolve(policy, &t.facts(exe)).ident;
+            let pod = self.pods.for_cgroup(&t.cgroup);
+            let ident = policy::resolve(policy, &t.facts(exe, pod.as_ref())).ident;
             if targets.contains(&ident) {
                 out.extend(
                     listeners::process_listeners(pid)
@@ -798,6 +854,11 @@ impl Agent {
         let t0 = Instant::now();
         let res = self.attest(pid, Some(ev), None);
         if let Err(e) = &res {
+            if ev.flags & PROC_HELD != 0 && self.keep_held(e, pid, ev.start_ns) {
+                // Held until its pod's metadata comes (or the hold limit).
+                tracing::debug!(pid, "{e:#}");
+                return;
+            }
             tracing::warn!(
                 pid,
                 "attesting a pending process failed; its connects stay denied: {e:#}"
@@ -879,6 +940,10 @@ impl Agent {
         self.policy_fingerprint = opts.policy_path.as_deref().and_then(fingerprint);
         self.sink.metrics.health().tick();
         self.check_readiness();
+        let (feed, mut pod_updates) = crate::k8s::feed::spawn(&opts.k8s);
+        self.feed = Some(feed);
+        // What waited for pods before the task ran is asked about now.
+        self.pods_tick_ask_all();
         tracing::info!(
             api = %opts.api_socket.display(),
             startup_ms = opts.started.elapsed().as_millis() as u64,
@@ -916,6 +981,7 @@ impl Agent {
                         self.settle_pending();
                         self.maintain();
                     }
+                    self.pods_tick();
                     self.refresh_listeners();
                     self.watch_policy_file(opts);
                     if ticks.is_multiple_of(10) || self.drift_checked.is_none() {
@@ -923,6 +989,7 @@ impl Agent {
                     }
                     self.update_metrics();
                 }
+                Some(u) = pod_updates.recv() => self.on_pod_update(u),
                 call = calls.recv() => match call {
                     Some(call) => self.answer(call),
                     None => bail!("the API server stopped; see the log above"),
@@ -1027,6 +1094,9 @@ impl Agent {
             cgroups: &self.cgroups,
             sink: &self.sink,
             probe: &self.probe,
+            pods: &self.pods,
+            k8s_health: &self.k8s_health,
+            waiting: &self.waiting,
         }
     }
 

@@ -52,17 +52,30 @@ impl PendingContainers {
         first
     }
 
-    /// A process held at exec in a cgroup that waits for container `id`.
-    pub fn hold(&mut self, id: &str, pid: u32, start_ns: u64) -> bool {
+    /// A process held at exec in a cgroup that waits for container `id` stays held: true,
+    /// unless the container has waited `limit` already (then it goes on at once: false).
+    pub fn hold(
+        &mut self,
+        id: &str,
+        pid: u32,
+        start_ns: u64,
+        now: Instant,
+        limit: Duration,
+    ) -> bool {
         match self.by_id.get_mut(id) {
-            Some(w) => {
+            Some(w) if now.duration_since(w.since) < limit => {
                 if !w.held.iter().any(|(p, _)| *p == pid) {
                     w.held.push((pid, start_ns));
                 }
                 true
             }
-            None => false,
+            _ => false,
         }
+    }
+
+    /// True when the cgroup waits for its container's pod.
+    pub fn has_cgroup(&self, cg: u64) -> bool {
+        self.by_id.values().any(|w| w.cgroups.contains_key(&cg))
     }
 
     /// The container's metadata came: everything that waited for it.
@@ -136,9 +149,20 @@ mod tests {
             !p.wait("c1", 11, "/kubepods/pod1/c1/sub", t0),
             "second does not"
         );
-        assert!(p.hold("c1", 100, 7));
-        assert!(p.hold("c1", 100, 7), "holding twice keeps one entry");
-        assert!(!p.hold("c2", 101, 8), "nothing waits for c2");
+        assert!(p.hold("c1", 100, 7, t0, HOLD_LIMIT));
+        assert!(
+            p.hold("c1", 100, 7, t0, HOLD_LIMIT),
+            "holding twice keeps one entry"
+        );
+        assert!(
+            !p.hold("c2", 101, 8, t0, HOLD_LIMIT),
+            "nothing waits for c2"
+        );
+        assert!(
+            !p.hold("c1", 102, 9, t0 + HOLD_LIMIT, HOLD_LIMIT),
+            "past the limit a process goes on at once"
+        );
+        assert!(p.has_cgroup(11) && !p.has_cgroup(12));
         let w = p.take("c1").expect("c1 waits");
         assert_eq!(w.cgroups.keys().copied().collect::<Vec<_>>(), vec![10, 11]);
         assert_eq!(w.held, vec![(100, 7)]);
@@ -150,7 +174,7 @@ mod tests {
         let t0 = Instant::now();
         let mut p = PendingContainers::default();
         p.wait("c1", 10, "/p/c1", t0);
-        p.hold("c1", 100, 7);
+        p.hold("c1", 100, 7, t0, HOLD_LIMIT);
         assert!(
             p.overdue(t0 + Duration::from_secs(1), HOLD_LIMIT)
                 .is_empty()

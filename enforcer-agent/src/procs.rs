@@ -4,6 +4,7 @@ use std::collections::{HashMap, HashSet};
 
 use crate::{
     exes::Exe,
+    k8s::PodMeta,
     policy::{CgroupFacts, ProcessFacts},
 };
 
@@ -23,12 +24,14 @@ pub struct ProcessTable {
 
 impl Tracked {
     /// What [`crate::policy::resolve`] needs of this process and its executable.
-    pub(crate) fn facts<'a>(&'a self, exe: &'a Exe) -> ProcessFacts<'a> {
+    pub(crate) fn facts<'a>(&'a self, exe: &'a Exe, pod: Option<&'a PodMeta>) -> ProcessFacts<'a> {
         ProcessFacts {
             sha256: Some(&exe.sha256),
             exe_path: Some(&exe.path),
-            // The lead wires the cgroup's pod in with the metadata sources.
-            cgroup: Some(CgroupFacts::without_pod(&self.cgroup)),
+            cgroup: Some(CgroupFacts {
+                path: &self.cgroup,
+                pod,
+            }),
             uid: self.uid,
         }
     }

@@ -25,6 +25,9 @@ pub(crate) struct View<'a> {
     pub(crate) cgroups: &'a CgroupRegistry,
     pub(crate) sink: &'a EventSink,
     pub(crate) probe: &'a Probe,
+    pub(crate) pods: &'a crate::k8s::PodDirectory,
+    pub(crate) k8s_health: &'a crate::daemon::K8sHealth,
+    pub(crate) waiting: &'a crate::pods::PendingContainers,
 }
 
 impl View<'_> {
@@ -180,6 +183,7 @@ impl View<'_> {
                     without: f.without.into(),
                 })
                 .collect(),
+            kubernetes: Some(self.kubernetes()),
             attached,
             maps,
             policy_source: self.in_force.source.clone(),
@@ -231,13 +235,51 @@ impl View<'_> {
         out
     }
 
+    fn kubernetes(&self) -> api::Kubernetes {
+        let h = self.k8s_health;
+        let (runtime, runtime_connected) = match (&h.cri, &h.cri_down) {
+            (Some(c), _) => (format!("{c} (connected)"), true),
+            (None, Some(e)) => (format!("unreachable: {e}"), false),
+            (None, None) => ("not asked yet".to_string(), false),
+        };
+        let (api_server, api_server_connected) = match &h.api {
+            None => ("not configured (no --kube-node)".to_string(), false),
+            Some(s) => (s.to_string(), *s == crate::k8s::api::ApiStatus::Connected),
+        };
+        let classes = &self.in_force.classes;
+        let mut notes = Vec::new();
+        if classes.uses_service_account() && !api_server_connected {
+            notes.push(
+                "the policy has k8s.serviceAccount selectors but the API server is not connected: they cannot match pods whose service account is not known yet (CRI never reports it)"
+                    .to_string(),
+            );
+        }
+        if classes.uses_k8s() && !runtime_connected {
+            notes.push(
+                "the policy has k8s selectors but the container runtime does not answer: new containers' processes stay pending (denied in enforce mode)"
+                    .to_string(),
+            );
+        }
+        api::Kubernetes {
+            runtime,
+            runtime_connected,
+            api_server,
+            api_server_connected,
+            containers_known: self.pods.len() as u64,
+            containers_waiting: self.waiting.len() as u64,
+            notes,
+        }
+    }
+
     pub(crate) fn identities(&self) -> api::Identities {
         let mut processes: Vec<api::Process> = self
             .procs
             .iter()
             .map(|(pid, t)| {
                 let exe = self.exes.get(t.exe_id);
-                let res = exe.map(|e| policy::resolve(&self.in_force.policy, &t.facts(e)));
+                let pod = self.pods.for_cgroup(&t.cgroup);
+                let res =
+                    exe.map(|e| policy::resolve(&self.in_force.policy, &t.facts(e, pod.as_ref())));
                 let pending = self
                     .kernel
                     .process(pid)
@@ -257,6 +299,7 @@ impl View<'_> {
                         .map(|r| r.reason)
                         .unwrap_or_else(|| "executable not hashed".into()),
                     pending,
+                    pod: pod.map(|m| format!("{}/{}/{}", m.namespace, m.pod_name, m.container)),
                 }
             })
             .collect();

@@ -271,7 +271,11 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
                         p.uid,
                         p.cgroup.as_deref().unwrap_or("-"),
                         p.exe.as_deref().unwrap_or("-"),
-                        if p.pending { "  (pending)" } else { "" }
+                        p.pod
+                            .as_deref()
+                            .map(|pod| format!("  (pod {pod})"))
+                            .unwrap_or_default()
+                            + if p.pending { "  (pending)" } else { "" }
                     );
                 }
             }
@@ -557,7 +561,8 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
                 .build()
                 .context("starting the async runtime")?;
             rt.block_on(async {
-                let agent = daemon::Agent::start(&opts)?;
+                let pods = enforcer_agent::k8s::feed::prefetch(&opts.k8s).await;
+                let agent = daemon::Agent::start_with_pods(&opts, pods)?;
                 agent.run(&opts).await
             })?;
             Ok(ExitCode::SUCCESS)
@@ -625,6 +630,18 @@ fn print_status(s: &api::Status) {
     println!("maps:");
     for m in &s.maps {
         println!("  {:<14} {:>9} / {}", m.name, m.entries, m.capacity);
+    }
+    if let Some(k) = &s.kubernetes {
+        println!("pods:");
+        println!("  container runtime  {}", k.runtime);
+        println!("  API server         {}", k.api_server);
+        println!(
+            "  containers         {} known, {} waiting for their pod",
+            k.containers_known, k.containers_waiting
+        );
+        for n in &k.notes {
+            println!("  NOTE: {n}");
+        }
     }
     println!("counters:");
     for c in &s.counters {

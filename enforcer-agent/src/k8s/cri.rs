@@ -201,6 +201,27 @@ impl CriClient {
         )))
     }
 
+    /// The pod metadata of a pod sandbox id (the `pause` process's cgroup), with an empty
+    /// container name; `None` when the runtime does not know the sandbox.
+    pub async fn sandbox(&self, id: &str) -> Result<Option<PodMeta>, CriError> {
+        let mut rt = self.rt.clone();
+        let status = match rt
+            .pod_sandbox_status(PodSandboxStatusRequest {
+                pod_sandbox_id: id.to_owned(),
+                verbose: false,
+            })
+            .await
+        {
+            Ok(r) => r.into_inner().status,
+            Err(s) if s.code() == tonic::Code::NotFound => return Ok(None),
+            Err(s) => return Err(call_err(&self.socket, "PodSandboxStatus", s)),
+        };
+        // The id filter matches by prefix in some runtimes: only the exact id counts.
+        Ok(status
+            .filter(|st| st.id == id)
+            .map(|st| pod_meta(&Container::default(), st.metadata.as_ref(), &st.labels)))
+    }
+
     /// Every container the runtime knows with its pod's metadata (the start-up sweep);
     /// containers whose sandbox is gone are left out.
     pub async fn list(&self) -> Result<Vec<(String, PodMeta)>, CriError> {

@@ -8,6 +8,7 @@
 pub mod api;
 pub mod cgroup_path;
 pub mod cri;
+pub mod feed;
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -124,6 +125,34 @@ impl PodDirectory {
         ids.sort();
         ids.dedup();
         ids
+    }
+
+    /// The pod of a cgroup of a kubelet's pod tree, when known.
+    pub fn for_cgroup(&self, cgroup_path: &str) -> Option<PodMeta> {
+        let c = cgroup_path::parse(cgroup_path)?;
+        c.pod_uid.as_ref()?;
+        self.meta(&c.id)
+    }
+
+    /// Keeps only the containers for which `keep(id)` holds (the others' cgroups are gone).
+    pub fn retain_containers(&mut self, keep: impl Fn(&str) -> bool) {
+        self.cri.retain(|id, _| keep(id));
+        self.api_containers.retain(|id, _| keep(id));
+    }
+
+    /// How many containers the directory knows.
+    pub fn len(&self) -> usize {
+        let mut n = self.cri.len();
+        n += self
+            .api_containers
+            .keys()
+            .filter(|id| !self.cri.contains_key(*id))
+            .count();
+        n
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 
     /// The merged metadata of a container; `None` when neither source knows it.
