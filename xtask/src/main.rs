@@ -7,6 +7,9 @@
 mod bench;
 mod build;
 mod cmd;
+mod image;
+mod node;
+mod oci;
 mod run;
 mod setup;
 mod test;
@@ -42,6 +45,9 @@ enum Command {
     Bench(bench::Args),
     /// Real-kernel tests in Debian kernels under QEMU (root).
     VmTest(vm::Args),
+    /// Build the agent statically (musl) and write its OCI image archive (for `ctr images
+    /// import`, `docker load`, `podman load`); prints the image digest.
+    Image(image::Args),
 }
 
 fn main() -> ExitCode {
@@ -68,6 +74,7 @@ fn real_main() -> Result<()> {
         Command::Test(args) => test::test(&root, &args),
         Command::Bench(args) => bench::bench(&root, &args),
         Command::VmTest(args) => vm::vm_test(&root, &args),
+        Command::Image(args) => image::image(&root, &args),
     }
 }
 

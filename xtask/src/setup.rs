@@ -5,8 +5,8 @@ use std::{env, path::PathBuf, process::Command, time::Instant};
 use anyhow::{Context as _, Result};
 
 use crate::{
-    cmd::{clean_command, output, status, step},
-    toolchain::{BPF_LINKER, BPF_LINKER_FEATURES, NIGHTLY, STABLE},
+    cmd::{clean_command, have, is_root, output, status, step},
+    toolchain::{BPF_LINKER, BPF_LINKER_FEATURES, MUSL_TARGET, NIGHTLY, STABLE},
 };
 
 /// Paths of the installed tools.
@@ -19,12 +19,51 @@ pub fn setup() -> Result<Tools> {
     let t0 = Instant::now();
     ensure_toolchain(NIGHTLY, &["rust-src", "clippy"])?;
     ensure_toolchain(STABLE, &["clippy", "rustfmt"])?;
+    ensure_target(STABLE, MUSL_TARGET)?;
     let bpf_linker_bin = ensure_bpf_linker()?;
+    // protoc: the tests crate's CRI client (k8s-cri) is generated from .proto at build.
+    // Not root: building the agent alone does not need it, so only say what is missing.
+    if is_root() {
+        ensure_debian(&[("protoc", "protobuf-compiler")])?;
+    } else if !have("protoc") {
+        eprintln!(
+            "xtask: protoc is missing: building the tests needs it (`sudo apt-get install protobuf-compiler`)"
+        );
+    }
     step(&format!(
         "toolchains ready: {NIGHTLY} (kernel), {STABLE} (agent), bpf-linker {BPF_LINKER} ({:.1}s)",
         t0.elapsed().as_secs_f64()
     ));
     Ok(Tools { bpf_linker_bin })
+}
+
+/// Installs the Debian packages of the (command, package) pairs whose command is missing
+/// (root: apt-get; otherwise an error naming the packages).
+pub fn ensure_debian(needs: &[(&str, &str)]) -> Result<()> {
+    let mut missing: Vec<&str> = needs
+        .iter()
+        .filter(|(cmd, _)| !have(cmd))
+        .map(|(_, pkg)| *pkg)
+        .collect();
+    missing.dedup();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let list = missing.join(" ");
+    if !is_root() {
+        anyhow::bail!(
+            "missing Debian packages: {list}; install them (`sudo apt-get install {list}`) or run xtask as root"
+        );
+    }
+    step(&format!("installing {list} (Debian)"));
+    let mut c = Command::new("sh");
+    c.args([
+        "-c",
+        &format!(
+            "apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends {list}"
+        ),
+    ]);
+    status(c, &format!("apt-get install {list}"))
 }
 
 fn tools_dir() -> Result<PathBuf> {
@@ -70,6 +109,19 @@ fn ensure_toolchain(name: &str, components: &[&str]) -> Result<()> {
         c.args(["--component", comp]);
     }
     status(c, &format!("rustup toolchain install {name}"))
+}
+
+/// Adds the standard library of `target` to `toolchain` when missing (the static builds).
+fn ensure_target(toolchain: &str, target: &str) -> Result<()> {
+    let mut c = clean_command("rustup");
+    c.args(["target", "list", "--installed", "--toolchain", toolchain]);
+    if output(c).is_some_and(|o| o.lines().any(|l| l.trim() == target)) {
+        return Ok(());
+    }
+    step(&format!("adding target {target} to {toolchain}"));
+    let mut c = clean_command("rustup");
+    c.args(["target", "add", "--toolchain", toolchain, target]);
+    status(c, &format!("rustup target add {target}"))
 }
 
 fn sysroot(toolchain: &str) -> Result<PathBuf> {
