@@ -152,6 +152,8 @@ pub struct PodSpec {
     pub name: String,
     pub namespace: String,
     pub labels: HashMap<String, String>,
+    /// Where the runtime writes the containers' output (`<dir>/<container name>.log`).
+    pub log_dir: Option<PathBuf>,
 }
 
 /// What a container is.
@@ -201,6 +203,11 @@ impl Pod {
                 attempt: 0,
             }),
             hostname: String::new(),
+            log_directory: spec
+                .log_dir
+                .as_ref()
+                .map(|d| d.display().to_string())
+                .unwrap_or_default(),
             labels: spec.labels.clone(),
             linux: Some(LinuxPodSandboxConfig {
                 cgroup_parent: cgroup.clone(),
@@ -280,6 +287,11 @@ impl Pod {
                 })
                 .collect(),
             labels,
+            log_path: if self.config.log_directory.is_empty() {
+                String::new()
+            } else {
+                format!("{}.log", c.name)
+            },
             linux: Some(LinuxContainerConfig {
                 security_context: Some(LinuxContainerSecurityContext {
                     capabilities: Some(Capability {

@@ -49,6 +49,7 @@ fn pod_spec(name: &str, namespace: &str) -> PodSpec {
         name: name.to_string(),
         namespace: namespace.to_string(),
         labels: [("app".to_string(), "api".to_string())].into(),
+        log_dir: None,
     }
 }
 
@@ -259,6 +260,59 @@ fn agent_image_runs_in_the_node() {
         (state, exit),
         (CONTAINER_EXITED, 0),
         "`/enforcer-agent --version` in the image: {info}"
+    );
+}
+
+/// The agent's image runs as the DaemonSet's pod would (privileged, the node's PID and network
+/// namespaces, the host's bpffs mounted): `enforcer-agent probe` finds this kernel supported.
+#[test]
+fn agent_image_probes_the_kernel_as_a_privileged_host_pid_pod() {
+    let Some(env) = node("agent_image_probes_the_kernel_as_a_privileged_host_pid_pod") else {
+        return;
+    };
+    let _parent = PodsParent::new();
+    let logs = TempDir::new("pod-logs");
+    let mut spec = pod_spec("enforcer-probe", "kube-system");
+    spec.log_dir = Some(logs.0.clone());
+    let mut pod = Pod::run(&env.socket, &spec, true).unwrap_or_else(|e| panic!("{e}"));
+    let id = pod
+        .run_container(&ContainerSpec {
+            name: "enforcer".to_string(),
+            image: env.agent_image.clone(),
+            args: vec!["probe".to_string(), "--json".to_string()],
+            // The host's bpffs and cgroup2 tree, as the DaemonSet mounts them.
+            mounts: vec![
+                (
+                    "/sys/fs/bpf".into(),
+                    "/sys/fs/bpf".to_string(),
+                    false,
+                    false,
+                ),
+                (
+                    cgroup2_mount(),
+                    cgroup2_mount().display().to_string(),
+                    false,
+                    false,
+                ),
+            ],
+            privileged: true,
+            host_pid: true,
+            ..Default::default()
+        })
+        .unwrap_or_else(|e| panic!("{e}"));
+    let (state, exit, _) = wait_for("the agent container to exit", AGENT_TIMEOUT, || {
+        let s = pod.status(&id).ok()?;
+        (s.0 == CONTAINER_EXITED).then_some(s)
+    });
+    let log = std::fs::read_to_string(logs.path("enforcer.log")).unwrap_or_default();
+    assert_eq!(
+        (state, exit),
+        (CONTAINER_EXITED, 0),
+        "`enforcer-agent probe` in a privileged host-PID pod:\n{log}"
+    );
+    assert!(
+        log.contains("\"supported\":true") || log.contains("\"supported\": true"),
+        "probe --json says supported:\n{log}"
     );
 }
 
