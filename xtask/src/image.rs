@@ -177,12 +177,12 @@ pub struct TestImages {
 pub const PAUSE_REFERENCE: &str = "localhost/enf-pause:test";
 pub const PROBE_REFERENCE: &str = "localhost/enf-probe:test";
 
-/// Builds enf-probe statically and writes the pause and probe images into `dir`. The pause
+/// Builds enf-probe statically (from the `enf-probe-static` package: the same source with
+/// only libc, not the tests crate's dependencies) and writes the pause and probe images into `dir`. The pause
 /// image holds enf-probe with its marker byte changed (`enf-probe pause`), so the sandbox
 /// process has another sha256 than the workload.
 pub fn test_images(root: &Path, obj: &Path, dir: &Path) -> Result<TestImages> {
-    let bin =
-        build_musl(root, obj, &["-p", "enforcer-tests", "--bin", "enf-probe"])?.join("enf-probe");
+    let bin = build_musl(root, obj, &["-p", "enf-probe-static"])?.join("enf-probe-static");
     let probe = read_static(&bin)?;
     let mut pause = probe.clone();
     let marker = b"ENFPROBE-MARKER0";
