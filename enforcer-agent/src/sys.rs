@@ -205,11 +205,11 @@ pub fn kernel_release() -> String {
     }
 }
 
-const BPF_FS_MAGIC: i64 = 0xcafe4a11;
-
-/// True when `path` is on a bpffs.
+/// True when `path` is on a bpffs. (nix's constant: the field's integer type differs between
+/// glibc and musl, the static build of the image.)
 pub fn is_bpffs(path: &Path) -> bool {
-    nix::sys::statfs::statfs(path).is_ok_and(|s| s.filesystem_type().0 == BPF_FS_MAGIC)
+    nix::sys::statfs::statfs(path)
+        .is_ok_and(|s| s.filesystem_type() == nix::sys::statfs::BPF_FS_MAGIC)
 }
 
 /// Joins the cgroup namespace of PID 1 when this process is in another one, and says whether

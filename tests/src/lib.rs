@@ -12,13 +12,20 @@ use std::{
     time::{Duration, Instant},
 };
 
+pub mod cri;
+
+/// Whether this runs under CI (`CI=true` or `CI=1`): then a test that cannot run fails.
+pub fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
+}
+
 /// True when the kernel tests can run. Not root: under CI=true this panics (a kernel test
 /// never skips in CI); locally it prints why and the test returns early.
 pub fn require_root(test: &str) -> bool {
     if nix::unistd::geteuid().is_root() {
         return true;
     }
-    if std::env::var("CI").is_ok_and(|v| v == "true" || v == "1") {
+    if in_ci() {
         panic!("{test}: real-kernel tests need root and CI=true forbids skipping; run as root");
     }
     eprintln!("SKIP {test}: needs root (loads BPF programs, creates cgroups)");
@@ -59,11 +66,15 @@ pub fn cgroup2_mount() -> PathBuf {
     panic!("no cgroup2 mount in /proc/self/mountinfo: the kernel tests need cgroup v2");
 }
 
+/// A number not returned before in this process.
+pub fn unique_n() -> u32 {
+    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+}
+
 /// A unique name for this test run.
 pub fn unique(tag: &str) -> String {
-    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    format!("enftest-{}-{tag}-{n}", std::process::id())
+    format!("enftest-{}-{tag}-{}", std::process::id(), unique_n())
 }
 
 /// A cgroup created under the cgroup2 mount; removed on drop (after its processes ended).

@@ -8,6 +8,9 @@ mod bench;
 mod build;
 mod cmd;
 mod deploy;
+mod image;
+mod node;
+mod oci;
 mod run;
 mod setup;
 mod test;
@@ -46,6 +49,9 @@ enum Command {
     /// Build, then the Debian package of the agent (binary, systemd unit, audit-mode policy):
     /// target/debian/enforcer-agent_VERSION_ARCH.deb.
     Deb,
+    /// Build the agent statically (musl) and write its OCI image archive (for `ctr images
+    /// import`, `docker load`, `podman load`); prints the image digest.
+    Image(image::Args),
 }
 
 fn main() -> ExitCode {
@@ -76,6 +82,7 @@ fn real_main() -> Result<()> {
             build::build(&root)?;
             deploy::deb(&root).map(|_| ())
         }
+        Command::Image(args) => image::image(&root, &args),
     }
 }
 

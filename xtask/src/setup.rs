@@ -5,8 +5,8 @@ use std::{env, path::PathBuf, process::Command, time::Instant};
 use anyhow::{Context as _, Result};
 
 use crate::{
-    cmd::{clean_command, output, status, step},
-    toolchain::{BPF_LINKER, BPF_LINKER_FEATURES, NIGHTLY, STABLE},
+    cmd::{clean_command, have, is_root, output, status, step},
+    toolchain::{BPF_LINKER, BPF_LINKER_FEATURES, MUSL_TARGET, NIGHTLY, STABLE},
 };
 
 /// Paths of the installed tools.
@@ -14,16 +14,15 @@ pub struct Tools {
     pub bpf_linker_bin: PathBuf,
 }
 
-/// Debian packages the build needs: `protobuf-compiler` for the CRI client's generated code
-/// (k8s-cri's build script runs protoc).
-const APT_PACKAGES: &[&str] = &["protobuf-compiler"];
-
 /// Installs what is missing; returns where the tools are.
 pub fn setup() -> Result<Tools> {
     let t0 = Instant::now();
-    ensure_apt_packages(APT_PACKAGES)?;
+    // protoc: the agent's and the tests' CRI clients (k8s-cri) are generated from .proto at
+    // build time.
+    ensure_debian(&[("protoc", "protobuf-compiler")])?;
     ensure_toolchain(NIGHTLY, &["rust-src", "clippy"])?;
     ensure_toolchain(STABLE, &["clippy", "rustfmt"])?;
+    ensure_target(STABLE, MUSL_TARGET)?;
     let bpf_linker_bin = ensure_bpf_linker()?;
     step(&format!(
         "toolchains ready: {NIGHTLY} (kernel), {STABLE} (agent), bpf-linker {BPF_LINKER} ({:.1}s)",
@@ -32,30 +31,33 @@ pub fn setup() -> Result<Tools> {
     Ok(Tools { bpf_linker_bin })
 }
 
-fn apt_installed(pkg: &str) -> bool {
-    let mut c = clean_command("dpkg-query");
-    c.args(["-W", "-f=${Status}", pkg]);
-    output(c).is_some_and(|s| s.contains("install ok installed"))
-}
-
-fn ensure_apt_packages(pkgs: &[&str]) -> Result<()> {
-    let missing: Vec<&str> = pkgs.iter().copied().filter(|p| !apt_installed(p)).collect();
+/// Installs the Debian packages of the (command, package) pairs whose command is missing
+/// (root: apt-get; otherwise an error naming the packages).
+pub fn ensure_debian(needs: &[(&str, &str)]) -> Result<()> {
+    let mut missing: Vec<&str> = needs
+        .iter()
+        .filter(|(cmd, _)| !have(cmd))
+        .map(|(_, pkg)| *pkg)
+        .collect();
+    missing.dedup();
     if missing.is_empty() {
         return Ok(());
     }
     let list = missing.join(" ");
-    step(&format!("installing Debian packages: {list}"));
-    let mut c = clean_command("sh");
+    if !is_root() {
+        anyhow::bail!(
+            "missing Debian packages: {list}; install them (`sudo apt-get install {list}`) or run xtask as root"
+        );
+    }
+    step(&format!("installing {list} (Debian)"));
+    let mut c = Command::new("sh");
     c.args([
         "-c",
         &format!(
             "apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends {list}"
         ),
     ]);
-    status(
-        c,
-        &format!("apt-get install {list} (as root; or install them by hand)"),
-    )
+    status(c, &format!("apt-get install {list}"))
 }
 
 fn tools_dir() -> Result<PathBuf> {
@@ -101,6 +103,19 @@ fn ensure_toolchain(name: &str, components: &[&str]) -> Result<()> {
         c.args(["--component", comp]);
     }
     status(c, &format!("rustup toolchain install {name}"))
+}
+
+/// Adds the standard library of `target` to `toolchain` when missing (the static builds).
+fn ensure_target(toolchain: &str, target: &str) -> Result<()> {
+    let mut c = clean_command("rustup");
+    c.args(["target", "list", "--installed", "--toolchain", toolchain]);
+    if output(c).is_some_and(|o| o.lines().any(|l| l.trim() == target)) {
+        return Ok(());
+    }
+    step(&format!("adding target {target} to {toolchain}"));
+    let mut c = clean_command("rustup");
+    c.args(["target", "add", "--toolchain", toolchain, target]);
+    status(c, &format!("rustup target add {target}"))
 }
 
 fn sysroot(toolchain: &str) -> Result<PathBuf> {

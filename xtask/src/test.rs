@@ -1,7 +1,11 @@
 //! `cargo xtask test [ARGS...]`: rustfmt, clippy, unit and real-kernel tests, then the
 //! real-kernel suites on the oldest supported kernel in a VM (not with ARGS).
 
-use std::{path::Path, process::Command};
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+    time::Instant,
+};
 
 use anyhow::Result;
 
@@ -9,6 +13,8 @@ use crate::{
     build::{EBPF_CRATES, build, clippy_ebpf},
     cmd::{clean_command, have, in_ci, is_root, require_root, stable_cargo, status, step},
     deploy,
+    image::{self, PAUSE_REFERENCE, PROBE_REFERENCE},
+    node::{self, Node},
     setup::setup,
     toolchain::STABLE,
     vm,
@@ -86,7 +92,6 @@ pub fn test(root: &Path, args: &Args) -> Result<()> {
     // tests/tests/deploy.rs installs and removes.
     deploy::validate(root)?;
     let deb = deploy::deb(root)?;
-    step("unit and real-kernel tests");
     let agent = root.join("target").join("release").join("enforcer-agent");
     let mut c = stable_cargo(root, &obj);
     c.args(["test", "--workspace", "--release"])
@@ -96,7 +101,17 @@ pub fn test(root: &Path, args: &Args) -> Result<()> {
     if !args.iter().any(|a| a == "--") {
         c.args(["--", "--test-threads=1"]);
     }
-    status(c, "cargo test")?;
+    // The containerd node of tests/tests/node.rs (host only, root): started before the
+    // suites, stopped (by pid) after them, whatever their outcome.
+    let node = if is_root() {
+        Some(start_node(root, &obj, &mut c)?)
+    } else {
+        None
+    };
+    step("unit and real-kernel tests");
+    let tests = status(c, "cargo test");
+    drop(node);
+    tests?;
     // The same real-kernel suites on the oldest supported kernel, in a VM, so a verifier
     // regression on old kernels fails the build. Skipped only when not root outside CI, or
     // when a test-name filter was given (a focused local run).
@@ -112,4 +127,43 @@ pub fn test(root: &Path, args: &Args) -> Result<()> {
     }
     step("the real-kernel suites on the oldest supported kernel (5.10, QEMU/TCG)");
     vm::vm_test(root, &vm::Args::kernel("5.10"))
+}
+
+/// Builds the node suite's images (the agent's, a pause image and an enf-probe image, all
+/// static), starts containerd, imports them, and tells the tests where (environment of `c`).
+fn start_node(root: &Path, obj: &Path, c: &mut Command) -> Result<Node> {
+    let t0 = Instant::now();
+    node::install()?;
+    let images = image::images_dir(root);
+    let agent_tar = images.join(format!("enforcer-agent-{}.tar", image::VERSION));
+    let agent_digest = image::agent_image(root, obj, &agent_tar)?;
+    let test_dir = images.join("test");
+    let test = image::test_images(root, obj, &test_dir)?;
+    let t_images = t0.elapsed();
+    let node_dir: PathBuf = root.join("target").join("containerd");
+    let node = Node::start(&node_dir, PAUSE_REFERENCE)?;
+    for tar in [
+        PathBuf::from(&test.pause),
+        PathBuf::from(&test.probe),
+        agent_tar.clone(),
+    ] {
+        node.import(&tar)?;
+    }
+    step(&format!(
+        "node ready: images built in {:.1}s, containerd started and images imported in {:.1}s",
+        t_images.as_secs_f64(),
+        (t0.elapsed() - t_images).as_secs_f64()
+    ));
+    c.env("ENFORCER_CRI_SOCKET", &node.socket)
+        .env(
+            "ENFORCER_TEST_IMAGES",
+            format!(
+                "pause={PAUSE_REFERENCE},probe={PROBE_REFERENCE},agent={}",
+                image::agent_reference()
+            ),
+        )
+        .env("ENFORCER_TEST_PROBE_SHA256", &test.probe_sha256)
+        .env("ENFORCER_TEST_AGENT_IMAGE", &agent_tar)
+        .env("ENFORCER_TEST_AGENT_IMAGE_DIGEST", &agent_digest);
+    Ok(node)
 }

@@ -12,3 +12,6 @@ pub const BPF_LINKER: &str = "0.13.0";
 pub const BPF_LINKER_FEATURES: &[&str] = &[];
 /// Target of the kernel crate.
 pub const BPF_TARGET: &str = "bpfel-unknown-none";
+/// Target of the static agent in the OCI image and of the node suite's test images (added to
+/// `STABLE` by the set-up).
+pub const MUSL_TARGET: &str = "x86_64-unknown-linux-musl";

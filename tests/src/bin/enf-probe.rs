@@ -11,6 +11,8 @@
 //!   enf-probe gate CMD...            wait for a byte (or EOF) on stdin, then run CMD: the test
 //!                                    opens the gate once the agent is up (never a fixed delay)
 //!   enf-probe sleep SECS             sleep (a process to inspect)
+//!   enf-probe pause                  wait for SIGTERM or SIGINT, then exit 0 (the node suite's
+//!                                    pod sandbox process, as Kubernetes' pause)
 //! Exit status: 0 connected/sent, 13 EPERM (the kernel denied), 2 any other failure.
 
 use std::{
@@ -158,6 +160,21 @@ fn run(args: &[String]) -> i32 {
         "sleep" => {
             let secs = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(60);
             std::thread::sleep(Duration::from_secs(secs));
+            0
+        }
+        "pause" => {
+            // Block SIGTERM and SIGINT and wait for one (as PID 1 of a pod sandbox, a signal
+            // with no handler would be ignored).
+            // SAFETY: a sigset on the stack, filled and passed by pointer to the libc calls.
+            unsafe {
+                let mut set: libc::sigset_t = std::mem::zeroed();
+                libc::sigemptyset(&mut set);
+                libc::sigaddset(&mut set, libc::SIGTERM);
+                libc::sigaddset(&mut set, libc::SIGINT);
+                libc::sigprocmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+                let mut sig = 0;
+                libc::sigwait(&set, &mut sig);
+            }
             0
         }
         other => {
