@@ -221,7 +221,14 @@ pub fn is_bpffs(path: &Path) -> bool {
 pub fn join_init_cgroup_namespace() -> io::Result<bool> {
     use std::os::unix::fs::MetadataExt as _;
     let mine = std::fs::metadata("/proc/self/ns/cgroup")?;
-    let init = std::fs::metadata("/proc/1/ns/cgroup")?;
+    // Without CAP_SYS_PTRACE a process with fewer capabilities than PID 1 may not look at
+    // PID 1's namespaces (a systemd service with a bounded capability set): it runs in the
+    // host's cgroup namespace anyway, so nothing to join.
+    let init = match std::fs::metadata("/proc/1/ns/cgroup") {
+        Ok(m) => m,
+        Err(e) if e.kind() == io::ErrorKind::PermissionDenied => return Ok(false),
+        Err(e) => return Err(e),
+    };
     if (mine.dev(), mine.ino()) == (init.dev(), init.ino()) {
         return Ok(false);
     }
