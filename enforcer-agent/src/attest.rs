@@ -184,15 +184,13 @@ pub fn cgroup2_mount_from(mountinfo: &str) -> Option<PathBuf> {
 /// The cgroup2 mount given on the command line (`run --cgroup2`), which wins over mountinfo.
 static CGROUP2_MOUNT: OnceLock<PathBuf> = OnceLock::new();
 
-const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
-
 /// Uses `dir` as the cgroup2 mount from now on (a container that sees the host's cgroup2 at
 /// another place, e.g. a DaemonSet's `/host/sys/fs/cgroup`). Refused unless `dir` is the root
 /// of a cgroup2 file system.
 pub fn use_cgroup2_mount(dir: &Path) -> Result<(), AttestError> {
     let st =
         nix::sys::statfs::statfs(dir).map_err(|e| io_err("statfs", dir, io::Error::from(e)))?;
-    if st.filesystem_type().0 != CGROUP2_SUPER_MAGIC {
+    if st.filesystem_type() != nix::sys::statfs::CGROUP2_SUPER_MAGIC {
         return Err(AttestError::NotCgroup2 {
             path: dir.to_path_buf(),
         });

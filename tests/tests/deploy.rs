@@ -224,6 +224,17 @@ fn kubernetes_manifests_keep_their_promises() {
         let args = strs(&c["args"]);
         assert_eq!(args.first().map(String::as_str), Some("run"), "{args:?}");
         assert_eq!(flag(&args, "kube-node").as_deref(), Some("$(NODE_NAME)"));
+        // Every flag the DaemonSet passes is one `run` has (a renamed flag would crash-loop
+        // every agent of the cluster).
+        let (ok, help) = run(Command::new(agent_bin()).args(["run", "--help"]));
+        assert!(ok, "enforcer-agent run --help: {help}");
+        for a in args.iter().skip(1) {
+            let name = a.split('=').next().unwrap_or(a);
+            assert!(
+                name.starts_with("--") && help.contains(&format!("{name} ")),
+                "{dir}: the DaemonSet passes {a:?}, which `enforcer-agent run` does not take:\n{help}"
+            );
+        }
         let env = c["env"].as_vec().expect("env");
         assert!(
             env.iter().any(|e| e["name"].as_str() == Some("NODE_NAME")

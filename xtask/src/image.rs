@@ -106,8 +106,13 @@ fn build_musl(root: &Path, obj: &Path, args: &[&str]) -> Result<PathBuf> {
         "building {} (static, {MUSL_TARGET})",
         args.join(" ")
     ));
+    // ring (rustls' crypto, for the API-server client) compiles C: musl's gcc wrapper.
+    crate::setup::ensure_debian(&[("musl-gcc", "musl-tools")])?;
     let mut c = stable_cargo(root, obj);
     c.args(["build", "--release", "--target", MUSL_TARGET])
+        .env("CC_x86_64_unknown_linux_musl", "musl-gcc")
+        // No symbols in an image: a quarter of the agent's size (22 -> 16.5 MB).
+        .env("CARGO_PROFILE_RELEASE_STRIP", "symbols")
         .args(args);
     status(
         c,
