@@ -91,8 +91,13 @@ pub fn bench(root: &Path, args: &Args) -> Result<()> {
         .arg(&fragment);
     status(c, "report.py")?;
     let body = std::fs::read_to_string(&fragment).context("reading the report")?;
+    let partial = if only_start {
+        " This file was last written by `cargo xtask bench --only container-start`: the container-start section and its target line are from that run, every other section from the last full run (kept in results.json)."
+    } else {
+        ""
+    };
     let md = format!(
-        "# Benchmarks\n\nReproduce on a machine of this kind, as root: `cargo xtask bench` (optionally the number of rounds, default 7; at least 5 for a meaningful median). Raw numbers: `target/bench/results.json`.\n\n{body}"
+        "# Benchmarks\n\nReproduce on a machine of this kind, as root: `cargo xtask bench` (optionally the number of rounds, default 7; at least 5 for a meaningful median; `--only container-start` for that part alone). Raw numbers: `target/bench/results.json`.{partial}\n\n{body}"
     );
     std::fs::write(root.join("BENCHMARKS.md"), md).context("writing BENCHMARKS.md")?;
     print!("{body}");
