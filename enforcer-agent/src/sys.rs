@@ -212,6 +212,10 @@ pub fn is_bpffs(path: &Path) -> bool {
         .is_ok_and(|s| s.filesystem_type() == nix::sys::statfs::BPF_FS_MAGIC)
 }
 
+/// The inode number of the kernel's initial cgroup namespace (include/linux/proc_ns.h,
+/// fixed since Linux 4.6).
+const PROC_CGROUP_INIT_INO: u64 = 0xEFFF_FFFB;
+
 /// Joins the cgroup namespace of PID 1 when this process is in another one, and says whether
 /// it did. `/proc/PID/cgroup` shows paths relative to the reader's cgroup namespace, so an
 /// agent in a container with a private cgroup namespace (cgroup v2 hosts give unprivileged
@@ -221,14 +225,12 @@ pub fn is_bpffs(path: &Path) -> bool {
 pub fn join_init_cgroup_namespace() -> io::Result<bool> {
     use std::os::unix::fs::MetadataExt as _;
     let mine = std::fs::metadata("/proc/self/ns/cgroup")?;
-    // Without CAP_SYS_PTRACE a process with fewer capabilities than PID 1 may not look at
-    // PID 1's namespaces (a systemd service with a bounded capability set): it runs in the
-    // host's cgroup namespace anyway, so nothing to join.
-    let init = match std::fs::metadata("/proc/1/ns/cgroup") {
-        Ok(m) => m,
-        Err(e) if e.kind() == io::ErrorKind::PermissionDenied => return Ok(false),
-        Err(e) => return Err(e),
-    };
+    if mine.ino() == PROC_CGROUP_INIT_INO {
+        // The kernel's initial cgroup namespace (the host's): nothing to join, and no need
+        // to read PID 1's, which a sandboxed root may not be allowed to (EACCES).
+        return Ok(false);
+    }
+    let init = std::fs::metadata("/proc/1/ns/cgroup")?;
     if (mine.dev(), mine.ino()) == (init.dev(), init.ino()) {
         return Ok(false);
     }

@@ -7,14 +7,13 @@
 //! Pods share the node's network (no CNI here), so a pod's enf-probe reaches the test's
 //! listeners on 127.0.0.1. Exit codes of the probe: 0 = connected, 13 = EPERM from the kernel.
 
-use std::{path::Path, time::Instant};
+use std::path::Path;
 
 use enforcer_tests::{cri::*, *};
 
 const OK: i32 = 0;
 const EPERM: i32 = 13;
-/// CRI container states.
-const CONTAINER_RUNNING: i32 = 1;
+/// CRI container state (CONTAINER_RUNNING comes with the CRI client).
 const CONTAINER_EXITED: i32 = 2;
 
 fn node(test: &str) -> Option<NodeEnv> {
@@ -146,27 +145,11 @@ fn pod_probe_is_allowed_and_denied_as_the_policy_says() {
 }
 
 /// CreateContainer + StartContainer until the container's process runs enf-probe (its exec
-/// done, not held), in ms.
+/// done, not held), in ms (`cargo xtask bench` measures the same, see enf-bench).
 fn start_once(pod: &mut Pod, spec: &ContainerSpec) -> f64 {
-    let t0 = Instant::now();
-    let id = pod.run_container(spec).unwrap_or_else(|e| panic!("{e}"));
-    let pid = wait_for("the container's pid", AGENT_TIMEOUT, || pod.pid(&id).ok());
-    wait_for(
-        "the container's process to run enf-probe",
-        AGENT_TIMEOUT,
-        || {
-            let exe = std::fs::read_link(format!("/proc/{pid}/exe")).ok()?;
-            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-            let state = stat.rsplit_once(')')?.1.trim_start().chars().next()?;
-            (exe.ends_with("enf-probe") && state != 'T').then_some(())
-        },
-    );
-    let ms = t0.elapsed().as_secs_f64() * 1e3;
-    let (state, _, _) = pod.status(&id).unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(state, CONTAINER_RUNNING, "container {id} runs");
-    pod.remove_container(&id, 0)
-        .unwrap_or_else(|e| panic!("{e}"));
-    ms
+    pod.time_start(spec, "enf-probe", AGENT_TIMEOUT)
+        .unwrap_or_else(|e| panic!("{e}"))
+        .total_ms
 }
 
 fn p50(mut v: Vec<f64>) -> f64 {

@@ -1,5 +1,7 @@
-//! `cargo xtask bench [ROUNDS]`: the peers and matplotlib, `enf-bench run`, then
-//! BENCHMARKS.md and benchmarks.png through `xtask/bench/report.py`.
+//! `cargo xtask bench [ROUNDS] [--only container-start]`: the peers and matplotlib, the
+//! containerd node of the node suite (xtask/src/node.rs, for container start), `enf-bench run`
+//! (or only its container-start part), then BENCHMARKS.md and benchmarks.png through
+//! `xtask/bench/report.py`.
 
 use std::{path::Path, process::Command};
 
@@ -8,6 +10,7 @@ use anyhow::{Context as _, Result};
 use crate::{
     build::build,
     cmd::{have, require_root, stable_cargo, status, step},
+    test::start_node,
 };
 
 #[derive(clap::Args, Debug)]
@@ -15,12 +18,24 @@ pub struct Args {
     /// Interleaved rounds (at least 5 for a meaningful median).
     #[arg(default_value_t = 7, value_parser = clap::value_parser!(u32).range(1..))]
     pub rounds: u32,
+    /// Measure only this part (the other parts of the last full run, kept in
+    /// target/bench/results.json, stay in BENCHMARKS.md).
+    #[arg(long, value_enum)]
+    pub only: Option<Part>,
+}
+
+/// A part of the benchmark that runs alone.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Part {
+    /// The delay the agent adds to a container's start on the containerd node.
+    ContainerStart,
 }
 
 pub fn bench(root: &Path, args: &Args) -> Result<()> {
     let obj = build(root)?;
     require_root("`cargo xtask bench`")?;
-    if !have("nft") || !have("iptables") {
+    let only_start = args.only == Some(Part::ContainerStart);
+    if !only_start && (!have("nft") || !have("iptables")) {
         step("installing the peers from Debian: nftables, iptables");
         let mut c = Command::new("sh");
         c.args(["-c", "apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q nftables iptables"]);
@@ -51,9 +66,12 @@ pub fn bench(root: &Path, args: &Args) -> Result<()> {
     ]);
     status(c, "building enf-bench")?;
     let rounds = args.rounds;
-    step(&format!("measuring ({rounds} interleaved rounds)"));
     let mut c = Command::new(root.join("target").join("release").join("enf-bench"));
-    c.arg("run")
+    // The node suite's containerd node, with its images, for the container-start part;
+    // stopped (by pid) when the measurement ends, whatever its outcome.
+    let node = start_node(root, &obj, &mut c)?;
+    step(&format!("measuring ({rounds} interleaved rounds)"));
+    c.arg(if only_start { "container-start" } else { "run" })
         .arg(&out)
         .arg(rounds.to_string())
         .env("ENFORCER_EBPF_OBJ", &obj)
@@ -61,7 +79,9 @@ pub fn bench(root: &Path, args: &Args) -> Result<()> {
             "ENFORCER_AGENT_BIN",
             root.join("target").join("release").join("enforcer-agent"),
         );
-    status(c, "enf-bench")?;
+    let measured = status(c, "enf-bench");
+    drop(node);
+    measured?;
     step("writing BENCHMARKS.md and benchmarks.png");
     let fragment = out.join("report.md");
     let mut c = Command::new(&py);
@@ -71,8 +91,13 @@ pub fn bench(root: &Path, args: &Args) -> Result<()> {
         .arg(&fragment);
     status(c, "report.py")?;
     let body = std::fs::read_to_string(&fragment).context("reading the report")?;
+    let partial = if only_start {
+        " This file was last written by `cargo xtask bench --only container-start`: the container-start section and its target line are from that run, every other section from the last full run (kept in results.json)."
+    } else {
+        ""
+    };
     let md = format!(
-        "# Benchmarks\n\nReproduce on a machine of this kind, as root: `cargo xtask bench` (optionally the number of rounds, default 7; at least 5 for a meaningful median). Raw numbers: `target/bench/results.json`.\n\n{body}"
+        "# Benchmarks\n\nReproduce on a machine of this kind, as root: `cargo xtask bench` (optionally the number of rounds, default 7; at least 5 for a meaningful median; `--only container-start` for that part alone). Raw numbers: `target/bench/results.json`.{partial}\n\n{body}"
     );
     std::fs::write(root.join("BENCHMARKS.md"), md).context("writing BENCHMARKS.md")?;
     print!("{body}");

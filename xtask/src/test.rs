@@ -131,7 +131,8 @@ pub fn test(root: &Path, args: &Args) -> Result<()> {
 
 /// Builds the node suite's images (the agent's, a pause image and an enf-probe image, all
 /// static), starts containerd, imports them, and tells the tests where (environment of `c`).
-fn start_node(root: &Path, obj: &Path, c: &mut Command) -> Result<Node> {
+/// `cargo xtask bench` starts the same node for its container-start part.
+pub(crate) fn start_node(root: &Path, obj: &Path, c: &mut Command) -> Result<Node> {
     let t0 = Instant::now();
     node::install()?;
     let images = image::images_dir(root);

@@ -114,6 +114,15 @@ impl Agent {
         let mut held = Vec::new();
         for c in containers {
             if let Some(w) = self.waiting.take(c) {
+                if !w.held.is_empty() {
+                    // `cargo xtask bench` reads this: what a held first exec waited for.
+                    tracing::debug!(
+                        container = %c,
+                        held = w.held.len(),
+                        waited_us = w.since.elapsed().as_micros() as u64,
+                        "pod metadata came for held processes"
+                    );
+                }
                 cgs.extend(w.cgroups);
                 held.extend(w.held);
             }

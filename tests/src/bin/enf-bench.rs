@@ -3,6 +3,8 @@
 //! interleaved over rounds against the same round's baseline. Writes results JSON.
 //!
 //! usage: enf-bench run OUT_DIR [ROUNDS]      (root; ENFORCER_EBPF_OBJ and ENFORCER_AGENT_BIN set)
+//!        enf-bench container-start OUT_DIR [ROUNDS]  (container start on the containerd node
+//!                                    only, merged into OUT_DIR/results.json)
 //!        enf-bench apply                     (policy compile/apply with connects in flight only)
 //!        enf-bench worker OP ADDR N          (one measurement; prints "p50_ns mean_ns")
 
@@ -18,6 +20,8 @@ use std::{
 use enforcer_agent::policy::{self, Action, Identity, MatchEntry, Mode, Policy, Protocol, Rule};
 use enforcer_tests::*;
 
+#[path = "enf-bench/container_start.rs"]
+mod container_start;
 #[path = "enf-bench/opensnitch.rs"]
 mod opensnitch;
 
@@ -34,6 +38,16 @@ fn main() {
             let out = PathBuf::from(args.get(1).map(String::as_str).unwrap_or("target/bench"));
             let rounds = args.get(2).and_then(|r| r.parse().ok()).unwrap_or(7);
             if let Err(e) = run(&out, rounds) {
+                eprintln!("enf-bench: {e}");
+                std::process::exit(1);
+            }
+        }
+        Some("container-start") => {
+            // Only the container-start part, merged into OUT_DIR/results.json (the other
+            // parts of an earlier full run are kept).
+            let out = PathBuf::from(args.get(1).map(String::as_str).unwrap_or("target/bench"));
+            let rounds = args.get(2).and_then(|r| r.parse().ok()).unwrap_or(7);
+            if let Err(e) = container_start_only(&out, rounds) {
                 eprintln!("enf-bench: {e}");
                 std::process::exit(1);
             }
@@ -60,7 +74,7 @@ fn main() {
         }
         _ => {
             eprintln!(
-                "usage: enf-bench run OUT_DIR [ROUNDS] | enf-bench apply | enf-bench worker OP ADDR N"
+                "usage: enf-bench run OUT_DIR [ROUNDS] | enf-bench container-start OUT_DIR [ROUNDS] | enf-bench apply | enf-bench worker OP ADDR N"
             );
             std::process::exit(2);
         }
@@ -297,6 +311,25 @@ fn trace(args: &[String]) {
 }
 
 // ------------------------------------------------------------------ runner
+
+/// `container-start`: measures container start alone and puts it into OUT_DIR/results.json
+/// (an earlier full run's other results are kept; with none, the file holds only this part).
+fn container_start_only(out: &Path, rounds: usize) -> Result<(), String> {
+    if !nix::unistd::geteuid().is_root() {
+        return Err("the benchmark needs root (it runs containers and agents)".into());
+    }
+    fs::create_dir_all(out).map_err(|e| format!("creating {}: {e}", out.display()))?;
+    let path = out.join("results.json");
+    let mut results: serde_json::Value = fs::read_to_string(&path)
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok())
+        .unwrap_or_else(|| serde_json::json!({"rows": [], "command": "cargo xtask bench --only container-start"}));
+    results["container_start"] = container_start::run(rounds)?;
+    fs::write(&path, serde_json::to_string_pretty(&results).expect("json"))
+        .map_err(|e| format!("writing {}: {e}", path.display()))?;
+    eprintln!("enf-bench: wrote {}", path.display());
+    Ok(())
+}
 
 struct Config {
     name: String,
@@ -1266,6 +1299,8 @@ fn run(out: &Path, rounds: usize) -> Result<(), String> {
     eprintln!("enf-bench: policy compile and apply, with connects in flight");
     let (more, apply_runs) = apply_benchmark(&l, &worker, worker_sha, &dir)?;
     notes.extend(more);
+    // Last, with no other agent running: container start on the containerd node.
+    let container_start = container_start::run(rounds)?;
     let results = serde_json::json!({
         "machine": {"kernel": kernel, "cpu": cpu, "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0)},
         "command": "cargo xtask bench",
@@ -1276,6 +1311,7 @@ fn run(out: &Path, rounds: usize) -> Result<(), String> {
         "notes": notes,
         "extra": extra,
         "prog_run_ns": prog_run,
+        "container_start": container_start,
     });
     let path = out.join("results.json");
     fs::write(&path, serde_json::to_string_pretty(&results).expect("json"))
