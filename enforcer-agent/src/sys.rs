@@ -221,6 +221,11 @@ pub fn is_bpffs(path: &Path) -> bool {
 pub fn join_init_cgroup_namespace() -> io::Result<bool> {
     use std::os::unix::fs::MetadataExt as _;
     let mine = std::fs::metadata("/proc/self/ns/cgroup")?;
+    // Already in the initial cgroup namespace: nothing to join, and PID 1's need not be
+    // readable (a sandbox's PID 1 in another user namespace refuses it with EACCES).
+    if is_initial_cgroup_namespace(mine.ino()) {
+        return Ok(false);
+    }
     let init = std::fs::metadata("/proc/1/ns/cgroup")?;
     if (mine.dev(), mine.ino()) == (init.dev(), init.ino()) {
         return Ok(false);
@@ -231,6 +236,15 @@ pub fn join_init_cgroup_namespace() -> io::Result<bool> {
         return Err(io::Error::last_os_error());
     }
     Ok(true)
+}
+
+/// The inode number of the initial cgroup namespace (`PROC_CGROUP_INIT_INO` in the kernel's
+/// include/linux/proc_ns.h): the same on every kernel, whatever the PID or user namespace.
+const INITIAL_CGROUP_NS_INO: u64 = 0xEFFF_FFFB;
+
+/// True when a cgroup namespace's inode number (of `/proc/PID/ns/cgroup`) is the initial one.
+fn is_initial_cgroup_namespace(ino: u64) -> bool {
+    ino == INITIAL_CGROUP_NS_INO
 }
 
 /// Raises `RLIMIT_MEMLOCK` to unlimited. Kernels before 5.11 charge BPF maps and programs
@@ -246,4 +260,23 @@ pub fn raise_memlock() -> io::Result<()> {
         return Err(io::Error::last_os_error());
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::MetadataExt as _;
+
+    use super::*;
+
+    /// In the initial cgroup namespace there is nothing to join, and PID 1's namespace is not
+    /// read (a sandbox may refuse it): this machine's tests run there, so `run` must start.
+    #[test]
+    fn the_initial_cgroup_namespace_needs_no_join() {
+        assert!(is_initial_cgroup_namespace(0xEFFF_FFFB));
+        assert!(!is_initial_cgroup_namespace(0xF000_0000));
+        let mine = std::fs::metadata("/proc/self/ns/cgroup").expect("/proc/self/ns/cgroup");
+        if is_initial_cgroup_namespace(mine.ino()) {
+            assert!(matches!(join_init_cgroup_namespace(), Ok(false)));
+        }
+    }
 }
