@@ -212,10 +212,6 @@ pub fn is_bpffs(path: &Path) -> bool {
         .is_ok_and(|s| s.filesystem_type() == nix::sys::statfs::BPF_FS_MAGIC)
 }
 
-/// The inode number of the kernel's initial cgroup namespace (include/linux/proc_ns.h,
-/// fixed since Linux 4.6).
-const PROC_CGROUP_INIT_INO: u64 = 0xEFFF_FFFB;
-
 /// Joins the cgroup namespace of PID 1 when this process is in another one, and says whether
 /// it did. `/proc/PID/cgroup` shows paths relative to the reader's cgroup namespace, so an
 /// agent in a container with a private cgroup namespace (cgroup v2 hosts give unprivileged
@@ -225,9 +221,9 @@ const PROC_CGROUP_INIT_INO: u64 = 0xEFFF_FFFB;
 pub fn join_init_cgroup_namespace() -> io::Result<bool> {
     use std::os::unix::fs::MetadataExt as _;
     let mine = std::fs::metadata("/proc/self/ns/cgroup")?;
-    if mine.ino() == PROC_CGROUP_INIT_INO {
-        // The kernel's initial cgroup namespace (the host's): nothing to join, and no need
-        // to read PID 1's, which a sandboxed root may not be allowed to (EACCES).
+    // Already in the initial cgroup namespace: nothing to join, and PID 1's need not be
+    // readable (a sandbox's PID 1 in another user namespace refuses it with EACCES).
+    if is_initial_cgroup_namespace(mine.ino()) {
         return Ok(false);
     }
     let init = std::fs::metadata("/proc/1/ns/cgroup")?;
@@ -240,6 +236,15 @@ pub fn join_init_cgroup_namespace() -> io::Result<bool> {
         return Err(io::Error::last_os_error());
     }
     Ok(true)
+}
+
+/// The inode number of the initial cgroup namespace (`PROC_CGROUP_INIT_INO` in the kernel's
+/// include/linux/proc_ns.h): the same on every kernel, whatever the PID or user namespace.
+const INITIAL_CGROUP_NS_INO: u64 = 0xEFFF_FFFB;
+
+/// True when a cgroup namespace's inode number (of `/proc/PID/ns/cgroup`) is the initial one.
+fn is_initial_cgroup_namespace(ino: u64) -> bool {
+    ino == INITIAL_CGROUP_NS_INO
 }
 
 /// Raises `RLIMIT_MEMLOCK` to unlimited. Kernels before 5.11 charge BPF maps and programs
@@ -255,4 +260,23 @@ pub fn raise_memlock() -> io::Result<()> {
         return Err(io::Error::last_os_error());
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::MetadataExt as _;
+
+    use super::*;
+
+    /// In the initial cgroup namespace there is nothing to join, and PID 1's namespace is not
+    /// read (a sandbox may refuse it): this machine's tests run there, so `run` must start.
+    #[test]
+    fn the_initial_cgroup_namespace_needs_no_join() {
+        assert!(is_initial_cgroup_namespace(0xEFFF_FFFB));
+        assert!(!is_initial_cgroup_namespace(0xF000_0000));
+        let mine = std::fs::metadata("/proc/self/ns/cgroup").expect("/proc/self/ns/cgroup");
+        if is_initial_cgroup_namespace(mine.ino()) {
+            assert!(matches!(join_init_cgroup_namespace(), Ok(false)));
+        }
+    }
 }

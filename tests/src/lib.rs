@@ -822,6 +822,25 @@ pub fn kernel_proc(pin_dir: &Path, pid: u32) -> Option<enforcer_common::ProcStat
     map.get(&pid, 0).ok()
 }
 
+/// Whether the pinned `ENF_CGROUPS` map has an entry for cgroup `id` (a cgroup's id is the
+/// inode number of its directory in the cgroup2 tree).
+pub fn kernel_knows_cgroup(pin_dir: &Path, id: u64) -> bool {
+    let data = aya::maps::MapData::from_pin(pin_dir.join(enforcer_common::MAP_CGROUPS))
+        .expect("opening pinned ENF_CGROUPS");
+    let map: aya::maps::HashMap<_, u64, enforcer_common::CgroupValue> =
+        aya::maps::HashMap::try_from(aya::maps::Map::HashMap(data))
+            .expect("ENF_CGROUPS is a hash map");
+    map.get(&id, 0).is_ok()
+}
+
+/// The id of the cgroup at `rel` (relative to the cgroup2 root): its directory's inode number.
+pub fn cgroup_id_of(rel: &str) -> Option<u64> {
+    use std::os::unix::fs::MetadataExt as _;
+    fs::metadata(cgroup2_mount().join(rel.trim_start_matches('/')))
+        .ok()
+        .map(|m| m.ino())
+}
+
 /// Sum over CPUs of one pinned `ENF_COUNTERS` counter.
 pub fn kernel_counter(pin_dir: &Path, c: enforcer_common::Counter) -> u64 {
     let idx = c as u32;
