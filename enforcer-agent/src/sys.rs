@@ -212,6 +212,9 @@ pub fn is_bpffs(path: &Path) -> bool {
         .is_ok_and(|s| s.filesystem_type() == nix::sys::statfs::BPF_FS_MAGIC)
 }
 
+/// The inode number of the kernel's initial cgroup namespace (include/linux/proc_ns.h).
+const PROC_CGROUP_INIT_INO: u64 = 0xEFFF_FFFB;
+
 /// Joins the cgroup namespace of PID 1 when this process is in another one, and says whether
 /// it did. `/proc/PID/cgroup` shows paths relative to the reader's cgroup namespace, so an
 /// agent in a container with a private cgroup namespace (cgroup v2 hosts give unprivileged
@@ -221,6 +224,12 @@ pub fn is_bpffs(path: &Path) -> bool {
 pub fn join_init_cgroup_namespace() -> io::Result<bool> {
     use std::os::unix::fs::MetadataExt as _;
     let mine = std::fs::metadata("/proc/self/ns/cgroup")?;
+    // Already in the kernel's initial cgroup namespace (its inode number is fixed): nothing
+    // to join, and no need to read PID 1's, which a PID 1 with capabilities this process
+    // lacks keeps out of reach (ptrace access check: EACCES, even for root).
+    if mine.ino() == PROC_CGROUP_INIT_INO {
+        return Ok(false);
+    }
     let init = std::fs::metadata("/proc/1/ns/cgroup")?;
     if (mine.dev(), mine.ino()) == (init.dev(), init.ino()) {
         return Ok(false);

@@ -601,7 +601,6 @@ impl Drop for ImageTag {
 /// when it is killed, and a new agent container (a new image reference, as a rolling update
 /// starts it once the old pod is gone) takes the pinned state over with no window.
 #[test]
-#[ignore = "fails on this node today: the agent container with exactly the DaemonSet's capabilities exits at start (`cannot join PID 1's cgroup namespace: Permission denied`, opening /proc/1/ns/cgroup); see the issue 11 report of wt-F. Run with `cargo xtask test daemonset -- --ignored`"]
 fn daemonset_agent_enforces_survives_a_kill_and_rolls_over_with_no_window() {
     let test = "daemonset_agent_enforces_survives_a_kill_and_rolls_over_with_no_window";
     if !require_root(test) {
