@@ -19,9 +19,9 @@ use k8s_cri::v1::{
     ExecSyncRequest, ImageSpec, LinuxContainerConfig, LinuxContainerSecurityContext,
     LinuxPodSandboxConfig, LinuxSandboxSecurityContext, Mount, MountPropagation, NamespaceMode,
     NamespaceOption, PodSandboxConfig, PodSandboxMetadata, RemoveContainerRequest,
-    RemovePodSandboxRequest, RunPodSandboxRequest, StartContainerRequest, StopContainerRequest,
-    StopPodSandboxRequest, image_service_client::ImageServiceClient,
-    runtime_service_client::RuntimeServiceClient,
+    RemovePodSandboxRequest, RunPodSandboxRequest, SecurityProfile, StartContainerRequest,
+    StopContainerRequest, StopPodSandboxRequest, image_service_client::ImageServiceClient,
+    runtime_service_client::RuntimeServiceClient, security_profile,
 };
 use tokio::net::UnixStream;
 use tonic::transport::{Channel, Endpoint, Uri};
@@ -170,6 +170,12 @@ pub struct ContainerSpec {
     pub add_capabilities: Vec<String>,
     /// Share the node's PID namespace (the agent's DaemonSet pod).
     pub host_pid: bool,
+    /// Capabilities dropped (`ALL` as in a manifest's `drop: [ALL]`).
+    pub drop_capabilities: Vec<String>,
+    /// `readOnlyRootFilesystem`.
+    pub readonly_rootfs: bool,
+    /// `seccompProfile: {type: RuntimeDefault}` (else the runtime's unconfined default).
+    pub seccomp_runtime_default: bool,
 }
 
 /// A running pod sandbox and its containers: stopped and removed on drop, then the cgroup
@@ -186,15 +192,29 @@ pub struct Pod {
 }
 
 impl Pod {
-    /// RunPodSandbox with the node's network (and, with `host_pid`, its PID namespace).
+    /// RunPodSandbox with the node's network (and, with `host_pid`, its PID namespace, in a
+    /// privileged sandbox).
     pub fn run(socket: &Path, spec: &PodSpec, host_pid: bool) -> Result<Self, String> {
+        Self::run_with(socket, spec, host_pid, host_pid, &pods_parent())
+    }
+
+    /// RunPodSandbox with the node's network, its PID namespace with `host_pid`, and a
+    /// privileged sandbox only with `privileged` (the kubelet's rule: only when a container
+    /// of the pod is privileged), under the cgroup `parent` (relative to the cgroup roots).
+    pub fn run_with(
+        socket: &Path,
+        spec: &PodSpec,
+        host_pid: bool,
+        privileged: bool,
+        parent: &str,
+    ) -> Result<Self, String> {
         let mut cri = Cri::connect(socket)?;
         let uid = format!(
             "{:08x}-0000-4000-8000-{:012x}",
             std::process::id(),
             crate::unique_n()
         );
-        let cgroup = format!("{}/kubepods/besteffort/pod{uid}", pods_parent());
+        let cgroup = format!("{parent}/kubepods/besteffort/pod{uid}");
         let config = PodSandboxConfig {
             metadata: Some(PodSandboxMetadata {
                 name: spec.name.clone(),
@@ -213,7 +233,7 @@ impl Pod {
                 cgroup_parent: cgroup.clone(),
                 security_context: Some(LinuxSandboxSecurityContext {
                     namespace_options: Some(namespaces(host_pid)),
-                    privileged: host_pid,
+                    privileged,
                     ..Default::default()
                 }),
                 ..Default::default()
@@ -296,10 +316,16 @@ impl Pod {
                 security_context: Some(LinuxContainerSecurityContext {
                     capabilities: Some(Capability {
                         add_capabilities: c.add_capabilities.clone(),
+                        drop_capabilities: c.drop_capabilities.clone(),
                         ..Default::default()
                     }),
                     privileged: c.privileged,
                     namespace_options: Some(namespaces(c.host_pid)),
+                    readonly_rootfs: c.readonly_rootfs,
+                    seccomp: c.seccomp_runtime_default.then(|| SecurityProfile {
+                        profile_type: security_profile::ProfileType::RuntimeDefault as i32,
+                        ..Default::default()
+                    }),
                     ..Default::default()
                 }),
                 ..Default::default()

@@ -7,6 +7,10 @@
 //!   enf-probe fork CMD...            fork; the child runs `enf-probe CMD...` without exec
 //!   enf-probe exec PATH ARGS...      exec PATH ARGS (to test re-attestation at exec)
 //!   enf-probe loop-until PATH CMD... run CMD until PATH exists; 13 at the first denial
+//!   enf-probe count-until PATH ALLOWED DENIED
+//!                                    TCP connects to ALLOWED and DENIED in turn until PATH
+//!                                    exists; prints how each ended (the no-window count of a
+//!                                    rolling update), exit 0
 //!   enf-probe listen ADDR:PORT SECS  a TCP listener, accepting for SECS seconds
 //!   enf-probe gate CMD...            wait for a byte (or EOF) on stdin, then run CMD: the test
 //!                                    opens the gate once the agent is up (never a fixed delay)
@@ -126,6 +130,35 @@ fn run(args: &[String]) -> i32 {
                     c => worst = c,
                 }
             }
+        }
+        "count-until" => {
+            // count-until PATH ALLOWED DENIED: connect to each in turn until PATH exists;
+            // count the outcomes (ok / EPERM / other) per address.
+            let stop = std::path::Path::new(args.get(1).map(String::as_str).unwrap_or("/"));
+            let targets: Vec<SocketAddr> =
+                args[2..].iter().filter_map(|a| a.parse().ok()).collect();
+            if targets.len() != 2 {
+                eprintln!("enf-probe: count-until PATH ALLOWED DENIED: two addresses");
+                return 2;
+            }
+            // [target][ok, eperm, other]
+            let mut n = [[0u64; 3]; 2];
+            eprintln!("count-until: running");
+            while !stop.exists() {
+                for (i, a) in targets.iter().enumerate() {
+                    let k = match TcpStream::connect_timeout(a, Duration::from_secs(5)) {
+                        Ok(_) => 0,
+                        Err(e) if e.raw_os_error() == Some(libc::EPERM) => 1,
+                        Err(_) => 2,
+                    };
+                    n[i][k] += 1;
+                }
+            }
+            println!(
+                "count-until: allowed ok={} eperm={} other={}; denied ok={} eperm={} other={}",
+                n[0][0], n[0][1], n[0][2], n[1][0], n[1][1], n[1][2]
+            );
+            0
         }
         "listen" => {
             // listen ADDR:PORT SECS: a TCP listener that accepts for SECS seconds.
