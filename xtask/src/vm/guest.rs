@@ -15,7 +15,7 @@ use super::cpio::Cpio;
 use crate::cmd::stable_cargo;
 
 /// The real-kernel suites of `tests/tests/` that run in every guest, in this order.
-pub const SUITES: [&str; 2] = ["kernel", "operator"];
+pub const SUITES: [&str; 3] = ["kernel", "operator", "adversarial"];
 
 /// Builds one suite's test binary (release); returns its path.
 pub fn build_kernel_tests(root: &Path, obj: &Path, suite: &str) -> Result<PathBuf> {

@@ -1,0 +1,1 @@
+//! Adversarial tests: aliases (see main.rs).

@@ -1,0 +1,1 @@
+//! Adversarial tests: held (see main.rs).

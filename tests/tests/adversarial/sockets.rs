@@ -1,0 +1,1 @@
+//! Adversarial tests: sockets (see main.rs).
