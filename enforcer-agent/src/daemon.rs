@@ -38,7 +38,7 @@ pub struct Options {
     pub policy_source: String,
     /// The policy file, re-read on SIGHUP (none: the embedded default).
     pub policy_path: Option<PathBuf>,
-    /// bpffs folder for pins (default `/sys/fs/bpf/enforcer/v2`).
+    /// bpffs folder for pins (default `/sys/fs/bpf/enforcer/v3`).
     pub pin_dir: PathBuf,
     /// Folder for the agent's own state (default `/run/enforcer`).
     pub state_dir: PathBuf,
@@ -975,6 +975,9 @@ impl Agent {
                     // process map at once when the kernel lost events, else every 5 s.
                     ticks += 1;
                     self.sink.metrics.health().tick();
+                    if let Err(e) = self.kernel.beat() {
+                        tracing::warn!("writing the heartbeat (the kernel stops holding never-seen execs when it is stale): {e}");
+                    }
                     let lost = self.kernel.counter(Counter::EventsLost);
                     if lost != lost_seen || ticks.is_multiple_of(10) {
                         lost_seen = lost;
@@ -1001,6 +1004,12 @@ impl Agent {
         }
         api_task.abort();
         let _ = fs::remove_file(&opts.api_socket);
+        // From now on the kernel runs never-seen execs pending instead of holding them; let go
+        // of those it held before it saw the heartbeat stop.
+        if let Err(e) = self.kernel.stop_beating(std::process::id()) {
+            tracing::warn!("clearing the heartbeat at exit: {e}");
+        }
+        self.settle_pending();
         if opts.unpin_on_exit {
             tracing::info!(pins = %self.kernel.pin_dir.display(), "removing pins: enforcement ends");
             let dir = self.kernel.pin_dir.clone();
@@ -1065,19 +1074,32 @@ fn same_content_key(a: &ExeKey, b: &ExeKey) -> bool {
 /// Sends SIGCONT to a process we hold, through a pidfd so a reused pid is never signalled.
 fn resume(pid: u32, start_ns: u64) -> Result<()> {
     let fd = crate::sys::pidfd_open(pid).with_context(|| format!("pidfd_open({pid})"))?;
-    let same = start_ns == 0
-        || fs::read_to_string(format!("/proc/{pid}/stat"))
-            .ok()
-            .and_then(|s| {
-                let rest = s.rsplit_once(')')?.1;
-                rest.split_whitespace().nth(19)?.parse::<u64>().ok()
-            })
-            .is_some_and(|t| t.abs_diff(attest::boot_ns_to_ticks(start_ns)) <= 1);
-    if same {
-        use std::os::fd::AsFd as _;
-        crate::sys::pidfd_send_signal(fd.as_fd(), libc::SIGCONT)
-            .with_context(|| format!("pidfd_send_signal({pid}, SIGCONT)"))?;
+    // The pidfd pins the process now at `pid`; skip it only when it is provably another
+    // process than the one held (pid reused). An unreadable start time is no proof: a held
+    // process left frozen forever is worse than a SIGCONT to a process that was not stopped
+    // (which changes nothing for enforcement: its identity is in the kernel's map).
+    let started = fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            let rest = s.rsplit_once(')')?.1;
+            rest.split_whitespace().nth(19)?.parse::<u64>().ok()
+        });
+    match started {
+        Some(t) if start_ns != 0 && t.abs_diff(attest::boot_ns_to_ticks(start_ns)) > 1 => {
+            tracing::debug!(pid, "not resuming: the pid now belongs to another process");
+            return Ok(());
+        }
+        None if start_ns != 0 => {
+            tracing::warn!(
+                pid,
+                "resuming a held process whose start time could not be read from /proc/{pid}/stat"
+            );
+        }
+        _ => {}
     }
+    use std::os::fd::AsFd as _;
+    crate::sys::pidfd_send_signal(fd.as_fd(), libc::SIGCONT)
+        .with_context(|| format!("pidfd_send_signal({pid}, SIGCONT)"))?;
     Ok(())
 }
 

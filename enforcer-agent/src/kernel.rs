@@ -629,6 +629,27 @@ impl Kernel {
         let mut cfg = self.config()?;
         cfg.abi_version = ABI_VERSION;
         cfg.agent_tgid = agent_tgid;
+        cfg.heartbeat_ns = crate::sys::boottime_ns();
+        self.set_config(&cfg)
+    }
+
+    /// Tells the kernel this agent is alive (every tick): it holds never-seen execs only
+    /// while the heartbeat is fresh, since nobody else would release them.
+    pub fn beat(&mut self) -> Result<(), KernelError> {
+        let mut cfg = self.config()?;
+        cfg.heartbeat_ns = crate::sys::boottime_ns();
+        self.set_config(&cfg)
+    }
+
+    /// At a clean exit: stops the holding at exec, if the maps are still this agent's (a
+    /// newer agent that took over keeps its own heartbeat). The kernel does the same when
+    /// the agent's process ends any other way.
+    pub fn stop_beating(&mut self, agent_tgid: u32) -> Result<(), KernelError> {
+        let mut cfg = self.config()?;
+        if cfg.agent_tgid != agent_tgid {
+            return Ok(());
+        }
+        cfg.heartbeat_ns = 0;
         self.set_config(&cfg)
     }
 

@@ -192,6 +192,22 @@ pub fn pidfd_send_signal(pidfd: BorrowedFd<'_>, sig: libc::c_int) -> io::Result<
 }
 
 /// The running kernel's release (`uname -r`).
+/// `CLOCK_BOOTTIME` in ns: the clock of the kernel programs' `bpf_ktime_get_boot_ns`.
+pub fn boottime_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec we own; CLOCK_BOOTTIME exists since 2.6.39.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) };
+    if rc != 0 {
+        return 0; // a zero heartbeat means "no agent": never more holding, never less enforcement
+    }
+    (ts.tv_sec as u64)
+        .saturating_mul(1_000_000_000)
+        .saturating_add(ts.tv_nsec as u64)
+}
+
 pub fn kernel_release() -> String {
     // SAFETY: uname fills a struct we own; its fields are NUL-terminated on success.
     unsafe {

@@ -142,6 +142,9 @@ abi_enum! {
         ExecKnown = 9 => "exec_known",
         ExecPending = 10 => "exec_pending",
         NoConfig = 11 => "no_config",
+        /// A never-seen exec in an enforced scope that was not held because no live agent
+        /// would release it (stale heartbeat): it runs pending, every connect denied.
+        HoldSkipped = 15 => "hold_skipped",
     }
 }
 
@@ -207,6 +210,7 @@ mod tests {
             [1, 2, 3]
         );
         assert_eq!(Counter::NoConfig as u32, 11);
+        assert_eq!(Counter::HoldSkipped as u32, 15);
         assert_eq!(Hook::Sendmsg6 as u32, 4);
         assert_eq!(EventKind::Exit as u32, 4);
     }

@@ -16,11 +16,11 @@ pub use programs::*;
 
 /// Version of this ABI. Checked at load against the kernel object's `ENF_ABI` global and used
 /// in the bpffs pin folder, so two versions never share maps.
-pub const ABI_VERSION: u32 = 2;
+pub const ABI_VERSION: u32 = 3;
 
 /// Pin folder, relative to the bpffs mount (`/sys/fs/bpf`): `enforcer/v{ABI_VERSION}`.
-pub const PIN_SUBDIR: &str = "enforcer/v2";
-const _: () = assert!(ABI_VERSION == 2, "update PIN_SUBDIR with ABI_VERSION");
+pub const PIN_SUBDIR: &str = "enforcer/v3";
+const _: () = assert!(ABI_VERSION == 3, "update PIN_SUBDIR with ABI_VERSION");
 
 // ---- names (at most 15 characters: the kernel's BPF_OBJ_NAME_LEN - 1) ----
 pub const MAP_PROCS: &str = "ENF_PROCS";
@@ -203,9 +203,28 @@ pub struct Config {
     pub agent_tgid: u32,
     /// Number of entries of `ENF_SCOPES` in use.
     pub scope_count: u32,
+    /// The agent's last sign of life (kernel boot clock, ns; `CLOCK_BOOTTIME`), written every
+    /// tick; zeroed by the kernel when the agent's process exits. The kernel holds a never-seen
+    /// exec only while it is fresh ([`HEARTBEAT_FRESH_NS`]): with no live agent to release it, a
+    /// held process would stay frozen, so it runs pending instead (every connect denied in
+    /// enforce mode until an agent attests it).
+    pub heartbeat_ns: u64,
     pub generations: [GenConfig; GENERATIONS],
 }
-const _: () = assert!(core::mem::size_of::<Config>() == 16 + 28 * GENERATIONS);
+const _: () = assert!(core::mem::size_of::<Config>() == 24 + 28 * GENERATIONS);
+
+/// How old [`Config::heartbeat_ns`] may be for the kernel to still hold never-seen execs
+/// (the agent writes it every 500 ms).
+pub const HEARTBEAT_FRESH_NS: u64 = 5_000_000_000;
+
+impl Config {
+    /// True when a live agent will release a process held now: its heartbeat is set and at
+    /// most [`HEARTBEAT_FRESH_NS`] old at `now_ns` (same clock).
+    #[inline(always)]
+    pub const fn agent_alive(&self, now_ns: u64) -> bool {
+        self.heartbeat_ns != 0 && now_ns.saturating_sub(self.heartbeat_ns) < HEARTBEAT_FRESH_NS
+    }
+}
 
 /// Kernel struct offsets read from the running kernel's BTF at load time (Rust emits no
 /// CO-RE relocations). Value of `ENF_OFFSETS` (index 0). A zero `valid` disables the

@@ -362,7 +362,8 @@ fn fork_inherits_exec_reattests_exit_removes() {
 }
 
 /// 5e: kill -9 of the agent leaves enforcement in force (links are pinned); a never-seen
-/// binary started meanwhile is held, not let through; a restarted agent takes over.
+/// binary started meanwhile is not held (no agent would release it) but runs pending, every
+/// connect denied; a restarted agent takes over and attests it.
 #[test]
 fn kill9_keeps_enforcement_and_restart_takes_over() {
     if !require_root("kill9_keeps_enforcement_and_restart_takes_over") {
@@ -390,20 +391,57 @@ fn kill9_keeps_enforcement_and_restart_takes_over() {
         OK,
         "a known binary keeps its identity without the agent"
     );
-    // A never-seen binary is held (fail closed) until an agent attests it.
+    // A never-seen binary with no agent alive is not held (nobody would release it): it runs
+    // pending, and every connect it makes is denied until an agent attests it.
     let fresh = st.dir.path("fresh");
     copy_probe(Path::new(PROBE_BIN), &fresh, None);
-    let child = spawn_in(&st.cg, &fresh, &["tcp", &tcp4]);
+    let counter = |c| kernel_counter(&agent.pin_dir, c);
+    let (held0, skipped0) = (
+        counter(enforcer_common::Counter::Held),
+        counter(enforcer_common::Counter::HoldSkipped),
+    );
+    assert_eq!(
+        run_in(&st.cg, &fresh, &["tcp", &tcp4]),
+        EPERM,
+        "a never-seen binary exec'd while the agent is down must be denied (pending)"
+    );
+    assert_eq!(
+        counter(enforcer_common::Counter::Held),
+        held0,
+        "with no live agent the kernel must not hold (the process would stay frozen)"
+    );
+    assert!(
+        counter(enforcer_common::Counter::HoldSkipped) > skipped0,
+        "the skipped hold must be counted"
+    );
+    // The same binary, alive when a new agent starts: attested, then allowed.
+    let mut child = spawn_gated_in(&st.cg, &fresh, &["tcp", &tcp4]);
     let pid = child.id();
-    // Held: stopped by the kernel at exec (waited for, not slept for: a slow machine only
-    // takes longer to get there).
-    wait_stopped(pid, "a never-seen binary held while the agent is down");
+    wait_for(
+        "the gated probe's exec recorded as pending",
+        AGENT_TIMEOUT,
+        || {
+            kernel_proc(&agent.pin_dir, pid)
+                .filter(|p| p.flags & enforcer_common::PROC_PENDING != 0)
+                .map(|_| ())
+        },
+    );
     agent.spawn();
+    wait_for(
+        "the restarted agent attests the pending process",
+        AGENT_TIMEOUT,
+        || {
+            kernel_proc(&agent.pin_dir, pid)
+                .filter(|p| p.flags & enforcer_common::PROC_PENDING == 0)
+                .map(|_| ())
+        },
+    );
+    open_gate(&mut child);
     let (code, _) = wait_traced(child);
     assert_eq!(
         code,
         OK,
-        "the restarted agent must attest and release the held process\n{}",
+        "the restarted agent must attest the process that ran pending\n{}",
         agent.log()
     );
     assert!(

@@ -160,7 +160,7 @@ enum PolicyCmd {
 }
 
 /// `/sys/fs/bpf/` + the ABI's versioned pin folder.
-const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/enforcer/v2";
+const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/enforcer/v3";
 const _: () = {
     let (a, b) = (
         DEFAULT_PIN_DIR.as_bytes(),

@@ -103,6 +103,16 @@ fn try_exit(_ctx: &RawTracePointContext) -> Result<(), i32> {
     }
     let pid = tgid();
     let _ = PROCS.remove(&pid);
+    if let Some(cfg) = CONFIG.get_ptr_mut(0) {
+        // SAFETY: the map's only value, written in place; a racing agent write is a whole
+        // value of the same layout.
+        unsafe {
+            if pid == (*cfg).agent_tgid {
+                // The agent is gone: nobody would release a process held from now on.
+                (*cfg).heartbeat_ns = 0;
+            }
+        }
+    }
     let st = ProcState::default();
     emit_proc(EventKind::Exit, pid, 0, &st, &ExeKey::default());
     Ok(())
@@ -200,12 +210,18 @@ fn try_exec(ctx: &RawTracePointContext) -> Result<(), i32> {
             && pid != cfg.agent_tgid
             && in_scope(cfg)
         {
-            // Hold the process before it runs a single instruction of the new program; the
-            // agent attests it and sends SIGCONT. Fail closed if the agent is away.
-            // SAFETY: a helper that signals the current task only.
-            if unsafe { bpf_send_signal(SIGSTOP) } == 0 {
-                st.flags |= PROC_HELD;
-                count(Counter::Held);
+            if cfg.agent_alive(now_ns()) {
+                // Hold the process before it runs a single instruction of the new program;
+                // the agent attests it and sends SIGCONT.
+                // SAFETY: a helper that signals the current task only.
+                if unsafe { bpf_send_signal(SIGSTOP) } == 0 {
+                    st.flags |= PROC_HELD;
+                    count(Counter::Held);
+                }
+            } else {
+                // No live agent would release it: run it pending (every connect denied)
+                // until an agent attests it, instead of leaving it frozen.
+                count(Counter::HoldSkipped);
             }
         }
     } else {
