@@ -601,7 +601,6 @@ impl Drop for ImageTag {
 /// when it is killed, and a new agent container (a new image reference, as a rolling update
 /// starts it once the old pod is gone) takes the pinned state over with no window.
 #[test]
-#[ignore = "flaky on this node (passed 1 of 2 runs: once the first ExecSync of enf-probe in the payments pod hung 30 s, as if held at exec and never released); run with `cargo xtask test daemonset -- --ignored --test-threads=1`"]
 fn daemonset_agent_enforces_survives_a_kill_and_rolls_over_with_no_window() {
     let test = "daemonset_agent_enforces_survives_a_kill_and_rolls_over_with_no_window";
     if !require_root(test) {
