@@ -354,7 +354,7 @@ fn sigcont_of_held_exec_with_agent_down_stays_pending() {
         },
     );
     let ids = agent.cli_json(&["identities"]);
-    let me = ids["processes"]
+    let me = ids
         .as_array()
         .and_then(|p| p.iter().find(|p| p["pid"] == pid))
         .unwrap_or_else(|| panic!("identities does not list {pid}: {ids}"));
@@ -373,18 +373,17 @@ fn sigcont_of_held_exec_with_agent_down_stays_pending() {
         pending > pending_before,
         "status must count the pending deny ({pending_before} -> {pending})"
     );
-    let ev = agent
-        .events()
-        .into_iter()
-        .find(|e| e["pid"] == pid && e["verdict"] == "deny");
-    if let Some(ev) = &ev {
-        assert_eq!(ev["rule"], "pending attestation", "{ev}");
-        assert!(ev["identity"].is_null(), "{ev}");
-    }
+    // The kernel's deny event waited in the pinned ring buffer; the new agent reports it.
+    let ev = deny_event_of(
+        &agent,
+        pid,
+        "the pending deny event (read by the new agent)",
+    );
+    assert_eq!(ev["rule"], "pending attestation", "{ev}");
+    assert!(ev["identity"].is_null(), "{ev}");
+    assert_eq!(ev["uid"], ATTACKER_UID, "{ev}");
     say(&format!(
-        "held: {t}: held at exec: {held}; after the attacker's SIGCONT: EPERM (pending); status pending {pending_before} -> {pending}; deny event after restart: {}",
-        ev.map_or("none (written while no agent ran)".to_string(), |e| e
-            .to_string())
+        "held: {t}: held at exec: {held}; after the attacker's SIGCONT: EPERM (pending); status pending {pending_before} -> {pending}; deny event after restart: {ev}"
     ));
 }
 
@@ -583,6 +582,16 @@ fn spawn_with_pid(
     Ok(r as u32)
 }
 
+/// A descriptor of ours, closed on drop.
+struct Closes(libc::c_int);
+
+impl Drop for Closes {
+    fn drop(&mut self) {
+        // SAFETY: closing our own descriptor once.
+        unsafe { libc::close(self.0) };
+    }
+}
+
 /// Exit code of our child `pid` (from [`spawn_with_pid`]).
 fn reap(pid: u32) -> i32 {
     let mut status = 0;
@@ -609,31 +618,26 @@ fn reuse_pid(st: &Setup, agent: Option<&Agent>) -> (u32, i32, i32, Option<serde_
         let mut fds = [0; 2];
         // SAFETY: pipe writes two descriptors into the array.
         assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
-        let (rd, wr) = (fds[0], fds[1]);
+        let (rd, wr) = (fds[0], Closes(fds[1]));
         let r = spawn_with_pid(pid, &st.cg, &st.other, &["gate", "tcp", &tcp4], rd);
         // SAFETY: our own read end, no longer needed here.
         unsafe { libc::close(rd) };
         let got = match r {
             Ok(p) => p,
-            Err(libc::EEXIST) => {
-                // SAFETY: our own write end.
-                unsafe { libc::close(wr) };
-                continue; // another process took the pid first: try again
-            }
+            Err(libc::EEXIST) => continue, // another process took the pid first: try again
             Err(e) => panic!("clone3(set_tid={pid}): errno {e}"),
         };
         assert_eq!(got, pid, "clone3 set_tid gave another pid");
         let ids = agent.map(|a| {
             wait_attested(a, pid);
             let ids = a.cli_json(&["identities"]);
-            ids["processes"]
-                .as_array()
+            ids.as_array()
                 .and_then(|p| p.iter().find(|p| p["pid"] == pid))
                 .cloned()
                 .unwrap_or_else(|| panic!("identities does not list {pid}: {ids}"))
         });
-        // SAFETY: opens the gate (EOF) by closing our write end.
-        unsafe { libc::close(wr) };
+        // Opens the gate (EOF); on a panic above, the drop does.
+        drop(wr);
         return (pid, app_code, reap(pid), ids);
     }
     panic!("could not reuse a pid in 20 tries");
@@ -828,14 +832,23 @@ fn kill9_restart_under_load() {
         0,
         "allowed connects were denied while the agent was down or restarting (a product bug)\n{per_cycle}"
     );
+    // The load ran through every cycle (a connect may stall a phase on a dropped SYN's
+    // 1 s retransmit when the machine is loaded, so per cycle, not per phase).
     for c in 0..cycles {
         for (m, name, k) in [(&a, "allowed", 0), (&d, "denied", 1)] {
-            for p in [2 * c + 2, 2 * c + 3] {
-                assert!(
-                    m.get(&p).is_some_and(|v| v[k] > 0),
-                    "cycle {c}: the {name} client made no connect in phase {p}: the load did not run\n{per_cycle}"
-                );
-            }
+            let n: u64 = [2 * c + 2, 2 * c + 3]
+                .iter()
+                .filter_map(|p| m.get(p))
+                .map(|v| v[k])
+                .sum();
+            assert!(
+                n > 0,
+                "cycle {c}: the {name} client made no connect: the load did not run\n{per_cycle}"
+            );
         }
     }
+    assert!(
+        sum(&a, &ready, 0) > 0 && sum(&d, &ready, 1) > 0,
+        "no connect after any restart\n{per_cycle}"
+    );
 }
