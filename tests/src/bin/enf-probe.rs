@@ -17,6 +17,8 @@
 //!   enf-probe sleep SECS             sleep (a process to inspect)
 //!   enf-probe pause                  wait for SIGTERM or SIGINT, then exit 0 (the node suite's
 //!                                    pod sandbox process, as Kubernetes' pause)
+//!   enf-probe uring-tcp|tfo|mptcp|tcp-gate-tcp|load ...
+//!                                    the adversarial `held` module's commands (probe_held.rs)
 //! Exit status: 0 connected/sent, 13 EPERM (the kernel denied), 2 any other failure.
 
 use std::{
@@ -29,6 +31,9 @@ use std::{
 /// Patched by tests to make a copy with one byte changed (a different sha256, same size).
 #[unsafe(no_mangle)]
 pub static ENF_PROBE_MARKER: [u8; 16] = *b"ENFPROBE-MARKER0";
+
+#[path = "../probe_held.rs"]
+mod probe_held;
 
 fn code(e: &std::io::Error) -> i32 {
     if e.raw_os_error() == Some(libc::EPERM) {
@@ -210,10 +215,10 @@ fn run(args: &[String]) -> i32 {
             }
             0
         }
-        other => {
+        other => probe_held::run(other, &args[1..]).unwrap_or_else(|| {
             eprintln!("enf-probe: unknown command {other}");
             2
-        }
+        }),
     }
 }
 
