@@ -329,8 +329,15 @@ pub fn read_frame<M: prost::Message + Default>(r: &mut impl Read) -> Result<Opti
     if len > MAX_FRAME {
         return Err(ApiError::TooLarge(len));
     }
-    let mut buf = vec![0u8; len as usize];
-    r.read_exact(&mut buf)?;
+    // Grown as bytes arrive: a length alone does not make the reader allocate it.
+    let mut buf = Vec::new();
+    r.take(u64::from(len)).read_to_end(&mut buf)?;
+    if buf.len() != len as usize {
+        return Err(ApiError::Io(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            format!("the frame ended after {} of its {len} bytes", buf.len()),
+        )));
+    }
     Ok(Some(M::decode(buf.as_slice())?))
 }
 
@@ -368,6 +375,12 @@ mod tests {
         assert!(matches!(
             read_frame::<Request>(&mut huge.as_slice()),
             Err(ApiError::TooLarge(_))
+        ));
+        let mut short = MAX_FRAME.to_be_bytes().to_vec();
+        short.extend_from_slice(&[0x0a, 0x00]);
+        assert!(matches!(
+            read_frame::<Request>(&mut short.as_slice()),
+            Err(ApiError::Io(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof
         ));
         let mut bad = 3u32.to_be_bytes().to_vec();
         bad.extend_from_slice(&[0xff, 0xff, 0xff]);

@@ -210,7 +210,7 @@ pub fn cgroup2_mount() -> Result<PathBuf, AttestError> {
 }
 
 /// The cgroup v2 path in a `/proc/PID/cgroup` text.
-fn parse_cgroup(text: &str) -> Option<String> {
+pub fn parse_cgroup(text: &str) -> Option<String> {
     text.lines()
         .find_map(|l| l.strip_prefix("0::"))
         .map(str::to_string)
@@ -222,7 +222,7 @@ pub fn process_cgroup(pid: u32) -> Result<String, AttestError> {
 }
 
 /// `mount` joined with a cgroup path relative to it, refusing paths that leave the mount.
-fn cgroup_dir(mount: &Path, rel: &str) -> Result<PathBuf, AttestError> {
+pub fn cgroup_dir(mount: &Path, rel: &str) -> Result<PathBuf, AttestError> {
     let bad = |detail| AttestError::BadCgroupPath {
         path: rel.to_string(),
         detail,
@@ -511,14 +511,14 @@ fn open_exe(pid: u32) -> Result<File, AttestError> {
 
 /// Fields of `/proc/PID/stat` the agent uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Stat {
-    state: char,
-    flags: u64,
-    start_ticks: u64,
+pub struct Stat {
+    pub state: char,
+    pub flags: u64,
+    pub start_ticks: u64,
 }
 
 /// Parse `/proc/PID/stat`; the command name (field 2) may hold spaces and parentheses.
-fn parse_stat(text: &str) -> Option<Stat> {
+pub fn parse_stat(text: &str) -> Option<Stat> {
     let rest = &text[text.rfind(')')? + 1..];
     let f: Vec<&str> = rest.split_whitespace().collect();
     // f[0] is field 3; field N is f[N - 3].
@@ -538,7 +538,7 @@ fn read_stat(pid: u32) -> Result<Stat, AttestError> {
 }
 
 /// Real uid and gid from a `/proc/PID/status` text.
-fn parse_status_ids(text: &str) -> Option<(u32, u32)> {
+pub fn parse_status_ids(text: &str) -> Option<(u32, u32)> {
     let first = |tag: &str| {
         text.lines()
             .find_map(|l| l.strip_prefix(tag))

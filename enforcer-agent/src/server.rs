@@ -177,8 +177,15 @@ async fn read_request(s: &mut UnixStream) -> Result<api::Request> {
             api::MAX_FRAME
         );
     }
-    let mut buf = vec![0u8; len as usize];
-    s.read_exact(&mut buf).await.context("reading the frame")?;
+    // Grown as bytes arrive: a length alone does not make the agent allocate it.
+    let mut buf = Vec::new();
+    s.take(u64::from(len))
+        .read_to_end(&mut buf)
+        .await
+        .context("reading the frame")?;
+    if buf.len() != len as usize {
+        bail!("the frame ended after {} of its {len} bytes", buf.len());
+    }
     <api::Request as prost::Message>::decode(buf.as_slice())
         .context("decoding the protobuf request")
 }

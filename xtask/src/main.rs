@@ -8,6 +8,7 @@ mod bench;
 mod build;
 mod cmd;
 mod deploy;
+mod fuzz;
 mod image;
 mod node;
 mod oci;
@@ -52,6 +53,9 @@ enum Command {
     /// Build the agent statically (musl) and write its OCI image archive (for `ctr images
     /// import`, `docker load`, `podman load`); prints the image digest.
     Image(image::Args),
+    /// Run the libFuzzer targets of fuzz/ (cargo-fuzz, pinned nightly) for --time seconds
+    /// each; fails on a crash (input left in fuzz/artifacts/TARGET/).
+    Fuzz(fuzz::Args),
 }
 
 fn main() -> ExitCode {
@@ -83,6 +87,7 @@ fn real_main() -> Result<()> {
             deploy::deb(&root).map(|_| ())
         }
         Command::Image(args) => image::image(&root, &args),
+        Command::Fuzz(args) => fuzz::fuzz(&root, &args),
     }
 }
 
@@ -176,6 +181,23 @@ mod tests {
         assert_eq!(names, ["6.1"]);
         assert_eq!(v.timeout, 15 * 60);
         assert!(vm::resolve_kernels(&["4.19".to_string()]).is_err());
+    }
+
+    #[test]
+    fn fuzz_reads_its_target_and_flags() {
+        let Command::Fuzz(f) = parse(&["fuzz"]) else {
+            panic!("not fuzz");
+        };
+        assert_eq!((f.target, f.time, f.jobs), (None, 60, 1));
+        let Command::Fuzz(f) = parse(&["fuzz", "api_frame", "--time", "300", "--jobs", "2"]) else {
+            panic!("not fuzz");
+        };
+        assert_eq!(
+            (f.target.as_deref(), f.time, f.jobs),
+            (Some("api_frame"), 300, 2)
+        );
+        assert!(Cli::try_parse_from(["cargo xtask", "fuzz", "no_such_target"]).is_err());
+        assert!(Cli::try_parse_from(["cargo xtask", "fuzz", "--time", "0"]).is_err());
     }
 
     #[test]

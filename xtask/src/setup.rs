@@ -6,7 +6,7 @@ use anyhow::{Context as _, Result};
 
 use crate::{
     cmd::{clean_command, have, is_root, output, status, step},
-    toolchain::{BPF_LINKER, BPF_LINKER_FEATURES, MUSL_TARGET, NIGHTLY, STABLE},
+    toolchain::{BPF_LINKER, BPF_LINKER_FEATURES, CARGO_FUZZ, MUSL_TARGET, NIGHTLY, STABLE},
 };
 
 /// Paths of the installed tools.
@@ -185,4 +185,39 @@ fn ensure_bpf_linker() -> Result<PathBuf> {
     }
     status(c, "cargo install bpf-linker")?;
     Ok(bin)
+}
+
+/// cargo-fuzz, built from crates.io (locked) into the tool cache when missing; returns the
+/// folder holding the `cargo-fuzz` binary (put it on PATH for `cargo +NIGHTLY fuzz`).
+pub fn ensure_cargo_fuzz() -> Result<PathBuf> {
+    let prefix = tools_dir()?.join(format!("cargo-fuzz-{CARGO_FUZZ}"));
+    let bin_dir = prefix.join("bin");
+    let bin = bin_dir.join("cargo-fuzz");
+    if bin.exists() {
+        let mut c = Command::new(&bin);
+        c.args(["fuzz", "--version"]);
+        if let Some(v) = output(c)
+            && v.contains(CARGO_FUZZ)
+        {
+            return Ok(bin_dir);
+        }
+        step("the cached cargo-fuzz does not run; rebuilding it");
+    }
+    step(&format!(
+        "building cargo-fuzz {CARGO_FUZZ} with {STABLE} (about a minute on 2 cores)"
+    ));
+    let mut c = clean_command("cargo");
+    c.arg(format!("+{STABLE}"))
+        .args([
+            "install",
+            "cargo-fuzz",
+            "--locked",
+            "--force",
+            "--version",
+            CARGO_FUZZ,
+        ])
+        .arg("--root")
+        .arg(&prefix);
+    status(c, "cargo install cargo-fuzz")?;
+    Ok(bin_dir)
 }

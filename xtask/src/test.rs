@@ -12,7 +12,7 @@ use anyhow::Result;
 use crate::{
     build::{EBPF_CRATES, build, clippy_ebpf},
     cmd::{clean_command, have, in_ci, is_root, require_root, stable_cargo, status, step},
-    deploy,
+    deploy, fuzz,
     image::{self, PAUSE_REFERENCE, PROBE_REFERENCE},
     node::{self, Node},
     setup::setup,
@@ -53,7 +53,7 @@ pub fn test(root: &Path, args: &Args) -> Result<()> {
         c,
         &format!("cargo fmt --check (run `cargo +{STABLE} fmt --all` to fix)"),
     )?;
-    for krate in EBPF_CRATES {
+    for krate in EBPF_CRATES.into_iter().chain(["fuzz"]) {
         let mut c = clean_command("cargo");
         c.current_dir(root.join(krate))
             .arg(format!("+{STABLE}"))
@@ -112,6 +112,12 @@ pub fn test(root: &Path, args: &Args) -> Result<()> {
     let tests = status(c, "cargo test");
     drop(node);
     tests?;
+    // A short run of every fuzz target in the full run (a crash fails it); a focused run
+    // leaves it to `cargo xtask fuzz`.
+    if args.is_empty() {
+        step("fuzzing: a short run of each target");
+        fuzz::short_run(root)?;
+    }
     // The same real-kernel suites on the oldest supported kernel, in a VM, so a verifier
     // regression on old kernels fails the build. Skipped only when not root outside CI, or
     // when a test-name filter was given (a focused local run).

@@ -15,3 +15,6 @@ pub const BPF_TARGET: &str = "bpfel-unknown-none";
 /// Target of the static agent in the OCI image and of the node suite's test images (added to
 /// `STABLE` by the set-up).
 pub const MUSL_TARGET: &str = "x86_64-unknown-linux-musl";
+/// cargo-fuzz release (`cargo xtask fuzz`), built from crates.io with `STABLE`; it runs the
+/// fuzz targets with `NIGHTLY` (libFuzzer's instrumentation needs nightly flags).
+pub const CARGO_FUZZ: &str = "0.13.2";
