@@ -153,6 +153,10 @@ pub struct Process {
     /// `NAMESPACE/POD/CONTAINER` when the process runs in a pod the agent knows.
     #[prost(string, optional, tag = "10")]
     pub pod: Option<String>,
+    /// Tampered with (traced, memory written, descriptors taken): no identity until an
+    /// untraced exec.
+    #[prost(bool, tag = "12")]
+    pub tampered: bool,
 }
 
 #[derive(Clone, PartialEq, prost::Message, Serialize)]

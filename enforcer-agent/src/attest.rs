@@ -24,6 +24,19 @@ pub const HASH_BUF: usize = 64 * 1024;
 pub const HASH_RETRIES: u32 = 3;
 /// Files whose mtime or ctime lies this close to now are not cached.
 pub const RACY_NS: i128 = 2_000_000_000;
+/// True when `/proc/PID/status` names a tracer (`TracerPid` not 0): someone holds the
+/// process with ptrace. An unreadable status is not traced (the process is gone).
+pub fn traced(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("TracerPid:"))
+                .map(|v| v.trim() != "0")
+        })
+        .unwrap_or(false)
+}
+
 /// `PF_KTHREAD` in the flags of `/proc/PID/stat` (field 9).
 const PF_KTHREAD: u64 = 0x0020_0000;
 

@@ -15,7 +15,7 @@
 use std::path::{Path, PathBuf};
 
 use btf_rs::{Btf, BtfType, Member, Struct, Type};
-use enforcer_common::KernelOffsets;
+use enforcer_common::{KernelOffsets, TamperOffsets};
 
 /// Where the running kernel exposes its BTF.
 pub const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
@@ -119,6 +119,63 @@ fn offsets_with(r: &Resolver<'_>) -> Result<KernelOffsets, BtfError> {
         task_signal: r.offset(&task, "signal", &ptr)?,
         signal_live: r.offset(&signal, "live", &[4])?,
         task_start_boottime: r.offset(&task, "start_boottime", &[8])?,
+    })
+}
+
+/// Offsets of the tamper programs ([`TamperOffsets`]) of the running kernel.
+pub fn tamper_offsets() -> Result<TamperOffsets, BtfError> {
+    tamper_offsets_from(Path::new(VMLINUX_BTF))
+}
+
+/// Tamper offsets from a BTF file. On success `valid == 1`.
+pub fn tamper_offsets_from(path: &Path) -> Result<TamperOffsets, BtfError> {
+    let btf = Btf::from_file(path).map_err(|source| BtfError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let r = Resolver { btf: &btf, path };
+    tamper_with(&r)
+}
+
+fn tamper_with(r: &Resolver<'_>) -> Result<TamperOffsets, BtfError> {
+    let ptr = [core::mem::size_of::<usize>()];
+    let task = r.strukt("task_struct")?;
+    let files = r.strukt("files_struct")?;
+    let fdt = r.strukt("fdtable")?;
+    let file = r.strukt("file")?;
+    let path = r.strukt("path")?;
+    let inode = r.strukt("inode")?;
+    let sb = r.strukt("super_block")?;
+    let dentry = r.strukt("dentry")?;
+    let qstr = r.strukt("qstr")?;
+    let proc_inode = r.strukt("proc_inode")?;
+    let pid = r.strukt("pid")?;
+    let thread_info = r.strukt("thread_info")?;
+    let vfs_inode = r.offset(&proc_inode, "vfs_inode", &[])?;
+    let proc_pid = r.offset(&proc_inode, "pid", &ptr)?;
+    Ok(TamperOffsets {
+        valid: 1,
+        task_ptrace: r.offset(&task, "ptrace", &[4])?,
+        task_ptraced: r.offset(&task, "ptraced", &[])?,
+        task_ptrace_entry: r.offset(&task, "ptrace_entry", &[])?,
+        task_tgid: r.offset(&task, "tgid", &[4])?,
+        task_files: r.offset(&task, "files", &ptr)?,
+        task_thread_pid: r.offset(&task, "thread_pid", &ptr)?,
+        task_pid_links: r.offset(&task, "pid_links", &[])?,
+        files_fdt: r.offset(&files, "fdt", &ptr)?,
+        fdt_max_fds: r.offset(&fdt, "max_fds", &[4])?,
+        fdt_fd: r.offset(&fdt, "fd", &ptr)?,
+        file_mode: r.offset(&file, "f_mode", &[4])?,
+        file_inode: r.offset(&file, "f_inode", &ptr)?,
+        file_dentry: r.offset(&file, "f_path", &[])? + r.offset(&path, "dentry", &ptr)?,
+        file_private: r.offset(&file, "private_data", &ptr)?,
+        inode_private: r.offset(&inode, "i_private", &ptr)?,
+        inode_sb: r.offset(&inode, "i_sb", &ptr)?,
+        sb_magic: r.offset(&sb, "s_magic", &[8])?,
+        dentry_name: r.offset(&dentry, "d_name", &[])? + r.offset(&qstr, "name", &ptr)?,
+        proc_inode_pid: proc_pid as i32 - vfs_inode as i32,
+        pid_tasks: r.offset(&pid, "tasks", &[])?,
+        ti_status: r.offset(&task, "thread_info", &[])? + r.offset(&thread_info, "status", &[4])?,
     })
 }
 
@@ -425,6 +482,23 @@ mod tests {
         // Sizes in the kernel tree are a few hundred bytes (inode) to a few KiB (task_struct).
         assert!(o.inode_size < 1024 && o.inode_ctime_nsec < 1024, "{o:?}");
         assert!(o.task_start_boottime < 16 * 1024, "{o:?}");
+    }
+
+    #[test]
+    fn tamper_offsets_of_running_kernel_are_plausible() {
+        let Some(path) = vmlinux("tamper_offsets_of_running_kernel_are_plausible") else {
+            return;
+        };
+        let o = tamper_offsets_from(path).expect("tamper offsets of the running kernel");
+        assert_eq!(o.valid, 1);
+        assert_eq!(o.task_ptrace_entry, o.task_ptraced + 16, "{o:?}");
+        assert!(o.proc_inode_pid < 0, "{o:?}");
+        assert_ne!(o.task_files, 0);
+        assert_ne!(o.dentry_name, 0);
+        assert_eq!(
+            o.task_tgid,
+            kernel_offsets_from(path).expect("offsets").task_tgid
+        );
     }
 
     #[test]

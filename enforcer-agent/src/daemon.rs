@@ -177,6 +177,12 @@ impl Agent {
             tracing::info!(pins = %opts.pin_dir.display(), "taking over pinned kernel state; enforcement never stopped");
         }
         kernel.set_offsets(&offsets)?;
+        match crate::btf::tamper_offsets() {
+            Ok(t) => kernel.set_tamper_offsets(&t)?,
+            Err(e) => tracing::warn!(
+                "the tamper programs see only process_vm_writev by pid without kernel BTF offsets (ptrace, /proc/PID/mem and pidfd_getfd go unseen): {e}"
+            ),
+        }
         kernel.claim(std::process::id())?;
         let generation = kernel.active_generation()?;
         fs::create_dir_all(&opts.state_dir)
@@ -453,11 +459,18 @@ impl Agent {
                 id
             }
         };
+        // Tampering the kernel saw (it may happen while the process waits to be attested),
+        // or a tracer attached before the agent ran: either keeps the identity away.
+        let tampered = self
+            .kernel
+            .process(pid)
+            .is_some_and(|s| s.flags & PROC_TAMPERED != 0)
+            || attest::traced(pid);
         let st = ProcState {
             exe_id,
             uid: facts.uid,
             cgroup_id,
-            flags: PROC_AGENT,
+            flags: PROC_AGENT | if tampered { PROC_TAMPERED } else { 0 },
             _pad0: 0,
             start_ns: ev.map(|e| e.start_ns).unwrap_or(0),
         };
@@ -899,6 +912,17 @@ impl Agent {
                 }
             }
             Ok(EventKind::Exit) => self.procs.exit(ev.tgid),
+            Ok(EventKind::Tamper) => {
+                let rec = self.view().tamper(ev);
+                tracing::warn!(
+                    pid = rec.pid,
+                    by_pid = rec.by_pid,
+                    by_uid = rec.by_uid,
+                    syscall = rec.syscall,
+                    "process tampered with: its identity is withheld until it execs again untraced"
+                );
+                self.sink.emit_line(&rec);
+            }
             Ok(EventKind::Connect) => {
                 let d = self.view().decision(ev);
                 let followers = self.sink.feed.followers();

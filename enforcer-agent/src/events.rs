@@ -170,6 +170,20 @@ impl EventSink {
         self.feed.push(d);
     }
 
+    /// Writes one JSON line that is not a decision (a tamper event); dropped and counted like
+    /// a decision line when the writer is behind.
+    pub fn emit_line(&mut self, record: &impl serde::Serialize) {
+        match serde_json::to_string(record) {
+            Ok(line) => {
+                if self.lines.try_send(line).is_err() {
+                    let n = self.dropped.fetch_add(1, Ordering::Relaxed) + 1;
+                    self.metrics.set_dropped_events(n);
+                }
+            }
+            Err(e) => tracing::warn!("encoding an event: {e}"),
+        }
+    }
+
     /// Decision lines dropped so far (output full or failing).
     pub fn dropped(&self) -> u64 {
         self.dropped.load(Ordering::Relaxed)

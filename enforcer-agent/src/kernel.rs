@@ -114,6 +114,7 @@ struct Maps {
     hosts_fd: MapData,
     config: Array<MapData, Config>,
     offsets: Array<MapData, KernelOffsets>,
+    tamper_offsets: Array<MapData, TamperOffsets>,
     counters: PerCpuArray<MapData, u64>,
     scopes: CgroupArray<MapData>,
     uncovered: HashMap<MapData, UncoveredKey, UncoveredValue>,
@@ -268,6 +269,7 @@ impl Kernel {
                 .map_err(op(format!("opening the pin of map {MAP_HOSTS}")))?,
             config: take(&mut ebpf, MAP_CONFIG)?,
             offsets: take(&mut ebpf, MAP_OFFSETS)?,
+            tamper_offsets: take(&mut ebpf, MAP_TAMPER_OFFSETS)?,
             counters: take(&mut ebpf, MAP_COUNTERS)?,
             scopes: take(&mut ebpf, MAP_SCOPES)?,
             uncovered: take(&mut ebpf, MAP_UNCOVERED)?,
@@ -317,6 +319,13 @@ impl Kernel {
             .offsets
             .set(0, off, 0)
             .map_err(op(format!("writing map {MAP_OFFSETS}")))
+    }
+
+    pub fn set_tamper_offsets(&mut self, off: &TamperOffsets) -> Result<(), KernelError> {
+        self.maps
+            .tamper_offsets
+            .set(0, off, 0)
+            .map_err(op(format!("writing map {MAP_TAMPER_OFFSETS}")))
     }
 
     /// Attaches the process tracepoints, unless pinned links from a previous agent are in

@@ -108,6 +108,7 @@ pub use crate::sys::kernel_release;
 
 const HOLD_WITHOUT_BTF: &str = "exec-time identity is off: every exec is treated as a never-seen binary (held by SIGSTOP in an enforced scope until the agent hashes it, then let go), and a forked child that does not exec has no kernel entry, so its connects in an enforced scope are denied";
 const REFUSE: &str = "refuses to start";
+const TAMPER_BLIND: &str = "tampering by ptrace, /proc/PID/mem and pidfd_getfd is not seen (process_vm_writev by pid still is): a tampered process keeps its identity";
 const OPTIONAL_PROGRAM: &str = "the optional program that needs it is not loaded";
 /// Feature names of the socket hooks (stable: the knob and the README table use them),
 /// indexed by `Hook as usize - 1`.
@@ -189,6 +190,18 @@ impl Probe {
                 Err(e) => Err(e.to_string()),
             },
             HOLD_WITHOUT_BTF,
+        );
+        add(
+            "tamper_hook",
+            false,
+            match btf::tamper_offsets() {
+                Ok(_) => Ok(
+                    "raw tracepoints sys_enter/sys_exit (ptrace, process_vm_writev, pidfd_getfd, open of /proc/PID/mem for writing; 64- and 32-bit syscalls), with the task/file/pid offsets from BTF"
+                        .to_string(),
+                ),
+                Err(e) => Err(e.to_string()),
+            },
+            TAMPER_BLIND,
         );
         // One feature per program type and per socket hook of the program table.
         for (name, t) in [

@@ -56,6 +56,36 @@ impl View<'_> {
         }
     }
 
+    /// The record of one tamper event: who (`by_*`) did what (`syscall`) to which process,
+    /// and the identity that process held (now withheld).
+    pub(crate) fn tamper(&self, ev: &Event) -> TamperRecord {
+        let exe_of = |pid: u32| {
+            self.procs
+                .get(pid)
+                .and_then(|t| self.exes.get(t.exe_id))
+                .map(|e| (e.path.clone(), hex::encode(e.sha256)))
+        };
+        let target = exe_of(ev.tgid);
+        let identity = self.procs.get(ev.tgid).and_then(|t| {
+            let exe = self.exes.get(t.exe_id)?;
+            let pod = self.pods.for_cgroup(&t.cgroup);
+            let r = policy::resolve(&self.in_force.policy, &t.facts(exe, pod.as_ref()));
+            self.in_force.identity_name(r.ident).map(str::to_string)
+        });
+        TamperRecord {
+            event: "tamper",
+            pid: ev.tgid,
+            exe: target.as_ref().map(|t| t.0.clone()),
+            sha256: target.map(|t| t.1),
+            identity,
+            by_pid: ev.aux,
+            by_exe: exe_of(ev.aux).map(|t| t.0),
+            by_uid: ev.uid,
+            syscall: tamper_syscall(ev.flags),
+            time_ns: ev.ktime_ns,
+        }
+    }
+
     /// Connects with no identity in the last window, by executable and cgroup, from the
     /// kernel's own tally (`ENF_UNCOVERED`).
     fn uncovered(&self) -> Vec<api::Uncovered> {
@@ -280,10 +310,9 @@ impl View<'_> {
                 let pod = self.pods.for_cgroup(&t.cgroup);
                 let res =
                     exe.map(|e| policy::resolve(&self.in_force.policy, &t.facts(e, pod.as_ref())));
-                let pending = self
-                    .kernel
-                    .process(pid)
-                    .is_some_and(|s| s.flags & PROC_PENDING != 0);
+                let kflags = self.kernel.process(pid).map_or(0, |s| s.flags);
+                let pending = kflags & PROC_PENDING != 0;
+                let tampered = kflags & PROC_TAMPERED != 0;
                 api::Process {
                     pid,
                     exe: exe.map(|e| e.path.clone()),
@@ -293,11 +322,18 @@ impl View<'_> {
                     gid: t.gid,
                     identity: res
                         .as_ref()
+                        .filter(|_| !tampered)
                         .and_then(|r| self.in_force.identity_name(r.ident))
                         .map(str::to_string),
-                    reason: res
-                        .map(|r| r.reason)
-                        .unwrap_or_else(|| "executable not hashed".into()),
+                    reason: match res {
+                        Some(r) if tampered => format!(
+                            "tampered: traced, memory written or descriptors taken by another process; no identity until it execs again untraced (would be: {})",
+                            r.reason
+                        ),
+                        Some(r) => r.reason,
+                        None => "executable not hashed".into(),
+                    },
+                    tampered,
                     pending,
                     pod: pod.map(|m| format!("{}/{}/{}", m.namespace, m.pod_name, m.container)),
                 }
@@ -378,6 +414,35 @@ fn compare<K: Ord + Copy + std::fmt::Debug, V: PartialEq + Copy + std::fmt::Debu
         out.push(format!(
             "{map}: {missing} compiled entries missing or changed, {extra} entries not in the policy{example}"
         ));
+    }
+}
+
+/// A tamper event as a JSON line (`"event": "tamper"`), beside the decision lines.
+#[derive(Clone, Debug, serde::Serialize)]
+pub(crate) struct TamperRecord {
+    pub(crate) event: &'static str,
+    /// The process tampered with.
+    pub(crate) pid: u32,
+    pub(crate) exe: Option<String>,
+    pub(crate) sha256: Option<String>,
+    /// The identity it held, now withheld.
+    pub(crate) identity: Option<String>,
+    /// The process that did it.
+    pub(crate) by_pid: u32,
+    pub(crate) by_exe: Option<String>,
+    pub(crate) by_uid: u32,
+    pub(crate) syscall: &'static str,
+    pub(crate) time_ns: u64,
+}
+
+/// Name of the syscall a tamper event reports (x86_64 numbers).
+fn tamper_syscall(nr: u32) -> &'static str {
+    match nr {
+        101 => "ptrace",
+        311 => "process_vm_writev",
+        438 => "pidfd_getfd",
+        257 => "open /proc/PID/mem for writing",
+        _ => "unknown",
     }
 }
 

@@ -9,9 +9,9 @@
 
 use crate::{
     ANY, Action, BIN_NONE, CG_NONE, CgroupValue, Config, Counter, FAMILY_V4, FAMILY_V6, GenConfig,
-    IDENT_NONE, IdMatchKey, MAX_EXES, Mode, PROC_PENDING, ProcState, RULE_DEFAULT_DENY,
-    RULE_NO_CONFIG, RULE_PENDING, RULE_UNATTESTED, RULE_UNTRACKED, RuleKeyData, RuleValue, Verdict,
-    host_prefix_len,
+    IDENT_NONE, IdMatchKey, MAX_EXES, Mode, PROC_PENDING, PROC_TAMPERED, ProcState,
+    RULE_DEFAULT_DENY, RULE_NO_CONFIG, RULE_PENDING, RULE_TAMPERED, RULE_UNATTESTED,
+    RULE_UNTRACKED, RuleKeyData, RuleValue, Verdict, host_prefix_len,
 };
 
 /// Index of `ENF_BINCLASS` holding the binary class of executable `exe_id` in `generation`.
@@ -65,9 +65,12 @@ impl CgroupValue {
 
 /// Identity of a process in one generation, from the facts recorded at its exec: binary
 /// class and cgroup class of that generation, then (class, class, uid) when the generation
-/// uses uids, then (class, class, any).
+/// uses uids, then (class, class, any). A tampered process ([`PROC_TAMPERED`]) has none.
 #[inline(always)]
 pub fn identity<M: IdentityMaps>(maps: &M, g: &GenConfig, generation: u32, p: &ProcState) -> u32 {
+    if p.flags & PROC_TAMPERED != 0 {
+        return IDENT_NONE;
+    }
     let bin = match maps.binclass(binclass_index(generation, p.exe_id)) {
         Some(b) => b,
         None => BIN_NONE,
@@ -216,7 +219,12 @@ pub fn decide<M: IdentityMaps + RuleMaps>(
                     Some(Action::Audit) => Verdict::Audit,
                     _ => Verdict::Deny,
                 };
-                (ident, verdict, RULE_UNATTESTED, Basis::Unattested)
+                let rule = if p.flags & PROC_TAMPERED != 0 {
+                    RULE_TAMPERED
+                } else {
+                    RULE_UNATTESTED
+                };
+                (ident, verdict, rule, Basis::Unattested)
             } else {
                 let mut key = *dst;
                 key.generation = generation;
@@ -444,6 +452,21 @@ mod tests {
         assert_eq!((d.verdict, d.rule), (Verdict::Deny, RULE_PENDING));
         let d = decide(&m, &enforce, Some(&proc_(9, 0, 100)), &dst);
         assert_eq!((d.verdict, d.basis), (Verdict::Deny, Basis::Unattested));
+        // Tampered: the same facts, no identity, judged as unattested under its own rule.
+        let mut tampered = proc_(7, 0, 100);
+        tampered.flags = PROC_TAMPERED;
+        assert_eq!(
+            identity(&m, enforce.generation(1), 1, &tampered),
+            IDENT_NONE
+        );
+        let d = decide(&m, &enforce, Some(&tampered), &dst);
+        assert_eq!(
+            (d.verdict, d.ident, d.rule, d.basis),
+            (Verdict::Deny, IDENT_NONE, RULE_TAMPERED, Basis::Unattested)
+        );
+        let allow_unattested = cfg(Mode::Enforce, Action::Allow);
+        let d = decide(&m, &allow_unattested, Some(&tampered), &dst);
+        assert_eq!((d.verdict, d.rule), (Verdict::Allow, RULE_TAMPERED));
         let audit_unattested = cfg(Mode::Enforce, Action::Audit);
         let d = decide(&m, &audit_unattested, Some(&proc_(9, 0, 100)), &dst);
         assert_eq!(d.verdict, Verdict::Audit);

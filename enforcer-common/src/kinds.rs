@@ -104,6 +104,9 @@ abi_enum! {
         Fork = 2 => "fork",
         Exec = 3 => "exec",
         Exit = 4 => "exit",
+        /// A process tampered with another ([`crate::Event::tgid`] the target,
+        /// [`crate::Event::aux`] the tamperer, [`crate::Event::flags`] the syscall number).
+        Tamper = 5 => "tamper",
     }
 }
 
@@ -142,6 +145,8 @@ abi_enum! {
         ExecKnown = 9 => "exec_known",
         ExecPending = 10 => "exec_pending",
         NoConfig = 11 => "no_config",
+        /// Processes marked tampered (a target with an entry in `ENF_PROCS`).
+        Tampered = 14 => "tampered",
         /// A never-seen exec in an enforced scope that was not held because no live agent
         /// would release it (stale heartbeat): it runs pending, every connect denied.
         HoldSkipped = 15 => "hold_skipped",

@@ -36,6 +36,8 @@ pub const MAP_COUNTERS: &str = "ENF_COUNTERS";
 pub const MAP_EVENTS: &str = "ENF_EVENTS";
 pub const MAP_SCOPES: &str = "ENF_SCOPES";
 pub const MAP_OFFSETS: &str = "ENF_OFFSETS";
+/// Kernel struct offsets of the tamper programs ([`TamperOffsets`]).
+pub const MAP_TAMPER_OFFSETS: &str = "ENF_TAMPEROFF";
 
 const _: () = {
     const fn short(s: &str) -> bool {
@@ -45,6 +47,7 @@ const _: () = {
     assert!(short(MAP_RULES) && short(MAP_CONFIG) && short(MAP_COUNTERS) && short(MAP_EVENTS));
     assert!(short(MAP_SCOPES) && short(MAP_OFFSETS) && short(MAP_BINCLASS));
     assert!(short(MAP_UNCOVERED) && short(MAP_HOSTS));
+    assert!(short(MAP_TAMPER_OFFSETS));
 };
 
 // ---- capacities ----
@@ -90,6 +93,8 @@ pub const RULE_PENDING: u32 = u32::MAX - 2;
 pub const RULE_UNTRACKED: u32 = u32::MAX - 3;
 /// Rule id reported when the configuration slot is missing: fail closed.
 pub const RULE_NO_CONFIG: u32 = u32::MAX - 4;
+/// Rule id reported when the process lost its identity to tampering ([`PROC_TAMPERED`]).
+pub const RULE_TAMPERED: u32 = u32::MAX - 6;
 
 /// Number of policy generations kept side by side; see [`Config::active`].
 pub const GENERATIONS: usize = 2;
@@ -145,6 +150,11 @@ pub const PROC_PENDING: u32 = 1;
 pub const PROC_HELD: u32 = 2;
 /// Attested by the agent from /proc (not resolved by the kernel at exec).
 pub const PROC_AGENT: u32 = 4;
+/// Another process attached to it with ptrace, wrote its memory (`process_vm_writev`, a
+/// `/proc/PID/mem` opened for writing) or took its file descriptors (`pidfd_getfd`): it has
+/// no identity until it execs again while not traced. Set by the tamper programs (and by the
+/// agent for a process it finds traced); kept across fork, cleared only by an untraced exec.
+pub const PROC_TAMPERED: u32 = 16;
 
 /// Value of `ENF_PROCS` (key: tgid, `u32`): the facts of a process as of its last exec.
 /// Written by the kernel at fork (copied from the parent) and exec, removed at exit; written by
@@ -261,6 +271,58 @@ pub struct KernelOffsets {
 }
 const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 64);
 
+/// Kernel struct offsets of the tamper programs (`ENF_TAMPEROFF`, index 0), read from the
+/// running kernel's BTF at load. A zero `valid` leaves the programs seeing only what needs no
+/// offset (the pid argument of `process_vm_writev`); `status` says so.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct TamperOffsets {
+    pub valid: u32,
+    /// `task_struct.ptrace` (unsigned int: non-zero while traced)
+    pub task_ptrace: u32,
+    /// `task_struct.ptraced` (list_head of the tasks this one traces)
+    pub task_ptraced: u32,
+    /// `task_struct.ptrace_entry` (list_head, in the tracer's `ptraced`)
+    pub task_ptrace_entry: u32,
+    /// `task_struct.tgid`
+    pub task_tgid: u32,
+    /// `task_struct.files`
+    pub task_files: u32,
+    /// `task_struct.thread_pid` (struct pid *)
+    pub task_thread_pid: u32,
+    /// `task_struct.pid_links` (hlist_node[PIDTYPE_MAX]; index 0 = PIDTYPE_PID)
+    pub task_pid_links: u32,
+    /// `files_struct.fdt`
+    pub files_fdt: u32,
+    /// `fdtable.max_fds`
+    pub fdt_max_fds: u32,
+    /// `fdtable.fd`
+    pub fdt_fd: u32,
+    /// `file.f_mode`
+    pub file_mode: u32,
+    /// `file.f_inode`
+    pub file_inode: u32,
+    /// `file.f_path` + `path.dentry`
+    pub file_dentry: u32,
+    /// `file.private_data` (a pidfd's `struct pid` before pidfs, 6.9)
+    pub file_private: u32,
+    /// `inode.i_private` (a pidfd's `struct pid` on pidfs)
+    pub inode_private: u32,
+    /// `inode.i_sb`
+    pub inode_sb: u32,
+    /// `super_block.s_magic`
+    pub sb_magic: u32,
+    /// `dentry.d_name` + `qstr.name`
+    pub dentry_name: u32,
+    /// `proc_inode.pid` minus `proc_inode.vfs_inode`: from a procfs inode to its `struct pid`
+    pub proc_inode_pid: i32,
+    /// `pid.tasks` (hlist_head[PIDTYPE_MAX]; index 0 = PIDTYPE_PID)
+    pub pid_tasks: u32,
+    /// `task_struct.thread_info` + `thread_info.status` (x86: `TS_COMPAT` in a 32-bit syscall)
+    pub ti_status: u32,
+}
+const _: () = assert!(core::mem::size_of::<TamperOffsets>() == 88);
+
 /// Data of an `ENF_RULES` LPM-trie key (after the 4-byte prefix length). The first
 /// [`RULE_FIXED_BITS`] bits are always matched in full; the address follows, IPv4 in its
 /// first 4 bytes (the other 12 zero). Prefix length = `RULE_FIXED_BITS + cidr bits`.
@@ -372,6 +434,7 @@ mod pod {
     unsafe impl aya::Pod for ProcState {}
     unsafe impl aya::Pod for Config {}
     unsafe impl aya::Pod for KernelOffsets {}
+    unsafe impl aya::Pod for TamperOffsets {}
     unsafe impl aya::Pod for RuleKeyData {}
     unsafe impl aya::Pod for RuleValue {}
     unsafe impl aya::Pod for Event {}

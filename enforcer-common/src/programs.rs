@@ -57,11 +57,16 @@ pub const PROG_SENDMSG6: &str = "enf_sendmsg6";
 pub const PROG_FORK: &str = "enf_fork";
 pub const PROG_EXEC: &str = "enf_exec";
 pub const PROG_EXIT: &str = "enf_exit";
+pub const PROG_TAMPER_IN: &str = "enf_tamper_in";
+pub const PROG_TAMPER_OUT: &str = "enf_tamper_out";
 
 /// Raw tracepoints the process programs attach to.
 pub const TP_FORK: &str = "sched_process_fork";
 pub const TP_EXEC: &str = "sched_process_exec";
 pub const TP_EXIT: &str = "sched_process_exit";
+/// Raw tracepoints of every syscall's entry and exit (the tamper programs).
+pub const TP_SYS_ENTER: &str = "sys_enter";
+pub const TP_SYS_EXIT: &str = "sys_exit";
 
 /// Oldest kernel the agent supports (cgroup `bpf_link`, ring buffer, boot-clock helper).
 pub const MIN_KERNEL: (u32, u32) = (5, 10);
@@ -76,7 +81,7 @@ const fn prog(name: &'static str, kind: ProgramKind) -> ProgramSpec {
 }
 
 /// Every program of the production object, socket hooks first.
-pub const PROGRAMS: [ProgramSpec; 7] = [
+pub const PROGRAMS: [ProgramSpec; 9] = [
     prog(PROG_CONNECT4, ProgramKind::CgroupSockAddr(Hook::Connect4)),
     prog(PROG_CONNECT6, ProgramKind::CgroupSockAddr(Hook::Connect6)),
     prog(PROG_SENDMSG4, ProgramKind::CgroupSockAddr(Hook::Sendmsg4)),
@@ -84,6 +89,8 @@ pub const PROGRAMS: [ProgramSpec; 7] = [
     prog(PROG_FORK, ProgramKind::RawTracepoint(TP_FORK)),
     prog(PROG_EXEC, ProgramKind::RawTracepoint(TP_EXEC)),
     prog(PROG_EXIT, ProgramKind::RawTracepoint(TP_EXIT)),
+    prog(PROG_TAMPER_IN, ProgramKind::RawTracepoint(TP_SYS_ENTER)),
+    prog(PROG_TAMPER_OUT, ProgramKind::RawTracepoint(TP_SYS_EXIT)),
 ];
 
 /// The oldest kernel every required program of the table runs on: the agent refuses older

@@ -6,6 +6,9 @@
 //! * [`probes::process`]: `enf_fork`, `enf_exec`, `enf_exit` (raw tracepoints) keep process ->
 //!   identity current in the kernel itself, so the identity changes at exec, not when user
 //!   space catches up.
+//! * [`probes::tamper`]: `enf_tamper_in`, `enf_tamper_out` (raw tracepoints `sys_enter`,
+//!   `sys_exit`) strip the identity of a process another one traces, writes into or takes
+//!   descriptors from.
 //! * [`maps`]: every map, pinned by name under the agent's versioned bpffs folder, so
 //!   enforcement outlives the agent.
 //!

@@ -8,8 +8,8 @@ use aya_ebpf::{
 use enforcer_common::{
     COUNTERS, CgroupValue, Config, Counter, EVENTS_BYTES, ExeId, ExeKey, GENERATIONS, IdMatchKey,
     IdentityMaps, KernelOffsets, MAX_CGROUPS, MAX_EXES, MAX_IDMATCH, MAX_PROCS, MAX_RULES,
-    MAX_SCOPES, MAX_UNCOVERED, ProcState, RuleKeyData, RuleMaps, RuleValue, UncoveredKey,
-    UncoveredValue,
+    MAX_SCOPES, MAX_UNCOVERED, ProcState, RuleKeyData, RuleMaps, RuleValue, TamperOffsets,
+    UncoveredKey, UncoveredValue,
 };
 
 const BPF_F_NO_PREALLOC: u32 = 1;
@@ -33,6 +33,8 @@ pub static HOSTS: HashMap<RuleKeyData, RuleValue> = HashMap::pinned(MAX_RULES, B
 pub static CONFIG: Array<Config> = Array::pinned(1, 0);
 #[map(name = "ENF_OFFSETS")]
 pub static OFFSETS: Array<KernelOffsets> = Array::pinned(1, 0);
+#[map(name = "ENF_TAMPEROFF")]
+pub static TAMPER_OFFSETS: Array<TamperOffsets> = Array::pinned(1, 0);
 #[map(name = "ENF_COUNTERS")]
 pub static COUNTERS_MAP: PerCpuArray<u64> = PerCpuArray::pinned(COUNTERS, 0);
 #[map(name = "ENF_EVENTS")]

@@ -329,10 +329,50 @@ def render_targets(data, rows):
              "with no agent <= 5 ms",
              "-" if v is None else f"{v:+.2f} ms ({fmt_ms(num(k8s.get('p50_ms')))} ms "
              "per start)", None if v is None else v <= 5)
+    sc = syscall_cost_rows(data)
+    gp = next((r for r in sc if r.get("op") == "getppid"), None)
+    if gp is not None:
+        v = num(gp.get("added_ns"))
+        line("tamper programs (raw tracepoints sys_enter/sys_exit): added to an unrelated "
+             "syscall (getppid) at the median <= 100 ns",
+             "-" if v is None else f"{v:+.0f} ns ({fmt_ratio(num(gp.get('ratio')))} of "
+             f"{num(gp.get('base_ns')):.0f} ns)", None if v is None else v <= 100)
     fails = sum(num((x.get("inflight") or {}).get("failed")) or 0 for x in runs)
     if runs:
         line("no connect fails while an apply is in flight", f"{fails:.0f} failed", fails == 0)
     out += table(["target", "this run", "verdict"], body)
+    out.append("")
+    return out
+
+
+def fmt_ratio(v):
+    return "-" if v is None else f"{v:.3f}x"
+
+
+def syscall_cost_rows(data):
+    sc = data.get("syscall_cost")
+    if not isinstance(sc, dict):
+        return []
+    return [r for r in sc.get("rows") or [] if isinstance(r, dict)]
+
+
+def render_syscall_cost(data):
+    rows = syscall_cost_rows(data)
+    if not rows:
+        return []
+    sc = data.get("syscall_cost")
+    out = ["#### Tamper programs: cost of every other syscall", ""]
+    body = []
+    for r in rows:
+        body.append([text(r.get("op")), f"{num(r.get('base_ns')):.1f}",
+                     f"{num(r.get('hook_ns')):.1f}", f"{num(r.get('added_ns')):+.1f}",
+                     fmt_ratio(num(r.get("ratio")))])
+    out += table(["syscall", "without (ns)", "with (ns)", "added (ns)", "ratio"], body)
+    out.append("")
+    notes = sc.get("notes") if isinstance(sc, dict) else None
+    for n in notes if isinstance(notes, list) else []:
+        if text(n, ""):
+            out.append(f"- {text(n)}")
     out.append("")
     return out
 
@@ -453,6 +493,7 @@ def render_md(data, rows, png_name):
         out.append("")
 
     out += render_container_start(data)
+    out += render_syscall_cost(data)
 
     notes = data.get("notes")
     if isinstance(notes, str):

@@ -1,4 +1,4 @@
-//! `cargo xtask bench [ROUNDS] [--only container-start]`: the peers and matplotlib, the
+//! `cargo xtask bench [ROUNDS] [--only container-start|syscall-cost]`: the peers and matplotlib, the
 //! containerd node of the node suite (xtask/src/node.rs, for container start), `enf-bench run`
 //! (or only its container-start part), then BENCHMARKS.md and benchmarks.png through
 //! `xtask/bench/report.py`.
@@ -29,13 +29,15 @@ pub struct Args {
 pub enum Part {
     /// The delay the agent adds to a container's start on the containerd node.
     ContainerStart,
+    /// What the tamper programs (raw tracepoints sys_enter/sys_exit) cost unrelated syscalls.
+    SyscallCost,
 }
 
 pub fn bench(root: &Path, args: &Args) -> Result<()> {
     let obj = build(root)?;
     require_root("`cargo xtask bench`")?;
-    let only_start = args.only == Some(Part::ContainerStart);
-    if !only_start && (!have("nft") || !have("iptables")) {
+    let only_syscall = args.only == Some(Part::SyscallCost);
+    if args.only.is_none() && (!have("nft") || !have("iptables")) {
         step("installing the peers from Debian: nftables, iptables");
         let mut c = Command::new("sh");
         c.args(["-c", "apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q nftables iptables"]);
@@ -69,16 +71,24 @@ pub fn bench(root: &Path, args: &Args) -> Result<()> {
     let mut c = Command::new(root.join("target").join("release").join("enf-bench"));
     // The node suite's containerd node, with its images, for the container-start part;
     // stopped (by pid) when the measurement ends, whatever its outcome.
-    let node = start_node(root, &obj, &mut c)?;
+    let node = if only_syscall {
+        None
+    } else {
+        Some(start_node(root, &obj, &mut c)?)
+    };
     step(&format!("measuring ({rounds} interleaved rounds)"));
-    c.arg(if only_start { "container-start" } else { "run" })
-        .arg(&out)
-        .arg(rounds.to_string())
-        .env("ENFORCER_EBPF_OBJ", &obj)
-        .env(
-            "ENFORCER_AGENT_BIN",
-            root.join("target").join("release").join("enforcer-agent"),
-        );
+    c.arg(match args.only {
+        Some(Part::ContainerStart) => "container-start",
+        Some(Part::SyscallCost) => "syscall-cost",
+        None => "run",
+    })
+    .arg(&out)
+    .arg(rounds.to_string())
+    .env("ENFORCER_EBPF_OBJ", &obj)
+    .env(
+        "ENFORCER_AGENT_BIN",
+        root.join("target").join("release").join("enforcer-agent"),
+    );
     let measured = status(c, "enf-bench");
     drop(node);
     measured?;
@@ -91,13 +101,17 @@ pub fn bench(root: &Path, args: &Args) -> Result<()> {
         .arg(&fragment);
     status(c, "report.py")?;
     let body = std::fs::read_to_string(&fragment).context("reading the report")?;
-    let partial = if only_start {
-        " This file was last written by `cargo xtask bench --only container-start`: the container-start section and its target line are from that run, every other section from the last full run (kept in results.json)."
-    } else {
-        ""
+    let partial = match args.only {
+        Some(Part::ContainerStart) => {
+            " This file was last written by `cargo xtask bench --only container-start`: the container-start section and its target line are from that run, every other section from the last full run (kept in results.json)."
+        }
+        Some(Part::SyscallCost) => {
+            " This file was last written by `cargo xtask bench --only syscall-cost`: the tamper-programs section and its target line are from that run, every other section from the last full run (kept in results.json)."
+        }
+        None => "",
     };
     let md = format!(
-        "# Benchmarks\n\nReproduce on a machine of this kind, as root: `cargo xtask bench` (optionally the number of rounds, default 7; at least 5 for a meaningful median; `--only container-start` for that part alone). Raw numbers: `target/bench/results.json`.{partial}\n\n{body}"
+        "# Benchmarks\n\nReproduce on a machine of this kind, as root: `cargo xtask bench` (optionally the number of rounds, default 7; at least 5 for a meaningful median; `--only container-start` or `--only syscall-cost` for that part alone). Raw numbers: `target/bench/results.json`.{partial}\n\n{body}"
     );
     std::fs::write(root.join("BENCHMARKS.md"), md).context("writing BENCHMARKS.md")?;
     print!("{body}");

@@ -10,7 +10,7 @@ use aya_ebpf::{
 };
 use enforcer_common::{
     Config, Counter, EXE_UNKNOWN, Event, EventKind, ExeKey, KernelOffsets, MAX_SCOPES, Mode,
-    PROC_HELD, PROC_PENDING, ProcState,
+    PROC_HELD, PROC_PENDING, PROC_TAMPERED, ProcState,
 };
 
 use crate::maps::{CGROUPS, CONFIG, EVENTS, EXES, OFFSETS, PROCS, SCOPES, count, now_ns, tgid};
@@ -201,6 +201,11 @@ fn try_exec(ctx: &RawTracePointContext) -> Result<(), i32> {
         _pad0: 0,
         start_ns,
     };
+    // An exec clears tampering, unless the process is traced now: the tracer can still
+    // write into the new program.
+    if super::tamper::current_traced() {
+        st.flags |= PROC_TAMPERED;
+    }
     if exe_id == EXE_UNKNOWN || cgroup_unknown {
         st.flags |= PROC_PENDING;
         count(Counter::ExecPending);

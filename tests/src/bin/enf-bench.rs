@@ -5,6 +5,8 @@
 //! usage: enf-bench run OUT_DIR [ROUNDS]      (root; ENFORCER_EBPF_OBJ and ENFORCER_AGENT_BIN set)
 //!        enf-bench container-start OUT_DIR [ROUNDS]  (container start on the containerd node
 //!                                    only, merged into OUT_DIR/results.json)
+//!        enf-bench syscall-cost OUT_DIR [ROUNDS]  (the tamper programs' cost on unrelated
+//!                                    syscalls only, merged into OUT_DIR/results.json)
 //!        enf-bench apply                     (policy compile/apply with connects in flight only)
 //!        enf-bench worker OP ADDR N          (one measurement; prints "p50_ns mean_ns")
 
@@ -24,6 +26,8 @@ use enforcer_tests::*;
 mod container_start;
 #[path = "enf-bench/opensnitch.rs"]
 mod opensnitch;
+#[path = "enf-bench/syscall_cost.rs"]
+mod syscall_cost;
 
 /// Patched in the unattested copy of the worker.
 #[unsafe(no_mangle)]
@@ -52,6 +56,15 @@ fn main() {
                 std::process::exit(1);
             }
         }
+        Some("syscall-cost") => {
+            // Only the tamper programs' cost on unrelated syscalls, merged into results.json.
+            let out = PathBuf::from(args.get(1).map(String::as_str).unwrap_or("target/bench"));
+            let rounds = args.get(2).and_then(|r| r.parse().ok()).unwrap_or(7);
+            if let Err(e) = syscall_cost_only(&out, rounds) {
+                eprintln!("enf-bench: {e}");
+                std::process::exit(1);
+            }
+        }
         Some("apply") => {
             // The compile/apply part alone (for working on apply speed).
             // Listener threads on CPU 0, workers measured on CPU 1.
@@ -74,7 +87,7 @@ fn main() {
         }
         _ => {
             eprintln!(
-                "usage: enf-bench run OUT_DIR [ROUNDS] | enf-bench container-start OUT_DIR [ROUNDS] | enf-bench apply | enf-bench worker OP ADDR N"
+                "usage: enf-bench run OUT_DIR [ROUNDS] | enf-bench container-start OUT_DIR [ROUNDS] | enf-bench syscall-cost OUT_DIR [ROUNDS] | enf-bench apply | enf-bench worker OP ADDR N"
             );
             std::process::exit(2);
         }
@@ -325,6 +338,27 @@ fn container_start_only(out: &Path, rounds: usize) -> Result<(), String> {
         .and_then(|t| serde_json::from_str(&t).ok())
         .unwrap_or_else(|| serde_json::json!({"rows": [], "command": "cargo xtask bench --only container-start"}));
     results["container_start"] = container_start::run(rounds)?;
+    fs::write(&path, serde_json::to_string_pretty(&results).expect("json"))
+        .map_err(|e| format!("writing {}: {e}", path.display()))?;
+    eprintln!("enf-bench: wrote {}", path.display());
+    Ok(())
+}
+
+/// `syscall-cost`: measures the tamper programs' cost alone and puts it into
+/// OUT_DIR/results.json (an earlier full run's other results are kept).
+fn syscall_cost_only(out: &Path, rounds: usize) -> Result<(), String> {
+    if !nix::unistd::geteuid().is_root() {
+        return Err("the benchmark needs root (it runs agents)".into());
+    }
+    fs::create_dir_all(out).map_err(|e| format!("creating {}: {e}", out.display()))?;
+    let path = out.join("results.json");
+    let mut results: serde_json::Value = fs::read_to_string(&path)
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok())
+        .unwrap_or_else(
+            || serde_json::json!({"rows": [], "command": "cargo xtask bench --only syscall-cost"}),
+        );
+    results["syscall_cost"] = syscall_cost::run(rounds)?;
     fs::write(&path, serde_json::to_string_pretty(&results).expect("json"))
         .map_err(|e| format!("writing {}: {e}", path.display()))?;
     eprintln!("enf-bench: wrote {}", path.display());
@@ -1299,6 +1333,8 @@ fn run(out: &Path, rounds: usize) -> Result<(), String> {
     eprintln!("enf-bench: policy compile and apply, with connects in flight");
     let (more, apply_runs) = apply_benchmark(&l, &worker, worker_sha, &dir)?;
     notes.extend(more);
+    eprintln!("enf-bench: the tamper programs' cost on unrelated syscalls");
+    let syscall_cost = syscall_cost::run(rounds)?;
     // Last, with no other agent running: container start on the containerd node.
     let container_start = container_start::run(rounds)?;
     let results = serde_json::json!({
@@ -1312,6 +1348,7 @@ fn run(out: &Path, rounds: usize) -> Result<(), String> {
         "extra": extra,
         "prog_run_ns": prog_run,
         "container_start": container_start,
+        "syscall_cost": syscall_cost,
     });
     let path = out.join("results.json");
     fs::write(&path, serde_json::to_string_pretty(&results).expect("json"))

@@ -19,6 +19,18 @@
 //!                                    pod sandbox process, as Kubernetes' pause)
 //!   enf-probe uring-tcp|tfo|mptcp|tcp-gate-tcp|load ...
 //!                                    the adversarial `held` module's commands (probe_held.rs)
+//!   enf-probe victim PORT [CMD...]   the tamper suite's service: keeps PORT in memory, prints
+//!                                    `ready PID ADDR FD` (ADDR of the port in hex, FD an
+//!                                    unconnected TCP socket), waits for its gate (stdin), TCP
+//!                                    connects to 127.0.0.1:<the port now in memory>, prints
+//!                                    `first PORT CODE`, then execs itself with CMD if given
+//!   enf-probe poke-mem PID ADDR PORT write PORT (u16) at ADDR through /proc/PID/mem
+//!   enf-probe poke-vm PID ADDR PORT  the same with process_vm_writev
+//!   enf-probe poke-ptrace attach|seize PID ADDR PORT
+//!                                    the same with ptrace (attach or seize+interrupt), PEEK/
+//!                                    POKEDATA, then detach
+//!   enf-probe steal-fd PID FD ADDR:PORT
+//!                                    pidfd_getfd the process's FD and connect it to ADDR:PORT
 //! Exit status: 0 connected/sent, 13 EPERM (the kernel denied), 2 any other failure.
 
 use std::{
@@ -51,6 +63,210 @@ fn udp_for(a: &SocketAddr) -> std::io::Result<UdpSocket> {
         (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
     };
     UdpSocket::bind(any)
+}
+
+/// The port the `victim` connects to: written by the attacker through its memory.
+static VICTIM_PORT: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(0);
+
+fn num<T: std::str::FromStr>(args: &[String], i: usize) -> T {
+    match args.get(i).and_then(|a| a.parse().ok()) {
+        Some(v) => v,
+        None => {
+            eprintln!("enf-probe: bad argument {i}: {:?}", args.get(i));
+            exit(2)
+        }
+    }
+}
+
+fn hex_addr(args: &[String], i: usize) -> usize {
+    match args
+        .get(i)
+        .and_then(|a| usize::from_str_radix(a.trim_start_matches("0x"), 16).ok())
+    {
+        Some(v) => v,
+        None => {
+            eprintln!("enf-probe: bad address argument {i}: {:?}", args.get(i));
+            exit(2)
+        }
+    }
+}
+
+fn os_fail(what: &str) -> i32 {
+    let e = std::io::Error::last_os_error();
+    eprintln!("enf-probe: {what}: {e}");
+    code(&e)
+}
+
+fn victim(args: &[String]) -> i32 {
+    use std::io::{Read as _, Write as _};
+    VICTIM_PORT.store(num(args, 1), std::sync::atomic::Ordering::SeqCst);
+    // SAFETY: plain socket(2).
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) };
+    println!(
+        "ready {} {:x} {fd}",
+        std::process::id(),
+        std::ptr::addr_of!(VICTIM_PORT) as usize
+    );
+    let _ = std::io::stdout().flush();
+    let mut b = [0u8; 1];
+    let _ = std::io::stdin().read(&mut b);
+    let port = VICTIM_PORT.load(std::sync::atomic::Ordering::SeqCst);
+    let to = SocketAddr::from(([127, 0, 0, 1], port));
+    let c = match TcpStream::connect_timeout(&to, Duration::from_secs(5)) {
+        Ok(_) => 0,
+        Err(e) => code(&e),
+    };
+    println!("first {port} {c}");
+    let _ = std::io::stdout().flush();
+    if args.len() > 2 {
+        use std::os::unix::process::CommandExt as _;
+        let e = std::process::Command::new("/proc/self/exe")
+            .args(&args[2..])
+            .exec();
+        eprintln!("enf-probe: re-exec: {e}");
+        return 2;
+    }
+    c
+}
+
+fn poke(args: &[String]) -> i32 {
+    let how = args[0].as_str();
+    let (args, mode) = if how == "poke-ptrace" {
+        (&args[1..], args.get(1).cloned().unwrap_or_default())
+    } else {
+        (args, String::new())
+    };
+    let pid: i32 = num(args, 1);
+    let addr = hex_addr(args, 2);
+    let port: u16 = num(args, 3);
+    let bytes = port.to_ne_bytes();
+    match how {
+        "poke-mem" => {
+            use std::os::unix::fs::FileExt as _;
+            let f = match std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(format!("/proc/{pid}/mem"))
+            {
+                Ok(f) => f,
+                Err(e) => {
+                    eprintln!("enf-probe: open /proc/{pid}/mem: {e}");
+                    return code(&e);
+                }
+            };
+            match f.write_at(&bytes, addr as u64) {
+                Ok(2) => 0,
+                Ok(n) => {
+                    eprintln!("enf-probe: short write {n}");
+                    2
+                }
+                Err(e) => {
+                    eprintln!("enf-probe: write /proc/{pid}/mem: {e}");
+                    code(&e)
+                }
+            }
+        }
+        "poke-vm" => {
+            let local = libc::iovec {
+                iov_base: bytes.as_ptr() as *mut libc::c_void,
+                iov_len: 2,
+            };
+            let remote = libc::iovec {
+                iov_base: addr as *mut libc::c_void,
+                iov_len: 2,
+            };
+            // SAFETY: one local and one remote iovec of 2 bytes; the local one is ours.
+            let n = unsafe { libc::process_vm_writev(pid, &local, 1, &remote, 1, 0) };
+            if n == 2 {
+                0
+            } else {
+                os_fail("process_vm_writev")
+            }
+        }
+        _ => {
+            // SAFETY: ptrace requests on a process of our uid; every pointer argument is an
+            // address in the tracee, passed as a number.
+            unsafe {
+                let null = std::ptr::null_mut::<libc::c_void>();
+                if mode == "seize" {
+                    if libc::ptrace(libc::PTRACE_SEIZE, pid, null, null) != 0 {
+                        return os_fail("PTRACE_SEIZE");
+                    }
+                    if libc::ptrace(libc::PTRACE_INTERRUPT, pid, null, null) != 0 {
+                        return os_fail("PTRACE_INTERRUPT");
+                    }
+                } else if libc::ptrace(libc::PTRACE_ATTACH, pid, null, null) != 0 {
+                    return os_fail("PTRACE_ATTACH");
+                }
+                let mut status = 0;
+                if libc::waitpid(pid, &mut status, libc::__WALL) != pid {
+                    return os_fail("waitpid");
+                }
+                let at = (addr & !7) as *mut libc::c_void;
+                *libc::__errno_location() = 0;
+                let word = libc::ptrace(libc::PTRACE_PEEKDATA, pid, at, null);
+                if word == -1 && *libc::__errno_location() != 0 {
+                    return os_fail("PTRACE_PEEKDATA");
+                }
+                let mut w = (word as u64).to_ne_bytes();
+                let off = addr & 7;
+                if off > 6 {
+                    eprintln!("enf-probe: the port straddles two words");
+                    return 2;
+                }
+                w[off..off + 2].copy_from_slice(&bytes);
+                let new = u64::from_ne_bytes(w) as usize as *mut libc::c_void;
+                if libc::ptrace(libc::PTRACE_POKEDATA, pid, at, new) != 0 {
+                    return os_fail("PTRACE_POKEDATA");
+                }
+                if libc::ptrace(libc::PTRACE_DETACH, pid, null, null) != 0 {
+                    return os_fail("PTRACE_DETACH");
+                }
+                0
+            }
+        }
+    }
+}
+
+fn steal_fd(args: &[String]) -> i32 {
+    let pid: i32 = num(args, 1);
+    let fd: i32 = num(args, 2);
+    let to: SocketAddr = num(args, 3);
+    // SAFETY: raw syscalls with integer arguments.
+    let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) } as i32;
+    if pidfd < 0 {
+        return os_fail("pidfd_open");
+    }
+    // SAFETY: as above.
+    let got = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd, fd, 0) } as i32;
+    if got < 0 {
+        return os_fail("pidfd_getfd");
+    }
+    let SocketAddr::V4(v4) = to else {
+        eprintln!("enf-probe: steal-fd connects IPv4 only");
+        return 2;
+    };
+    let sin = libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: v4.port().to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from_ne_bytes(v4.ip().octets()),
+        },
+        sin_zero: [0; 8],
+    };
+    // SAFETY: connect(2) on the stolen descriptor with a sockaddr_in of the right length.
+    let r = unsafe {
+        libc::connect(
+            got,
+            std::ptr::addr_of!(sin).cast(),
+            size_of::<libc::sockaddr_in>() as libc::socklen_t,
+        )
+    };
+    if r == 0 {
+        0
+    } else {
+        os_fail("connect with the stolen socket")
+    }
 }
 
 fn run(args: &[String]) -> i32 {
@@ -195,6 +411,9 @@ fn run(args: &[String]) -> i32 {
                 }
             }
         }
+        "victim" => victim(args),
+        "poke-mem" | "poke-vm" | "poke-ptrace" => poke(args),
+        "steal-fd" => steal_fd(args),
         "sleep" => {
             let secs = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(60);
             std::thread::sleep(Duration::from_secs(secs));
