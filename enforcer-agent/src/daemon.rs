@@ -524,6 +524,8 @@ impl Agent {
         let compile_ms = t0.elapsed().as_secs_f64() * 1e3;
 
         self.kernel.write_idmatch(next, &idm)?;
+        self.kernel
+            .write_sockets(next, &policy::socket_entries(&policy, next))?;
         let written = self.kernel.write_rules(next, &rules)?;
         for (id, class) in bins {
             self.kernel.set_bin_class(next, id, class)?;
@@ -899,7 +901,7 @@ impl Agent {
                 }
             }
             Ok(EventKind::Exit) => self.procs.exit(ev.tgid),
-            Ok(EventKind::Connect) => {
+            Ok(EventKind::Connect | EventKind::Socket) => {
                 let d = self.view().decision(ev);
                 let followers = self.sink.feed.followers();
                 self.sink.emit(d);

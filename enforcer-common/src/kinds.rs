@@ -104,6 +104,9 @@ abi_enum! {
         Fork = 2 => "fork",
         Exec = 3 => "exec",
         Exit = 4 => "exit",
+        /// A socket of a kind the connect hooks never judge ([`SocketKind`]), refused (or
+        /// audited) at creation.
+        Socket = 6 => "socket",
     }
 }
 
@@ -115,6 +118,8 @@ abi_enum! {
         Connect6 = 2 => "connect6",
         Sendmsg4 = 3 => "sendmsg4",
         Sendmsg6 = 4 => "sendmsg6",
+        /// `cgroup/sock_create`: socket creation (a [`SocketKind`] event).
+        SockCreate = 5 => "sock_create",
     }
 }
 
@@ -142,6 +147,33 @@ abi_enum! {
         ExecKnown = 9 => "exec_known",
         ExecPending = 10 => "exec_pending",
         NoConfig = 11 => "no_config",
+        /// Sockets refused at creation (raw, ICMP ping, SCTP, UDP-Lite, other protocols).
+        SocketRefused = 12 => "socket_refused",
+    }
+}
+
+abi_enum! {
+    /// Kinds of `AF_INET`/`AF_INET6` sockets the connect and sendmsg hooks never judge, refused
+    /// at creation unless the identity's `sockets:` list names them
+    /// ([`crate::socket_kind`]). The name is the policy's word for it; the bit in
+    /// `ENF_SOCKETS` is [`SocketKind::bit`].
+    pub enum SocketKind {
+        /// `SOCK_RAW`, any protocol (needs `CAP_NET_RAW`, which a user namespace gives).
+        Raw = 0 => "raw",
+        /// ICMP / ICMPv6 "ping" datagram sockets (`net.ipv4.ping_group_range`).
+        Icmp = 1 => "icmp",
+        Sctp = 2 => "sctp",
+        UdpLite = 3 => "udplite",
+        /// Any other IP protocol (DCCP, L2TP, SMC over `AF_INET`, ...).
+        Other = 4 => "other",
+    }
+}
+
+impl SocketKind {
+    /// The bit of this kind in an `ENF_SOCKETS` mask.
+    #[inline(always)]
+    pub const fn bit(self) -> u32 {
+        1 << (self as u32)
     }
 }
 
@@ -181,6 +213,7 @@ mod tests {
         check(EventKind::ALL, EventKind::name);
         check(Hook::ALL, Hook::name);
         check(Counter::ALL, Counter::name);
+        check(SocketKind::ALL, SocketKind::name);
         assert_eq!(Verdict::try_from(0), Err(0));
         assert_eq!(Verdict::from_raw(0), Verdict::Deny);
         assert_eq!(Verdict::from_raw(77), Verdict::Deny);
@@ -209,5 +242,14 @@ mod tests {
         assert_eq!(Counter::NoConfig as u32, 11);
         assert_eq!(Hook::Sendmsg6 as u32, 4);
         assert_eq!(EventKind::Exit as u32, 4);
+        assert_eq!(
+            [
+                EventKind::Socket as u32,
+                Hook::SockCreate as u32,
+                Counter::SocketRefused as u32
+            ],
+            [6, 5, 12]
+        );
+        assert_eq!(SocketKind::Other.bit(), 16);
     }
 }

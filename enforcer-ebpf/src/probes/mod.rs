@@ -2,3 +2,4 @@
 
 pub mod process;
 pub mod sock_addr;
+pub mod sock_create;
