@@ -126,6 +126,25 @@ pub struct Decision {
     /// Kernel time of the decision (boot clock, ns); 0 for explain.
     #[prost(uint64, tag = "12")]
     pub time_ns: u64,
+    /// The address the process wrote when the kernel sends it elsewhere (`0.0.0.0`, `::`,
+    /// `::ffff:0.0.0.0`); `dst` is then the address judged, where the connect goes.
+    #[prost(string, optional, tag = "30")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub written: Option<String>,
+    /// Socket creation events only: the kind refused or allowed (`raw`, `icmp`, `sctp`,
+    /// `udplite`, `other`), with the socket's family (`inet`, `inet6`), type and protocol.
+    #[prost(string, optional, tag = "31")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub socket: Option<String>,
+    #[prost(string, optional, tag = "32")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub family: Option<String>,
+    #[prost(string, optional, tag = "33")]
+    #[serde(skip_serializing_if = "Option::is_none", rename = "type")]
+    pub socket_type: Option<String>,
+    #[prost(uint32, optional, tag = "34")]
+    #[serde(skip_serializing_if = "Option::is_none", rename = "protocol_number")]
+    pub protocol_number: Option<u32>,
 }
 
 #[derive(Clone, PartialEq, prost::Message, Serialize)]

@@ -537,6 +537,8 @@ impl Agent {
         let compile_ms = t0.elapsed().as_secs_f64() * 1e3;
 
         self.kernel.write_idmatch(next, &idm)?;
+        self.kernel
+            .write_sockets(next, &policy::socket_entries(&policy, next))?;
         let written = self.kernel.write_rules(next, &rules)?;
         for (id, class) in bins {
             self.kernel.set_bin_class(next, id, class)?;
@@ -923,7 +925,7 @@ impl Agent {
                 );
                 self.sink.emit_line(&rec);
             }
-            Ok(EventKind::Connect) => {
+            Ok(EventKind::Connect | EventKind::Socket) => {
                 let d = self.view().decision(ev);
                 let followers = self.sink.feed.followers();
                 self.sink.emit(d);

@@ -4,8 +4,8 @@
 use std::collections::{BTreeSet, HashSet};
 
 use enforcer_common::{
-    IdMatchKey, RULE_DEFAULT_DENY, RULE_NO_CONFIG, RULE_PENDING, RULE_TAMPERED, RULE_UNATTESTED,
-    RULE_UNTRACKED,
+    IdMatchKey, RULE_DEFAULT_DENY, RULE_NO_CONFIG, RULE_PENDING, RULE_SOCKET_KIND, RULE_TAMPERED,
+    RULE_UNATTESTED, RULE_UNTRACKED,
 };
 
 use crate::{
@@ -52,6 +52,7 @@ impl InForce {
             RULE_UNTRACKED => "untracked process".to_string(),
             RULE_NO_CONFIG => "no policy loaded".to_string(),
             RULE_TAMPERED => "tampered (no identity until it execs again untraced)".to_string(),
+            RULE_SOCKET_KIND => "the identity's `sockets:` list".to_string(),
             r => {
                 let own = self.policy.rules.len();
                 let i = r as usize;

@@ -11,7 +11,7 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, CgroupArray, HashMap, LpmTrie, MapData, PerCpuArray, RingBuf, lpm_trie::Key},
     programs::{
-        CgroupAttachMode, CgroupSockAddr, ProgramError, RawTracePoint,
+        CgroupAttachMode, CgroupSock, CgroupSockAddr, ProgramError, RawTracePoint,
         links::{FdLink, PinnedLink},
     },
 };
@@ -84,19 +84,19 @@ static OBJECT: &[u8] = aya::include_bytes_aligned!(env!("ENFORCER_EBPF_OBJ"));
 #[cfg(not(enforcer_ebpf))]
 static OBJECT: &[u8] = &[];
 
-/// The socket programs of [`PROGRAMS`]: (cgroup hook, program name).
+/// The cgroup programs of [`PROGRAMS`] (sock_addr and sock_create): (cgroup hook, program
+/// name).
 pub fn socket_programs() -> impl Iterator<Item = (&'static str, &'static str)> {
-    PROGRAMS.iter().filter_map(|p| match p.kind {
-        ProgramKind::CgroupSockAddr(h) => Some((h.name(), p.name)),
-        ProgramKind::RawTracepoint(_) => None,
-    })
+    PROGRAMS
+        .iter()
+        .filter_map(|p| p.kind.cgroup_hook().map(|h| (h.name(), p.name)))
 }
 
 /// The process programs of [`PROGRAMS`]: (program name, raw tracepoint).
 pub fn tracepoint_programs() -> impl Iterator<Item = (&'static str, &'static str)> {
     PROGRAMS.iter().filter_map(|p| match p.kind {
         ProgramKind::RawTracepoint(tp) => Some((p.name, tp)),
-        ProgramKind::CgroupSockAddr(_) => None,
+        ProgramKind::CgroupSockAddr(_) | ProgramKind::CgroupSock(_) => None,
     })
 }
 
@@ -118,6 +118,7 @@ struct Maps {
     counters: PerCpuArray<MapData, u64>,
     scopes: CgroupArray<MapData>,
     uncovered: HashMap<MapData, UncoveredKey, UncoveredValue>,
+    sockets: HashMap<MapData, SocketKey, u32>,
 }
 
 /// The loaded object, its maps, and where its pins live.
@@ -245,6 +246,7 @@ impl Kernel {
             let loaded = match p.kind {
                 ProgramKind::CgroupSockAddr(_) => load_program::<CgroupSockAddr>(&mut ebpf, p.name),
                 ProgramKind::RawTracepoint(_) => load_program::<RawTracePoint>(&mut ebpf, p.name),
+                ProgramKind::CgroupSock(_) => load_program::<CgroupSock>(&mut ebpf, p.name),
             };
             match loaded {
                 Ok(()) => {}
@@ -273,6 +275,7 @@ impl Kernel {
             counters: take(&mut ebpf, MAP_COUNTERS)?,
             scopes: take(&mut ebpf, MAP_SCOPES)?,
             uncovered: take(&mut ebpf, MAP_UNCOVERED)?,
+            sockets: take(&mut ebpf, MAP_SOCKETS)?,
         };
         let events = Some(take(&mut ebpf, MAP_EVENTS)?);
         let mut k = Self {
@@ -356,13 +359,22 @@ impl Kernel {
             .join(format!("cg_{cgroup_id}_{hook}"))
     }
 
-    /// Attaches the four socket programs to a cgroup (bpf_link: other programs on the cgroup
-    /// keep running) and pins the links. Links pinned by a previous agent get this
-    /// agent's programs atomically (`BPF_LINK_UPDATE`): no instant without a program.
+    /// Attaches the cgroup programs (the four sock_addr ones and sock_create) to a cgroup
+    /// (bpf_link: other programs on the cgroup keep running) and pins the links. Links pinned
+    /// by a previous agent get this agent's programs atomically (`BPF_LINK_UPDATE`): no
+    /// instant without a program.
     pub fn attach_cgroup(&mut self, dir: &Path, cgroup_id: u64) -> Result<(), KernelError> {
         let cg = fs::File::open(dir).map_err(op(format!("opening cgroup {}", dir.display())))?;
-        for (hook, name) in socket_programs() {
+        for p in &PROGRAMS {
+            let Some(hook) = p.kind.cgroup_hook() else {
+                continue;
+            };
+            let (hook, name) = (hook.name(), p.name);
             let pin = self.cgroup_pin(cgroup_id, hook);
+            if matches!(p.kind, ProgramKind::CgroupSock(_)) {
+                self.attach_sock(&cg, dir, &pin, name)?;
+                continue;
+            }
             let prog: &mut CgroupSockAddr = program(&mut self.ebpf, name)?;
             let id = if pin.exists() {
                 let fd: FdLink = PinnedLink::from_pin(&pin)
@@ -397,6 +409,45 @@ impl Kernel {
                     .map_err(op(format!("pinning {}", pin.display())))?;
             }
         }
+        Ok(())
+    }
+
+    /// [`Kernel::attach_cgroup`] for the cgroup sock program `name` (aya has no
+    /// `attach_to_link` for it: a pinned link is updated with a raw `BPF_LINK_UPDATE`).
+    fn attach_sock(
+        &mut self,
+        cg: &fs::File,
+        dir: &Path,
+        pin: &Path,
+        name: &'static str,
+    ) -> Result<(), KernelError> {
+        let prog: &mut CgroupSock = program(&mut self.ebpf, name)?;
+        if pin.exists() {
+            let fd: FdLink = PinnedLink::from_pin(pin)
+                .map_err(op(format!("opening pinned link {}", pin.display())))?
+                .into();
+            let ours = prog.info().map(|i| i.id()).ok();
+            if ours.is_some() && fd.info().map(|i| i.program_id()).ok() == ours {
+                return Ok(());
+            }
+            let pfd = prog
+                .fd()
+                .map_err(op(format!("the descriptor of program {name}")))?;
+            return sys::link_update_pinned(pin, pfd.as_fd())
+                .map_err(op(format!("updating pinned link {}", pin.display())));
+        }
+        let id = prog
+            .attach(cg.as_fd(), CgroupAttachMode::Single)
+            .map_err(op(format!("attaching {name} to {}", dir.display())))?;
+        let link: FdLink = prog
+            .take_link(id)
+            .map_err(op(format!("taking the link of {name}")))?
+            .try_into()
+            .map_err(op(format!(
+                "link of {name} is not a bpf_link (kernel older than 5.7?)"
+            )))?;
+        link.pin(pin)
+            .map_err(op(format!("pinning {}", pin.display())))?;
         Ok(())
     }
 
@@ -599,6 +650,48 @@ impl Kernel {
     /// and rewrites every difference (after drift was seen).
     pub fn forget_written(&mut self) {
         self.rules_written = [None, None];
+    }
+
+    /// Replaces every `ENF_SOCKETS` entry of `generation` by `entries` (identity -> socket
+    /// kinds its `sockets:` list allows; identities without a list have no entry).
+    pub fn write_sockets(
+        &mut self,
+        generation: u32,
+        entries: &[(SocketKey, u32)],
+    ) -> Result<(), KernelError> {
+        let stale: Vec<SocketKey> = self
+            .maps
+            .sockets
+            .keys()
+            .filter_map(|k| k.ok())
+            .filter(|k| k.generation == generation && !entries.iter().any(|(e, _)| e == k))
+            .collect();
+        for k in stale {
+            self.maps
+                .sockets
+                .remove(&k)
+                .map_err(op(format!("clearing map {MAP_SOCKETS}")))?;
+        }
+        for (k, v) in entries {
+            self.maps
+                .sockets
+                .insert(k, v, 0)
+                .map_err(op(format!("writing map {MAP_SOCKETS}")))?;
+        }
+        Ok(())
+    }
+
+    /// The `ENF_SOCKETS` entries of one generation.
+    pub fn sockets_of(&self, generation: u32) -> Vec<(SocketKey, u32)> {
+        let mut v: Vec<(SocketKey, u32)> = self
+            .maps
+            .sockets
+            .iter()
+            .filter_map(|r| r.ok())
+            .filter(|(k, _)| k.generation == generation)
+            .collect();
+        v.sort_unstable();
+        v
     }
 
     /// Replaces every `ENF_IDMATCH` entry of `generation` by `entries`.
@@ -1041,6 +1134,13 @@ trait Loadable {
 
 impl Loadable for CgroupSockAddr {
     const KIND: &'static str = "cgroup_sock_addr";
+    fn load_it(&mut self) -> Result<(), ProgramError> {
+        self.load()
+    }
+}
+
+impl Loadable for CgroupSock {
+    const KIND: &'static str = "cgroup_sock";
     fn load_it(&mut self) -> Result<(), ProgramError> {
         self.load()
     }

@@ -207,6 +207,7 @@ impl Probe {
         for (name, t) in [
             ("prog_cgroup_sock_addr", ProgramType::CgroupSockAddr),
             ("prog_raw_tracepoint", ProgramType::RawTracePoint),
+            ("prog_cgroup_sock", ProgramType::CgroupSock),
         ] {
             let required = PROGRAMS
                 .iter()
@@ -378,6 +379,8 @@ const ATTACH_INET4_CONNECT: u32 = 10;
 const ATTACH_INET6_CONNECT: u32 = 11;
 const ATTACH_UDP4_SENDMSG: u32 = 14;
 const ATTACH_UDP6_SENDMSG: u32 = 15;
+/// cgroup_sock attach type of `sock_create` (the `prog_cgroup_sock` feature covers it).
+const ATTACH_INET_SOCK_CREATE: u32 = 2;
 
 /// The kernel's attach type of a socket hook.
 fn attach_type(hook: Hook) -> u32 {
@@ -386,6 +389,7 @@ fn attach_type(hook: Hook) -> u32 {
         Hook::Connect6 => ATTACH_INET6_CONNECT,
         Hook::Sendmsg4 => ATTACH_UDP4_SENDMSG,
         Hook::Sendmsg6 => ATTACH_UDP6_SENDMSG,
+        Hook::SockCreate => ATTACH_INET_SOCK_CREATE,
     }
 }
 

@@ -159,6 +159,51 @@ pub fn link_create(prog: BorrowedFd<'_>, target: u32, attach_type: u32) -> io::R
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 
+/// The `obj` member of `union bpf_attr` (BPF_OBJ_GET).
+#[repr(C)]
+#[derive(Default)]
+struct ObjGetAttr {
+    pathname: u64,
+    bpf_fd: u32,
+    file_flags: u32,
+}
+
+/// The `link_update` member of `union bpf_attr`.
+#[repr(C)]
+#[derive(Default)]
+struct LinkUpdateAttr {
+    link_fd: u32,
+    new_prog_fd: u32,
+    flags: u32,
+    old_prog_fd: u32,
+}
+
+const BPF_OBJ_GET: libc::c_int = 7;
+const BPF_LINK_UPDATE: libc::c_int = 29;
+
+/// `BPF_LINK_UPDATE` of the link pinned at `pin` to run `prog` (atomically: no instant
+/// without a program). For link types aya has no `attach_to_link` for (cgroup sock).
+pub fn link_update_pinned(pin: &Path, prog: BorrowedFd<'_>) -> io::Result<()> {
+    let path = std::ffi::CString::new(pin.as_os_str().as_encoded_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "pin path holds a NUL"))?;
+    let mut get = ObjGetAttr {
+        pathname: path.as_ptr() as u64,
+        ..Default::default()
+    };
+    // SAFETY: a BPF_OBJ_GET prefix; `path` outlives the call.
+    let fd = unsafe { bpf(BPF_OBJ_GET, &mut get) }?;
+    // SAFETY: a new fd the kernel just gave us.
+    let link = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    let mut upd = LinkUpdateAttr {
+        link_fd: link.as_raw_fd() as u32,
+        new_prog_fd: prog.as_raw_fd() as u32,
+        ..Default::default()
+    };
+    // SAFETY: a BPF_LINK_UPDATE prefix holding only integers.
+    unsafe { bpf(BPF_LINK_UPDATE, &mut upd) }?;
+    Ok(())
+}
+
 /// `pidfd_open(pid, 0)` (5.3).
 pub fn pidfd_open(pid: u32) -> io::Result<OwnedFd> {
     let pid = libc::pid_t::try_from(pid)

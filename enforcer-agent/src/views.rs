@@ -31,16 +31,11 @@ pub(crate) struct View<'a> {
 }
 
 impl View<'_> {
-    /// The decision record of one connect event.
+    /// The decision record of one connect or socket event.
     pub(crate) fn decision(&self, ev: &Event) -> api::Decision {
         let t = self.procs.get(ev.tgid);
         let exe = t.and_then(|t| self.exes.get(t.exe_id));
-        let dst: IpAddr = if ev.family == FAMILY_V6 {
-            IpAddr::from(ev.dst)
-        } else {
-            IpAddr::from([ev.dst[0], ev.dst[1], ev.dst[2], ev.dst[3]])
-        };
-        api::Decision {
+        let mut d = api::Decision {
             pid: ev.tgid,
             exe: exe.map(|e| e.path.clone()),
             sha256: exe.map(|e| hex::encode(e.sha256)),
@@ -48,12 +43,59 @@ impl View<'_> {
             uid: ev.uid,
             identity: self.in_force.identity_name(ev.ident).map(str::to_string),
             verdict: verdict_name(ev.verdict).to_string(),
-            dst: dst.to_string(),
-            port: ev.port.into(),
-            protocol: protocol_name(ev.proto).to_string(),
             rule: self.in_force.rule_text(ev.rule),
             time_ns: ev.ktime_ns,
+            ..Default::default()
+        };
+        if ev.kind == EventKind::Socket as u32 {
+            let protocol = u32::from_ne_bytes([ev.dst[0], ev.dst[1], ev.dst[2], ev.dst[3]]);
+            let kind = SocketKind::from_u32(ev.dst[4].into());
+            let kind_name = kind.map_or("other", SocketKind::name);
+            d.socket = Some(kind_name.to_string());
+            d.family = Some(
+                if ev.family == FAMILY_V6 {
+                    "inet6"
+                } else {
+                    "inet"
+                }
+                .to_string(),
+            );
+            d.socket_type = Some(socket_type_name(ev.port.into()));
+            d.protocol = ip_protocol_name(protocol);
+            d.protocol_number = Some(protocol);
+            if ev.rule == RULE_SOCKET_KIND {
+                d.rule = if Verdict::from_raw(ev.verdict) == Verdict::Allow {
+                    format!("sockets: {kind_name} (the identity's `sockets:` list)")
+                } else {
+                    format!("socket kind {kind_name} is not in the identity's `sockets:` list")
+                };
+            }
+            return d;
         }
+        let dst: IpAddr = if ev.family == FAMILY_V6 {
+            IpAddr::from(ev.dst)
+        } else {
+            IpAddr::from([ev.dst[0], ev.dst[1], ev.dst[2], ev.dst[3]])
+        };
+        d.dst = dst.to_string();
+        d.port = ev.port.into();
+        d.protocol = protocol_name(ev.proto).to_string();
+        if ev.flags & EVENT_ALIAS != 0 {
+            // The only addresses the kernel rewrites: which one from the hook and family.
+            let v6_hook = matches!(
+                Hook::from_u32(ev.aux),
+                Some(Hook::Connect6 | Hook::Sendmsg6)
+            );
+            d.written = Some(
+                match (v6_hook, ev.family == FAMILY_V6) {
+                    (false, _) => "0.0.0.0",
+                    (true, true) => "::",
+                    (true, false) => "::ffff:0.0.0.0",
+                }
+                .to_string(),
+            );
+        }
+        d
     }
 
     /// The record of one tamper event: who (`by_*`) did what (`syscall`) to which process,
@@ -248,6 +290,9 @@ impl View<'_> {
             }
             Err(e) => out.push(format!("the policy in force no longer compiles: {e}")),
         }
+        let want = policy::socket_entries(&self.in_force.policy, generation);
+        let have = self.kernel.sockets_of(generation);
+        compare("ENF_SOCKETS", &want, &have, &mut out);
         let want: Vec<(IdMatchKey, u32)> = self.in_force.classes.idmatch_entries(generation);
         let have = self.kernel.idmatch_of(generation);
         compare("ENF_IDMATCH", &want, &have, &mut out);
@@ -391,6 +436,7 @@ impl View<'_> {
             protocol: protocol_name(proto).to_string(),
             rule,
             time_ns: 0,
+            ..Default::default()
         })
     }
 }
@@ -464,6 +510,38 @@ fn program_label(attach: &str) -> String {
 }
 
 /// The name of a verdict read back from the kernel (anything unknown is a deny).
+/// `SOCK_*` names of a socket type.
+fn socket_type_name(t: u32) -> String {
+    match t {
+        1 => "stream".into(),
+        2 => "dgram".into(),
+        3 => "raw".into(),
+        4 => "rdm".into(),
+        5 => "seqpacket".into(),
+        6 => "dccp".into(),
+        10 => "packet".into(),
+        t => t.to_string(),
+    }
+}
+
+/// IP protocol names (`/etc/protocols`) of the protocols a socket event may carry.
+fn ip_protocol_name(p: u32) -> String {
+    match p {
+        0 => "ip".into(),
+        1 => "icmp".into(),
+        6 => "tcp".into(),
+        17 => "udp".into(),
+        33 => "dccp".into(),
+        58 => "icmpv6".into(),
+        132 => "sctp".into(),
+        136 => "udplite".into(),
+        255 => "raw".into(),
+        256 => "smc".into(),
+        262 => "mptcp".into(),
+        p => p.to_string(),
+    }
+}
+
 fn verdict_name(v: u32) -> &'static str {
     Verdict::from_raw(v).name()
 }

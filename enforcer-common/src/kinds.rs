@@ -107,6 +107,9 @@ abi_enum! {
         /// A process tampered with another ([`crate::Event::tgid`] the target,
         /// [`crate::Event::aux`] the tamperer, [`crate::Event::flags`] the syscall number).
         Tamper = 5 => "tamper",
+        /// A socket of a kind the connect hooks never judge ([`SocketKind`]), refused (or
+        /// audited) at creation.
+        Socket = 6 => "socket",
     }
 }
 
@@ -118,6 +121,8 @@ abi_enum! {
         Connect6 = 2 => "connect6",
         Sendmsg4 = 3 => "sendmsg4",
         Sendmsg6 = 4 => "sendmsg6",
+        /// `cgroup/sock_create`: socket creation (a [`SocketKind`] event).
+        SockCreate = 5 => "sock_create",
     }
 }
 
@@ -145,11 +150,38 @@ abi_enum! {
         ExecKnown = 9 => "exec_known",
         ExecPending = 10 => "exec_pending",
         NoConfig = 11 => "no_config",
+        /// Sockets refused at creation (raw, ICMP ping, SCTP, UDP-Lite, other protocols).
+        SocketRefused = 12 => "socket_refused",
         /// Processes marked tampered (a target with an entry in `ENF_PROCS`).
         Tampered = 14 => "tampered",
         /// A never-seen exec in an enforced scope that was not held because no live agent
         /// would release it (stale heartbeat): it runs pending, every connect denied.
         HoldSkipped = 15 => "hold_skipped",
+    }
+}
+
+abi_enum! {
+    /// Kinds of `AF_INET`/`AF_INET6` sockets the connect and sendmsg hooks never judge, refused
+    /// at creation unless the identity's `sockets:` list names them
+    /// ([`crate::socket_kind`]). The name is the policy's word for it; the bit in
+    /// `ENF_SOCKETS` is [`SocketKind::bit`].
+    pub enum SocketKind {
+        /// `SOCK_RAW`, any protocol (needs `CAP_NET_RAW`, which a user namespace gives).
+        Raw = 0 => "raw",
+        /// ICMP / ICMPv6 "ping" datagram sockets (`net.ipv4.ping_group_range`).
+        Icmp = 1 => "icmp",
+        Sctp = 2 => "sctp",
+        UdpLite = 3 => "udplite",
+        /// Any other IP protocol (DCCP, L2TP, SMC over `AF_INET`, ...).
+        Other = 4 => "other",
+    }
+}
+
+impl SocketKind {
+    /// The bit of this kind in an `ENF_SOCKETS` mask.
+    #[inline(always)]
+    pub const fn bit(self) -> u32 {
+        1 << (self as u32)
     }
 }
 
@@ -189,6 +221,7 @@ mod tests {
         check(EventKind::ALL, EventKind::name);
         check(Hook::ALL, Hook::name);
         check(Counter::ALL, Counter::name);
+        check(SocketKind::ALL, SocketKind::name);
         assert_eq!(Verdict::try_from(0), Err(0));
         assert_eq!(Verdict::from_raw(0), Verdict::Deny);
         assert_eq!(Verdict::from_raw(77), Verdict::Deny);
@@ -218,5 +251,14 @@ mod tests {
         assert_eq!(Counter::HoldSkipped as u32, 15);
         assert_eq!(Hook::Sendmsg6 as u32, 4);
         assert_eq!(EventKind::Exit as u32, 4);
+        assert_eq!(
+            [
+                EventKind::Socket as u32,
+                Hook::SockCreate as u32,
+                Counter::SocketRefused as u32
+            ],
+            [6, 5, 12]
+        );
+        assert_eq!(SocketKind::Other.bit(), 16);
     }
 }

@@ -38,6 +38,9 @@ pub const MAP_SCOPES: &str = "ENF_SCOPES";
 pub const MAP_OFFSETS: &str = "ENF_OFFSETS";
 /// Kernel struct offsets of the tamper programs ([`TamperOffsets`]).
 pub const MAP_TAMPER_OFFSETS: &str = "ENF_TAMPEROFF";
+/// (generation, identity) -> socket kinds the identity may create (see [`SocketKey`]).
+pub const MAP_SOCKETS: &str = "ENF_SOCKETS";
+const _: () = assert!(MAP_SOCKETS.len() <= 15);
 
 const _: () = {
     const fn short(s: &str) -> bool {
@@ -63,6 +66,8 @@ pub const MAX_RULES_LIMIT: u32 = 1 << 23;
 /// default); the agent sets the real one at load from `--max-rules`.
 pub const MAX_RULES: u32 = 2 * DEFAULT_MAX_RULES;
 pub const MAX_SCOPES: u32 = 16;
+/// Entries of `ENF_SOCKETS`: identities with a `sockets:` list, both generations.
+pub const MAX_SOCKET_RULES: u32 = 1 << 14;
 /// (executable, cgroup) pairs of unattested traffic kept for the coverage report (LRU: this
 /// is a statistic, never an identity).
 pub const MAX_UNCOVERED: u32 = 4096;
@@ -83,6 +88,18 @@ pub const PROTO_UDP: u8 = 17;
 pub const FAMILY_V4: u8 = 4;
 pub const FAMILY_V6: u8 = 6;
 
+// Socket creation (`cgroup/sock_create`): the kernel's numbers.
+pub const AF_INET: u32 = 2;
+pub const AF_INET6: u32 = 10;
+pub const SOCK_RAW: u32 = 3;
+pub const IPPROTO_ICMP: u32 = 1;
+pub const IPPROTO_TCP: u32 = 6;
+pub const IPPROTO_UDP: u32 = 17;
+pub const IPPROTO_ICMPV6: u32 = 58;
+pub const IPPROTO_SCTP: u32 = 132;
+pub const IPPROTO_UDPLITE: u32 = 136;
+pub const IPPROTO_MPTCP: u32 = 262;
+
 /// Rule id reported when no rule matched (default deny).
 pub const RULE_DEFAULT_DENY: u32 = u32::MAX;
 /// Rule id reported for a decision taken from the `unattested` action.
@@ -95,6 +112,9 @@ pub const RULE_UNTRACKED: u32 = u32::MAX - 3;
 pub const RULE_NO_CONFIG: u32 = u32::MAX - 4;
 /// Rule id reported when the process lost its identity to tampering ([`PROC_TAMPERED`]).
 pub const RULE_TAMPERED: u32 = u32::MAX - 6;
+/// Rule id of a socket creation judged by the identity's `sockets:` list (allowed when it
+/// names the kind, refused otherwise).
+pub const RULE_SOCKET_KIND: u32 = u32::MAX - 7;
 
 /// Number of policy generations kept side by side; see [`Config::active`].
 pub const GENERATIONS: usize = 2;
@@ -176,6 +196,21 @@ pub struct ProcState {
     pub start_ns: u64,
 }
 const _: () = assert!(core::mem::size_of::<ProcState>() == 32);
+
+/// Key of `ENF_SOCKETS`: an identity of one generation. The value (`u32`) holds the bits
+/// ([`SocketKind::bit`]) of the socket kinds its `sockets:` list allows; no entry = none.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default, PartialOrd, Ord)]
+pub struct SocketKey {
+    pub generation: u32,
+    pub ident: u32,
+}
+const _: () = assert!(core::mem::size_of::<SocketKey>() == 8);
+
+/// [`Event::flags`] bit of a connect or send to an address the kernel rewrites (`0.0.0.0`,
+/// `::`, `::ffff:0.0.0.0`): `dst` is the address judged (where it goes), not the one written.
+/// Above every [`ProcState`] flag.
+pub const EVENT_ALIAS: u32 = 1 << 31;
 
 /// Per-generation part of [`Config`].
 #[repr(C)]
@@ -397,6 +432,9 @@ const _: () = assert!(core::mem::size_of::<UncoveredValue>() == 40);
 
 /// One record of the `ENF_EVENTS` ring buffer. For process events `verdict`, `rule`, `dst`,
 /// `port`, `proto`, `family` are zero; for exec, `exe` is the key the kernel saw.
+/// For socket events ([`EventKind::Socket`]): `family` is [`FAMILY_V4`]/[`FAMILY_V6`],
+/// `port` the socket type (`SOCK_*`), `dst[0..4]` the protocol (`u32`, native order: it
+/// may exceed 255) and `dst[4]` the [`SocketKind`]; `proto` is the protocol's low byte.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct Event {
@@ -440,6 +478,7 @@ mod pod {
     unsafe impl aya::Pod for Event {}
     unsafe impl aya::Pod for UncoveredKey {}
     unsafe impl aya::Pod for UncoveredValue {}
+    unsafe impl aya::Pod for SocketKey {}
 }
 
 /// Convert a user-space `st_dev` (glibc encoding) to the kernel's `s_dev` encoding.

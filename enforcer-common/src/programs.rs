@@ -10,6 +10,18 @@ pub enum ProgramKind {
     CgroupSockAddr(Hook),
     /// `BPF_PROG_TYPE_RAW_TRACEPOINT`, attached to a tracepoint by name.
     RawTracepoint(&'static str),
+    /// `BPF_PROG_TYPE_CGROUP_SOCK`, attached to a cgroup at a [`Hook`] (`sock_create`).
+    CgroupSock(Hook),
+}
+
+impl ProgramKind {
+    /// The cgroup hook of a cgroup program (sock_addr or sock), None for a tracepoint.
+    pub const fn cgroup_hook(self) -> Option<Hook> {
+        match self {
+            Self::CgroupSockAddr(h) | Self::CgroupSock(h) => Some(h),
+            Self::RawTracepoint(_) => None,
+        }
+    }
 }
 
 impl ProgramKind {
@@ -18,13 +30,14 @@ impl ProgramKind {
         match self {
             Self::CgroupSockAddr(_) => "cgroup_sock_addr",
             Self::RawTracepoint(_) => "raw_tracepoint",
+            Self::CgroupSock(_) => "cgroup_sock",
         }
     }
 
     /// The ELF section prefix (and `status` label) of the type: `cgroup`, `raw_tracepoint`.
     pub const fn section(self) -> &'static str {
         match self {
-            Self::CgroupSockAddr(_) => "cgroup",
+            Self::CgroupSockAddr(_) | Self::CgroupSock(_) => "cgroup",
             Self::RawTracepoint(_) => "raw_tracepoint",
         }
     }
@@ -32,7 +45,7 @@ impl ProgramKind {
     /// Where it attaches: the cgroup hook (`connect4`) or the tracepoint (`sched_process_exec`).
     pub const fn attach_point(self) -> &'static str {
         match self {
-            Self::CgroupSockAddr(h) => h.name(),
+            Self::CgroupSockAddr(h) | Self::CgroupSock(h) => h.name(),
             Self::RawTracepoint(tp) => tp,
         }
     }
@@ -59,6 +72,7 @@ pub const PROG_EXEC: &str = "enf_exec";
 pub const PROG_EXIT: &str = "enf_exit";
 pub const PROG_TAMPER_IN: &str = "enf_tamper_in";
 pub const PROG_TAMPER_OUT: &str = "enf_tamper_out";
+pub const PROG_SOCK_CREATE: &str = "enf_sock_create";
 
 /// Raw tracepoints the process programs attach to.
 pub const TP_FORK: &str = "sched_process_fork";
@@ -81,11 +95,12 @@ const fn prog(name: &'static str, kind: ProgramKind) -> ProgramSpec {
 }
 
 /// Every program of the production object, socket hooks first.
-pub const PROGRAMS: [ProgramSpec; 9] = [
+pub const PROGRAMS: [ProgramSpec; 10] = [
     prog(PROG_CONNECT4, ProgramKind::CgroupSockAddr(Hook::Connect4)),
     prog(PROG_CONNECT6, ProgramKind::CgroupSockAddr(Hook::Connect6)),
     prog(PROG_SENDMSG4, ProgramKind::CgroupSockAddr(Hook::Sendmsg4)),
     prog(PROG_SENDMSG6, ProgramKind::CgroupSockAddr(Hook::Sendmsg6)),
+    prog(PROG_SOCK_CREATE, ProgramKind::CgroupSock(Hook::SockCreate)),
     prog(PROG_FORK, ProgramKind::RawTracepoint(TP_FORK)),
     prog(PROG_EXEC, ProgramKind::RawTracepoint(TP_EXEC)),
     prog(PROG_EXIT, ProgramKind::RawTracepoint(TP_EXIT)),
@@ -116,11 +131,11 @@ pub fn program_named(name: &str) -> Option<&'static ProgramSpec> {
         .find(|p| p.name.as_bytes() == name.as_bytes())
 }
 
-/// The socket program attached at `hook`.
+/// The cgroup program attached at `hook`.
 pub fn program_for_hook(hook: Hook) -> Option<&'static ProgramSpec> {
     PROGRAMS
         .iter()
-        .find(|p| matches!(p.kind, ProgramKind::CgroupSockAddr(h) if h as u32 == hook as u32))
+        .find(|p| matches!(p.kind.cgroup_hook(), Some(h) if h as u32 == hook as u32))
 }
 
 // ---- the test object (`enforcer-ebpf-test`): never in the production object ----
@@ -157,7 +172,7 @@ mod tests {
             assert_eq!(
                 PROGRAMS
                     .iter()
-                    .filter(|q| q.kind == ProgramKind::CgroupSockAddr(*h))
+                    .filter(|q| q.kind.cgroup_hook() == Some(*h))
                     .count(),
                 1
             );

@@ -3,6 +3,9 @@
 //! * [`probes::sock_addr`]: `enf_connect4/6`, `enf_sendmsg4/6` (cgroup sock_addr) judge each
 //!   connect / unconnected send from the calling process's identity and the compiled rules,
 //!   with the decision function of `enforcer-common`.
+//! * [`probes::sock_create`]: `enf_sock_create` (cgroup sock) refuses at creation the
+//!   sockets the connect hooks never judge (raw, ICMP ping, SCTP, UDP-Lite, other protocols),
+//!   unless the identity's `sockets:` list allows them.
 //! * [`probes::process`]: `enf_fork`, `enf_exec`, `enf_exit` (raw tracepoints) keep process ->
 //!   identity current in the kernel itself, so the identity changes at exec, not when user
 //!   space catches up.

@@ -8,8 +8,8 @@ use aya_ebpf::{
 use enforcer_common::{
     COUNTERS, CgroupValue, Config, Counter, EVENTS_BYTES, ExeId, ExeKey, GENERATIONS, IdMatchKey,
     IdentityMaps, KernelOffsets, MAX_CGROUPS, MAX_EXES, MAX_IDMATCH, MAX_PROCS, MAX_RULES,
-    MAX_SCOPES, MAX_UNCOVERED, ProcState, RuleKeyData, RuleMaps, RuleValue, TamperOffsets,
-    UncoveredKey, UncoveredValue,
+    MAX_SCOPES, MAX_SOCKET_RULES, MAX_UNCOVERED, ProcState, RuleKeyData, RuleMaps, RuleValue,
+    SocketKey, SocketMaps, TamperOffsets, UncoveredKey, UncoveredValue,
 };
 
 const BPF_F_NO_PREALLOC: u32 = 1;
@@ -42,6 +42,9 @@ pub static EVENTS: RingBuf = RingBuf::pinned(EVENTS_BYTES, 0);
 #[map(name = "ENF_UNCOVERED")]
 pub static UNCOVERED: LruHashMap<UncoveredKey, UncoveredValue> =
     LruHashMap::pinned(MAX_UNCOVERED, 0);
+/// (generation, identity) -> socket kinds its `sockets:` list allows.
+#[map(name = "ENF_SOCKETS")]
+pub static SOCKETS: HashMap<SocketKey, u32> = HashMap::pinned(MAX_SOCKET_RULES, 0);
 #[map(name = "ENF_SCOPES")]
 pub static SCOPES: CgroupArray = CgroupArray::pinned(MAX_SCOPES, 0);
 
@@ -100,5 +103,13 @@ impl RuleMaps for KernelMaps {
     #[inline(always)]
     fn prefix(&self, prefix_len: u32, key: &RuleKeyData) -> Option<RuleValue> {
         RULES.get(&Key::new(prefix_len, *key)).copied()
+    }
+}
+
+impl SocketMaps for KernelMaps {
+    #[inline(always)]
+    fn sockets(&self, key: &SocketKey) -> Option<u32> {
+        // SAFETY: as for `cgroup`: copied out at once, inside the RCU read section.
+        unsafe { SOCKETS.get(key) }.copied()
     }
 }

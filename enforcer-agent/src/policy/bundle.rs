@@ -56,6 +56,10 @@ struct IdentityMsg {
     spiffe_id: String,
     #[prost(message, repeated, tag = "3")]
     matches: Vec<MatchMsg>,
+    /// `sockets:` as [`enforcer_common::SocketKind`] bits. An agent that does not know the
+    /// field ignores it and refuses more sockets, never fewer.
+    #[prost(uint32, tag = "4")]
+    sockets: u32,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
@@ -157,6 +161,7 @@ pub fn encode_bundle(policy: &Policy) -> Vec<u8> {
                 .map(|i| IdentityMsg {
                     name: i.name.clone(),
                     spiffe_id: i.spiffe_id.clone(),
+                    sockets: i.sockets,
                     matches: i
                         .matches
                         .iter()
@@ -284,10 +289,20 @@ pub fn decode_bundle(bytes: &[u8]) -> Result<Policy, PolicyError> {
                     .collect(),
             });
         }
+        let known = enforcer_common::SocketKind::ALL
+            .iter()
+            .fold(0, |m, k| m | k.bit());
+        if id.sockets & !known != 0 {
+            return invalid(format!(
+                "identities[{i}] allows unknown socket kinds (bits {:#x})",
+                id.sockets & !known
+            ));
+        }
         identities.push(Identity {
             name: id.name,
             spiffe_id: id.spiffe_id,
             matches,
+            sockets: id.sockets,
         });
     }
     let mut rules = Vec::new();

@@ -3,6 +3,8 @@
 use std::collections::HashMap;
 use std::net::IpAddr;
 
+use enforcer_common::SocketKind;
+
 use ipnet::{IpNet, Ipv4Net};
 
 use super::cgroup_attr::{CgroupAttr, K8S_KEY, label_atom, label_key_problem, label_value_problem};
@@ -23,7 +25,7 @@ const TOP_KEYS: &[&str] = &[
     "identities",
     "rules",
 ];
-const IDENTITY_KEYS: &[&str] = &["name", "spiffeId", "match"];
+const IDENTITY_KEYS: &[&str] = &["name", "spiffeId", "match", "sockets"];
 const MATCH_KEYS: &[&str] = &[
     "binarySha256",
     "binaryPath",
@@ -456,13 +458,18 @@ impl Checker {
                     seen_ids.insert(id.clone(), n.line);
                 }
             }
-            match (name, spiffe_id, matches) {
-                (Some(name), Some(spiffe_id), Some((matches, nodes))) => {
+            let sockets = match f.get("sockets") {
+                Some(n) => self.sockets(n),
+                None => Some(0),
+            };
+            match (name, spiffe_id, matches, sockets) {
+                (Some(name), Some(spiffe_id), Some((matches, nodes)), Some(sockets)) => {
                     out.push(CheckedIdentity {
                         identity: Identity {
                             name,
                             spiffe_id,
                             matches,
+                            sockets,
                         },
                         entry_nodes: nodes,
                     });
@@ -471,6 +478,38 @@ impl Checker {
             }
         }
         (out, ok, numbers)
+    }
+
+    /// `sockets: [raw, icmp, ...]`: the mask of [`SocketKind`] bits.
+    fn sockets(&mut self, node: &Node) -> Option<u32> {
+        let names = || {
+            SocketKind::ALL
+                .iter()
+                .map(|k| k.name())
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let items = self.list(node, "sockets", "`sockets: [icmp]`")?;
+        let mut mask = 0;
+        let mut ok = true;
+        for item in items {
+            let kind = scalar(item).and_then(|v| SocketKind::ALL.iter().find(|k| k.name() == v));
+            match kind {
+                Some(k) => mask |= k.bit(),
+                None => {
+                    self.err(
+                        item,
+                        format!(
+                            "unknown socket kind {}; write one of: {} (TCP, UDP and MPTCP need no entry: their connects are judged by the rules)",
+                            describe(item),
+                            names()
+                        ),
+                    );
+                    ok = false;
+                }
+            }
+        }
+        ok.then_some(mask)
     }
 
     fn spiffe_id(&mut self, node: &Node, trust_domain: Option<&str>) -> Option<String> {

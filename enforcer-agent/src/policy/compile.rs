@@ -314,6 +314,29 @@ fn prefix_eq(a: &[u8; 28], b: &[u8; 28], bits: u32) -> bool {
     (a[full] & mask) == (b[full] & mask)
 }
 
+/// The `ENF_SOCKETS` entries of `policy` in `generation`: one per identity with a `sockets:`
+/// list (identity `i + 1` for `identities[i]`).
+pub fn socket_entries(
+    policy: &super::Policy,
+    generation: u32,
+) -> Vec<(enforcer_common::SocketKey, u32)> {
+    policy
+        .identities
+        .iter()
+        .enumerate()
+        .filter(|(_, id)| id.sockets != 0)
+        .map(|(i, id)| {
+            (
+                enforcer_common::SocketKey {
+                    generation,
+                    ident: i as u32 + 1,
+                },
+                id.sockets,
+            )
+        })
+        .collect()
+}
+
 /// A pure model of `ENF_HOSTS` and the `ENF_RULES` trie holding `entries` (as
 /// [`rule_entries`] gives them): exact match on the hosts, longest match by brute force on the
 /// prefixes.

@@ -15,6 +15,8 @@
 //! - `k8s.podLabels` keys are exact label keys; their values are globs like the other `k8s`
 //!   selectors (`*` matches any characters, `""` only the empty value), and every pair of an
 //!   entry must hold.
+//! - `sockets: [raw, icmp, sctp, udplite, other]` on an identity: socket kinds the connect
+//!   hooks never judge that it may still create (refused at creation otherwise).
 //! - A `cidr` may be a bare address (a host, `/32` or `/128`); an IPv4-mapped IPv6 CIDR
 //!   (`::ffff:a.b.c.d/n`, n >= 96) is stored as the IPv4 CIDR it carries.
 
@@ -29,7 +31,7 @@ mod yaml;
 pub use bundle::{BUNDLE_FORMAT, decode_bundle, encode_bundle, is_bundle, load, policy_hash};
 pub use cgroup_attr::{CgroupAttr, CgroupFacts, systemd_unit};
 pub use check::check;
-pub use compile::{kernel_verdict, rule_entries, rule_entries_of};
+pub use compile::{kernel_verdict, rule_entries, rule_entries_of, socket_entries};
 pub use glob::cgroup_glob_match;
 pub use resolve::{Classes, ProcessFacts, Resolution, resolve};
 
@@ -133,6 +135,9 @@ pub struct Identity {
     pub spiffe_id: String,
     /// Any entry matches (OR).
     pub matches: Vec<MatchEntry>,
+    /// `sockets:` the socket kinds (bits [`enforcer_common::SocketKind::bit`]) the identity
+    /// may create besides TCP, UDP and MPTCP; 0 = none (every other kind refused).
+    pub sockets: u32,
 }
 
 /// One `match` entry: every selector that is non-empty must hold (AND).

@@ -435,6 +435,7 @@ mod tests {
             .map(|i| Identity {
                 name: format!("id{i}"),
                 spiffe_id: format!("spiffe://t/id{i}"),
+                sockets: 0,
                 matches: (0..1 + r.below(3))
                     .map(|_| {
                         let mut e = MatchEntry::default();
@@ -509,16 +510,19 @@ mod tests {
             Identity {
                 name: "a".into(),
                 spiffe_id: "spiffe://t/a".into(),
+                sockets: 0,
                 matches: vec![e(false, true, true)],
             },
             Identity {
                 name: "b".into(),
                 spiffe_id: "spiffe://t/b".into(),
+                sockets: 0,
                 matches: vec![e(true, false, false)],
             },
             Identity {
                 name: "c".into(),
                 spiffe_id: "spiffe://t/c".into(),
+                sockets: 0,
                 matches: vec![e(true, false, false)],
             },
         ];
@@ -673,6 +677,7 @@ mod tests {
         p.identities = vec![Identity {
             name: "web".into(),
             spiffe_id: "spiffe://t/ns/prod/sa/api".into(),
+            sockets: 0,
             matches: vec![MatchEntry {
                 binary_sha256: vec![h(1)],
                 k8s_namespace: vec!["prod".into()],
@@ -764,6 +769,7 @@ mod tests {
         p.identities.push(Identity {
             name: "any-prod".into(),
             spiffe_id: "spiffe://t/any-prod".into(),
+            sockets: 0,
             matches: vec![MatchEntry {
                 binary_sha256: vec![h(1)],
                 k8s_namespace: vec!["p*".into()],

@@ -2,4 +2,5 @@
 
 pub mod process;
 pub mod sock_addr;
+pub mod sock_create;
 pub mod tamper;

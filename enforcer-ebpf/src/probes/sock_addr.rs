@@ -7,8 +7,9 @@ use aya_ebpf::{
     programs::SockAddrContext,
 };
 use enforcer_common::{
-    Basis, Counter, Event, EventKind, ExeKey, Hook, ProcState, RuleKeyData, UncoveredKey,
-    UncoveredValue, Verdict, decide, destination_v4, destination_v6,
+    Basis, Counter, EVENT_ALIAS, Event, EventKind, ExeKey, Hook, ProcState, RuleKeyData,
+    UncoveredKey, UncoveredValue, Verdict, decide, destination_v4_from, destination_v6_from,
+    unspecified_v4, unspecified_v6,
 };
 
 use crate::maps::{CONFIG, EVENTS, KernelMaps, PROCS, UNCOVERED, count, now_ns, tgid};
@@ -36,29 +37,74 @@ pub fn enf_sendmsg6(ctx: SockAddrContext) -> i32 {
     try_sock_addr(&ctx, Hook::Sendmsg6)
 }
 
-/// Destination of a sock_addr call, IPv4-mapped IPv6 folded to IPv4.
+/// The IPv4 source a send to `0.0.0.0` goes to: the one the send asks for (sendmsg4, e.g.
+/// `IP_PKTINFO`), else the address the socket is bound to; zero when it has none (the kernel
+/// then picks loopback). Read only for an unspecified destination.
 #[inline(always)]
-fn destination(sa: *const bpf_sock_addr, hook: Hook) -> RuleKeyData {
+fn source_v4(sa: *const bpf_sock_addr, hook: Hook) -> [u8; 4] {
+    // SAFETY: context loads the verifier allows for this hook: `msg_src_ip4` in sendmsg4
+    // only, and `sk` (a socket pointer the kernel guarantees) then its `src_ip4`.
+    unsafe {
+        if matches!(hook, Hook::Sendmsg4) {
+            let m = core::ptr::read_volatile(&raw const (*sa).msg_src_ip4);
+            if m != 0 {
+                return m.to_ne_bytes();
+            }
+        }
+        let sk = (*sa).__bindgen_anon_1.sk;
+        if sk.is_null() {
+            return [0; 4];
+        }
+        core::ptr::read_volatile(&raw const (*sk).src_ip4).to_ne_bytes()
+    }
+}
+
+/// Destination of a sock_addr call as the address it reaches (IPv4-mapped IPv6 folded to
+/// IPv4, unspecified addresses to where the kernel sends them), and whether it was rewritten.
+#[inline(always)]
+fn destination(sa: *const bpf_sock_addr, hook: Hook) -> (RuleKeyData, bool) {
     // SAFETY: `sa` is the context the kernel gave us; these are 4-byte context loads of
     // fields the hook's address family may read.
     unsafe {
         let proto = (*sa).protocol as u8;
         let port = u16::from_be((*sa).user_port as u16);
         if hook.is_v4() {
-            destination_v4(proto, port, (*sa).user_ip4.to_ne_bytes())
+            let a = (*sa).user_ip4.to_ne_bytes();
+            if unspecified_v4(a) {
+                let src = source_v4(sa, hook);
+                return (destination_v4_from(proto, port, a, src), true);
+            }
+            (destination_v4_from(proto, port, a, [0; 4]), false)
         } else {
             let mut a = [0u8; 16];
             a[0..4].copy_from_slice(&(*sa).user_ip6[0].to_ne_bytes());
             a[4..8].copy_from_slice(&(*sa).user_ip6[1].to_ne_bytes());
             a[8..12].copy_from_slice(&(*sa).user_ip6[2].to_ne_bytes());
             a[12..16].copy_from_slice(&(*sa).user_ip6[3].to_ne_bytes());
-            destination_v6(proto, port, a)
+            if unspecified_v6(a) {
+                // `::ffff:0.0.0.0` goes to the socket's IPv4 source when it has a real one
+                // (a dual-stack socket bound to `::ffff:a.b.c.d`).
+                let sk = (*sa).__bindgen_anon_1.sk;
+                let src = if sk.is_null() || a[10] != 0xff {
+                    [0; 4]
+                } else {
+                    let s6 = &raw const (*sk).src_ip6;
+                    let w = |i: usize| core::ptr::read_volatile(&raw const (*s6)[i]);
+                    if w(0) == 0 && w(1) == 0 && w(2) == u32::from_be(0xffff) {
+                        w(3).to_ne_bytes()
+                    } else {
+                        [0; 4]
+                    }
+                };
+                return (destination_v6_from(proto, port, a, src), true);
+            }
+            (destination_v6_from(proto, port, a, [0; 4]), false)
         }
     }
 }
 
 fn try_sock_addr(ctx: &SockAddrContext, hook: Hook) -> i32 {
-    let dst = destination(ctx.sock_addr, hook);
+    let (dst, alias) = destination(ctx.sock_addr, hook);
     let pid = tgid();
     let Some(cfg) = CONFIG.get(0) else {
         count(Counter::NoConfig);
@@ -88,7 +134,7 @@ fn try_sock_addr(ctx: &SockAddrContext, hook: Hook) -> i32 {
         let flags = match proc_ {
             Some(p) => p.flags,
             None => 0,
-        };
+        } | if alias { EVENT_ALIAS } else { 0 };
         report_connect(pid, hook, d.ident, d.verdict, d.rule, flags, &dst);
     }
     if matches!(d.verdict, Verdict::Deny) {

@@ -449,6 +449,7 @@ fn bench_policy(scope: &str, worker_sha: [u8; 32], l: &Listeners, rules: u64) ->
     let mut identities = vec![Identity {
         name: "worker".into(),
         spiffe_id: "spiffe://bench.local/worker".into(),
+        sockets: 0,
         matches: vec![MatchEntry {
             binary_sha256: vec![worker_sha],
             ..Default::default()
@@ -458,6 +459,7 @@ fn bench_policy(scope: &str, worker_sha: [u8; 32], l: &Listeners, rules: u64) ->
         identities.push(Identity {
             name: format!("id{i}"),
             spiffe_id: format!("spiffe://bench.local/id{i}"),
+            sockets: 0,
             matches: vec![MatchEntry {
                 binary_sha256: vec![fake_sha(i)],
                 ..Default::default()

@@ -14,6 +14,11 @@
 //!   enf-probe listen ADDR:PORT SECS  a TCP listener, accepting for SECS seconds
 //!   enf-probe gate CMD...            wait for a byte (or EOF) on stdin, then run CMD: the test
 //!                                    opens the gate once the agent is up (never a fixed delay)
+//!   enf-probe socket FAMILY TYPE PROTO
+//!                                    socket(FAMILY, TYPE, PROTO) (numbers), then close it
+//!   enf-probe unshare-net CMD...     a new user and network namespace (as an unprivileged
+//!                                    user gets CAP_NET_RAW in it), uid 0 mapped to the
+//!                                    caller, ICMP ping sockets allowed for it, then run CMD
 //!   enf-probe sleep SECS             sleep (a process to inspect)
 //!   enf-probe pause                  wait for SIGTERM or SIGINT, then exit 0 (the node suite's
 //!                                    pod sandbox process, as Kubernetes' pause)
@@ -414,6 +419,40 @@ fn run(args: &[String]) -> i32 {
         "victim" => victim(args),
         "poke-mem" | "poke-vm" | "poke-ptrace" => poke(args),
         "steal-fd" => steal_fd(args),
+        "socket" => {
+            let n = |i: usize| -> i32 { args.get(i).and_then(|a| a.parse().ok()).unwrap_or(-1) };
+            // SAFETY: socket(2) with plain integers; the fd is closed at once.
+            let fd = unsafe { libc::socket(n(1), n(2), n(3)) };
+            if fd < 0 {
+                let e = std::io::Error::last_os_error();
+                eprintln!("enf-probe: socket({} {} {}): {e}", n(1), n(2), n(3));
+                return code(&e);
+            }
+            // SAFETY: our own fd.
+            unsafe { libc::close(fd) };
+            0
+        }
+        "unshare-net" => {
+            // SAFETY: getuid/getgid have no preconditions.
+            let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+            // SAFETY: unshare(2) of this single-threaded process.
+            if unsafe { libc::unshare(libc::CLONE_NEWUSER | libc::CLONE_NEWNET) } != 0 {
+                eprintln!("enf-probe: unshare: {}", std::io::Error::last_os_error());
+                return 2;
+            }
+            let _ = std::fs::write("/proc/self/setgroups", "deny");
+            let maps = std::fs::write("/proc/self/uid_map", format!("0 {uid} 1"))
+                .and_then(|()| std::fs::write("/proc/self/gid_map", format!("0 {gid} 1")));
+            if let Err(e) = maps {
+                eprintln!("enf-probe: writing the id maps: {e}");
+                return 2;
+            }
+            // ICMP ping sockets for our group in this network namespace (its own sysctl).
+            if let Err(e) = std::fs::write("/proc/sys/net/ipv4/ping_group_range", "0 0") {
+                eprintln!("enf-probe: ping_group_range: {e}");
+            }
+            run(&args[1..])
+        }
         "sleep" => {
             let secs = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(60);
             std::thread::sleep(Duration::from_secs(secs));

@@ -616,3 +616,38 @@ fn k8s_overlaps() {
         }
     }
 }
+
+#[test]
+fn sockets_list() {
+    let src = with_head(
+        "identities:\n  - name: a\n    match:\n      - uid: [1]\n    sockets: [icmp, raw, udplite]\n  - name: b\n    match:\n      - uid: [2]\n",
+    );
+    let (p, w) = ok(&src);
+    assert!(w.is_empty(), "{w:?}");
+    use enforcer_common::SocketKind;
+    assert_eq!(
+        p.identities[0].sockets,
+        SocketKind::Icmp.bit() | SocketKind::Raw.bit() | SocketKind::UdpLite.bit()
+    );
+    assert_eq!(p.identities[1].sockets, 0);
+    let entries = crate::policy::socket_entries(&p, 1);
+    assert_eq!(entries.len(), 1);
+    assert_eq!(entries[0].0.ident, 1);
+    // A bundle keeps the list.
+    let back = crate::policy::decode_bundle(&crate::policy::encode_bundle(&p));
+    assert_eq!(
+        back.map(|b| b.identities[0].sockets),
+        Ok(p.identities[0].sockets)
+    );
+    let d = errors(&with_head(
+        "identities:\n  - name: a\n    match:\n      - uid: [1]\n    sockets: [icmp, tcp]\n",
+    ));
+    assert!(
+        has(&d, 8, 21, Severity::Error, "unknown socket kind"),
+        "{d:#?}"
+    );
+    let d = errors(&with_head(
+        "identities:\n  - name: a\n    match:\n      - uid: [1]\n    sockets: icmp\n",
+    ));
+    assert!(has(&d, 8, 14, Severity::Error, "must be a list"), "{d:#?}");
+}

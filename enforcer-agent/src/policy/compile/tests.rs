@@ -62,6 +62,7 @@ fn policy_with(rules: Vec<Rule>, idents: usize) -> Policy {
             .map(|i| Identity {
                 name: format!("i{i}"),
                 spiffe_id: format!("spiffe://t/i{i}"),
+                sockets: 0,
                 matches: vec![MatchEntry {
                     uid: vec![u32::try_from(i).unwrap_or(0)],
                     ..MatchEntry::default()
