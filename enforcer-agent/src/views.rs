@@ -51,7 +51,11 @@ impl View<'_> {
             dst: dst.to_string(),
             port: ev.port.into(),
             protocol: protocol_name(ev.proto).to_string(),
-            rule: self.in_force.rule_text(ev.rule),
+            rule: if ev.rule == RULE_WITHHELD {
+                withheld_reason(self.procs, ev.tgid)
+            } else {
+                self.in_force.rule_text(ev.rule)
+            },
             time_ns: ev.ktime_ns,
         }
     }
@@ -280,10 +284,9 @@ impl View<'_> {
                 let pod = self.pods.for_cgroup(&t.cgroup);
                 let res =
                     exe.map(|e| policy::resolve(&self.in_force.policy, &t.facts(e, pod.as_ref())));
-                let pending = self
-                    .kernel
-                    .process(pid)
-                    .is_some_and(|s| s.flags & PROC_PENDING != 0);
+                let kflags = self.kernel.process(pid).map_or(0, |s| s.flags);
+                let pending = kflags & PROC_PENDING != 0;
+                let withheld = kflags & PROC_WITHHELD != 0;
                 api::Process {
                     pid,
                     exe: exe.map(|e| e.path.clone()),
@@ -293,11 +296,15 @@ impl View<'_> {
                     gid: t.gid,
                     identity: res
                         .as_ref()
+                        .filter(|_| !withheld)
                         .and_then(|r| self.in_force.identity_name(r.ident))
                         .map(str::to_string),
-                    reason: res
-                        .map(|r| r.reason)
-                        .unwrap_or_else(|| "executable not hashed".into()),
+                    reason: if withheld {
+                        withheld_reason(self.procs, pid)
+                    } else {
+                        res.map(|r| r.reason)
+                            .unwrap_or_else(|| "executable not hashed".into())
+                    },
                     pending,
                     pod: pod.map(|m| format!("{}/{}/{}", m.namespace, m.pod_name, m.container)),
                 }
@@ -401,4 +408,13 @@ fn program_label(attach: &str) -> String {
 /// The name of a verdict read back from the kernel (anything unknown is a deny).
 fn verdict_name(v: u32) -> &'static str {
     Verdict::from_raw(v).name()
+}
+
+/// What the user reads for a process whose identity is withheld: the loader variable found
+/// at its exec (`withheld: LD_PRELOAD`).
+fn withheld_reason(procs: &ProcessTable, pid: u32) -> String {
+    format!(
+        "withheld: {}",
+        procs.withheld(pid).unwrap_or("loader environment")
+    )
 }

@@ -142,6 +142,8 @@ abi_enum! {
         ExecKnown = 9 => "exec_known",
         ExecPending = 10 => "exec_pending",
         NoConfig = 11 => "no_config",
+        /// Execs whose identity was withheld (loader environment).
+        Withheld = 13 => "withheld",
     }
 }
 

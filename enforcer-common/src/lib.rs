@@ -8,10 +8,12 @@
 
 mod decide;
 mod kinds;
+mod loader_env;
 mod programs;
 
 pub use decide::*;
 pub use kinds::*;
+pub use loader_env::*;
 pub use programs::*;
 
 /// Version of this ABI. Checked at load against the kernel object's `ENF_ABI` global and used
@@ -90,6 +92,9 @@ pub const RULE_PENDING: u32 = u32::MAX - 2;
 pub const RULE_UNTRACKED: u32 = u32::MAX - 3;
 /// Rule id reported when the configuration slot is missing: fail closed.
 pub const RULE_NO_CONFIG: u32 = u32::MAX - 4;
+/// Rule id reported when the process's identity is withheld: its environment asks the loader
+/// or a runtime to load code ([`LOADER_ENV`]), see [`PROC_WITHHELD`].
+pub const RULE_WITHHELD: u32 = u32::MAX - 5;
 
 /// Number of policy generations kept side by side; see [`Config::active`].
 pub const GENERATIONS: usize = 2;
@@ -145,6 +150,16 @@ pub const PROC_PENDING: u32 = 1;
 pub const PROC_HELD: u32 = 2;
 /// Attested by the agent from /proc (not resolved by the kernel at exec).
 pub const PROC_AGENT: u32 = 4;
+/// The exec's environment asks the loader or a runtime to load code ([`LOADER_ENV`]), or could
+/// not be read in full: the process has no identity (judged as unattested, rule
+/// [`RULE_WITHHELD`]) unless the agent grants the loaded code (`preload:`) and clears the flag.
+/// Kept across fork, replaced at the next exec.
+pub const PROC_WITHHELD: u32 = 8;
+
+/// `aux` of an exec event whose identity was withheld because the environment could not be
+/// read in full (a fault, or more than [`MAX_ENV_VARS`] strings). Otherwise `aux` of an exec
+/// event is `1 + index` in [`LOADER_ENV`] of the first variable found, or 0.
+pub const WITHHELD_UNREADABLE: u32 = u32::MAX;
 
 /// Value of `ENF_PROCS` (key: tgid, `u32`): the facts of a process as of its last exec.
 /// Written by the kernel at fork (copied from the parent) and exec, removed at exit; written by
@@ -239,8 +254,12 @@ pub struct KernelOffsets {
     pub signal_live: u32,
     /// `task_struct.start_boottime` (u64 ns)
     pub task_start_boottime: u32,
+    /// `task_struct.mm` and `mm_struct.start_stack` (the new program's initial stack:
+    /// argc, argv pointers, NULL, envp pointers, NULL) for the loader-environment check.
+    pub task_mm: u32,
+    pub mm_start_stack: u32,
 }
-const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 64);
+const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 72);
 
 /// Data of an `ENF_RULES` LPM-trie key (after the 4-byte prefix length). The first
 /// [`RULE_FIXED_BITS`] bits are always matched in full; the address follows, IPv4 in its
