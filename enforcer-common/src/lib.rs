@@ -38,6 +38,9 @@ pub const MAP_COUNTERS: &str = "ENF_COUNTERS";
 pub const MAP_EVENTS: &str = "ENF_EVENTS";
 pub const MAP_SCOPES: &str = "ENF_SCOPES";
 pub const MAP_OFFSETS: &str = "ENF_OFFSETS";
+/// Array (`ENV_SLOTS` entries of [`EnvSlot`]): [`ENV_TABLE`], filled by the agent before it
+/// attaches the programs.
+pub const MAP_LOADENV: &str = "ENF_LOADENV";
 
 const _: () = {
     const fn short(s: &str) -> bool {
@@ -377,6 +380,7 @@ mod pod {
     unsafe impl aya::Pod for Event {}
     unsafe impl aya::Pod for UncoveredKey {}
     unsafe impl aya::Pod for UncoveredValue {}
+    unsafe impl aya::Pod for EnvSlot {}
 }
 
 /// Convert a user-space `st_dev` (glibc encoding) to the kernel's `s_dev` encoding.

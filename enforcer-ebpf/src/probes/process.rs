@@ -12,10 +12,12 @@ use aya_ebpf::{
 use enforcer_common::{
     Config, Counter, ENV_PREFIX, EXE_UNKNOWN, EnvPrefix, Event, EventKind, ExeKey, KernelOffsets,
     MAX_ENV_VARS, MAX_SCOPES, Mode, PROC_HELD, PROC_PENDING, PROC_WITHHELD, ProcState,
-    WITHHELD_UNREADABLE, loader_var,
+    WITHHELD_UNREADABLE, loader_var_in,
 };
 
-use crate::maps::{CGROUPS, CONFIG, EVENTS, EXES, OFFSETS, PROCS, SCOPES, count, now_ns, tgid};
+use crate::maps::{
+    CGROUPS, CONFIG, EVENTS, EXES, LOADENV, OFFSETS, PROCS, SCOPES, count, now_ns, tgid,
+};
 
 const SIGSTOP: u32 = 19;
 const NSEC_MASK: u32 = 0x3fff_ffff;
@@ -206,7 +208,7 @@ fn scan_env(o: Option<&KernelOffsets>) -> u32 {
         if n < 0 {
             return WITHHELD_UNREADABLE;
         }
-        let found = loader_var(&buf);
+        let found = loader_var_in(&buf, &|i| LOADENV.get(i));
         if found != 0 {
             return found;
         }
