@@ -15,7 +15,7 @@ use std::path::{Component, Path, PathBuf};
 use std::sync::OnceLock;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use enforcer_common::{ExeKey, kernel_dev};
+use enforcer_common::{EnvPrefix, ExeKey, kernel_dev, loader_var, loader_var_name};
 use sha2::{Digest, Sha256};
 
 /// Size of the read buffer used while hashing.
@@ -612,6 +612,26 @@ pub fn attest_pid(cache: &mut HashCache, pid: u32) -> Result<Facts, AttestError>
         start_ticks: start,
         cacheable: hashed.cacheable,
     })
+}
+
+/// Why a process's identity is withheld by its environment (SECURITY.md guarantee 3): the
+/// first [`enforcer_common::LOADER_ENV`] variable in `environ` (the bytes of
+/// `/proc/PID/environ`), or `None` when there is none.
+pub fn loader_env_in(environ: &[u8]) -> Option<&'static str> {
+    environ
+        .split(|b| *b == 0)
+        .map(|s| loader_var(&EnvPrefix::from_bytes(s)))
+        .find(|f| *f != 0)
+        .and_then(loader_var_name)
+}
+
+/// [`loader_env_in`] of a live process. An environment that cannot be read withholds too
+/// (`Some("environment not readable")`): never trust what was not seen.
+pub fn loader_env(pid: u32) -> Option<&'static str> {
+    match fs::read(proc_path(pid, "environ")) {
+        Ok(env) => loader_env_in(&env),
+        Err(_) => Some("environment not readable"),
+    }
 }
 
 /// All thread-group leaders in `/proc`, without kernel threads and zombies (no executable).

@@ -98,6 +98,7 @@ fn offsets_with(r: &Resolver<'_>) -> Result<KernelOffsets, BtfError> {
     let sb = r.strukt("super_block")?;
     let task = r.strukt("task_struct")?;
     let signal = r.strukt("signal_struct")?;
+    let mm = r.strukt("mm_struct")?;
 
     let (mtime_sec, mtime_nsec) = r.timestamp(&inode, "mtime")?;
     let (ctime_sec, ctime_nsec) = r.timestamp(&inode, "ctime")?;
@@ -119,6 +120,8 @@ fn offsets_with(r: &Resolver<'_>) -> Result<KernelOffsets, BtfError> {
         task_signal: r.offset(&task, "signal", &ptr)?,
         signal_live: r.offset(&signal, "live", &[4])?,
         task_start_boottime: r.offset(&task, "start_boottime", &[8])?,
+        task_mm: r.offset(&task, "mm", &ptr)?,
+        mm_start_stack: r.offset(&mm, "start_stack", &[8])?,
     })
 }
 
@@ -469,6 +472,8 @@ mod tests {
             ("task_signal", o.task_signal),
             ("signal_live", o.signal_live),
             ("task_start_boottime", o.task_start_boottime),
+            ("task_mm", o.task_mm),
+            ("mm_start_stack", o.mm_start_stack),
         ] {
             assert_ne!(v, 0, "{name} should not be at offset 0: {o:?}");
         }

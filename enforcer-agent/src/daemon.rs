@@ -466,11 +466,27 @@ impl Agent {
             .process(pid)
             .is_some_and(|s| s.flags & PROC_TAMPERED != 0)
             || attest::traced(pid);
+        // The loader-environment check (SECURITY.md guarantee 3): what the kernel saw at
+        // exec stays, and what /proc shows now adds to it; never cleared here.
+        let withheld = ev.is_some_and(|e| e.flags & PROC_WITHHELD != 0)
+            || self
+                .kernel
+                .process(pid)
+                .is_some_and(|s| s.flags & PROC_WITHHELD != 0)
+            || {
+                let found = attest::loader_env(pid);
+                if found.is_some() && self.procs.withheld(pid).is_none() {
+                    self.procs.set_withheld(pid, found);
+                }
+                found.is_some()
+            };
         let st = ProcState {
             exe_id,
             uid: facts.uid,
             cgroup_id,
-            flags: PROC_AGENT | if tampered { PROC_TAMPERED } else { 0 },
+            flags: PROC_AGENT
+                | if tampered { PROC_TAMPERED } else { 0 }
+                | if withheld { PROC_WITHHELD } else { 0 },
             _pad0: 0,
             start_ns: ev.map(|e| e.start_ns).unwrap_or(0),
         };
@@ -833,6 +849,11 @@ impl Agent {
 
     fn on_exec(&mut self, ev: &Event) {
         let pid = ev.tgid;
+        let withheld = (ev.flags & PROC_WITHHELD != 0).then(|| match ev.aux {
+            WITHHELD_UNREADABLE => "environment not readable in full",
+            found => loader_var_name(found).unwrap_or("loader environment"),
+        });
+        self.procs.set_withheld(pid, withheld);
         if ev.flags & PROC_PENDING == 0 {
             let exe_id = ev.ident;
             match self.exes.contains(exe_id) {

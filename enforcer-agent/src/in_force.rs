@@ -5,7 +5,7 @@ use std::collections::{BTreeSet, HashSet};
 
 use enforcer_common::{
     IdMatchKey, RULE_DEFAULT_DENY, RULE_NO_CONFIG, RULE_PENDING, RULE_SOCKET_KIND, RULE_TAMPERED,
-    RULE_UNATTESTED, RULE_UNTRACKED,
+    RULE_UNATTESTED, RULE_UNTRACKED, RULE_WITHHELD,
 };
 
 use crate::{
@@ -49,6 +49,7 @@ impl InForce {
             RULE_DEFAULT_DENY => "default deny (no egress entry matches)".to_string(),
             RULE_UNATTESTED => "unattested".to_string(),
             RULE_PENDING => "pending attestation".to_string(),
+            RULE_WITHHELD => "withheld: loader environment".to_string(),
             RULE_UNTRACKED => "untracked process".to_string(),
             RULE_NO_CONFIG => "no policy loaded".to_string(),
             RULE_TAMPERED => "tampered (no identity until it execs again untraced)".to_string(),

@@ -278,6 +278,14 @@ impl Kernel {
             sockets: take(&mut ebpf, MAP_SOCKETS)?,
         };
         let events = Some(take(&mut ebpf, MAP_EVENTS)?);
+        // The loader-environment table (SECURITY.md guarantee 3), before any program is
+        // attached; the same content at every start, so a takeover rewrites it unchanged.
+        let mut loadenv: Array<MapData, EnvSlot> = take(&mut ebpf, MAP_LOADENV)?;
+        for (i, slot) in ENV_TABLE.iter().enumerate() {
+            loadenv
+                .set(i as u32, slot, 0)
+                .map_err(op(format!("writing map {MAP_LOADENV}")))?;
+        }
         let mut k = Self {
             ebpf,
             pin_dir: pin_dir.to_path_buf(),

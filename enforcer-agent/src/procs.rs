@@ -20,6 +20,9 @@ pub struct Tracked {
 #[derive(Default)]
 pub struct ProcessTable {
     procs: HashMap<u32, Tracked>,
+    /// Why the identity of a process is withheld (the loader variable the kernel or the
+    /// agent found at its exec), for events and `identities`.
+    withheld: HashMap<u32, &'static str>,
 }
 
 impl Tracked {
@@ -51,10 +54,28 @@ impl ProcessTable {
         if let Some(t) = self.procs.get(&parent).cloned() {
             self.procs.insert(child, t);
         }
+        match self.withheld.get(&parent).copied() {
+            Some(r) => self.withheld.insert(child, r),
+            None => self.withheld.remove(&child),
+        };
     }
 
     pub fn exit(&mut self, pid: u32) {
         self.procs.remove(&pid);
+        self.withheld.remove(&pid);
+    }
+
+    /// Records (or clears, with `None`) why the identity of `pid` is withheld since its exec.
+    pub fn set_withheld(&mut self, pid: u32, reason: Option<&'static str>) {
+        match reason {
+            Some(r) => self.withheld.insert(pid, r),
+            None => self.withheld.remove(&pid),
+        };
+    }
+
+    /// Why the identity of `pid` is withheld, when the agent saw it.
+    pub fn withheld(&self, pid: u32) -> Option<&'static str> {
+        self.withheld.get(&pid).copied()
     }
 
     pub fn iter(&self) -> impl Iterator<Item = (u32, &Tracked)> {

@@ -43,7 +43,11 @@ impl View<'_> {
             uid: ev.uid,
             identity: self.in_force.identity_name(ev.ident).map(str::to_string),
             verdict: verdict_name(ev.verdict).to_string(),
-            rule: self.in_force.rule_text(ev.rule),
+            rule: if ev.rule == RULE_WITHHELD {
+                withheld_reason(self.procs, ev.tgid)
+            } else {
+                self.in_force.rule_text(ev.rule)
+            },
             time_ns: ev.ktime_ns,
             ..Default::default()
         };
@@ -358,6 +362,7 @@ impl View<'_> {
                 let kflags = self.kernel.process(pid).map_or(0, |s| s.flags);
                 let pending = kflags & PROC_PENDING != 0;
                 let tampered = kflags & PROC_TAMPERED != 0;
+                let withheld = kflags & PROC_WITHHELD != 0;
                 api::Process {
                     pid,
                     exe: exe.map(|e| e.path.clone()),
@@ -367,10 +372,11 @@ impl View<'_> {
                     gid: t.gid,
                     identity: res
                         .as_ref()
-                        .filter(|_| !tampered)
+                        .filter(|_| !tampered && !withheld)
                         .and_then(|r| self.in_force.identity_name(r.ident))
                         .map(str::to_string),
                     reason: match res {
+                        _ if withheld => withheld_reason(self.procs, pid),
                         Some(r) if tampered => format!(
                             "tampered: traced, memory written or descriptors taken by another process; no identity until it execs again untraced (would be: {})",
                             r.reason
@@ -544,4 +550,13 @@ fn ip_protocol_name(p: u32) -> String {
 
 fn verdict_name(v: u32) -> &'static str {
     Verdict::from_raw(v).name()
+}
+
+/// What the user reads for a process whose identity is withheld: the loader variable found
+/// at its exec (`withheld: LD_PRELOAD`).
+fn withheld_reason(procs: &ProcessTable, pid: u32) -> String {
+    format!(
+        "withheld: {}",
+        procs.withheld(pid).unwrap_or("loader environment")
+    )
 }

@@ -11,9 +11,9 @@ use crate::{
     AF_INET, AF_INET6, ANY, Action, BIN_NONE, CG_NONE, CgroupValue, Config, Counter, FAMILY_V4,
     FAMILY_V6, GenConfig, IDENT_NONE, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_MPTCP, IPPROTO_SCTP,
     IPPROTO_TCP, IPPROTO_UDP, IPPROTO_UDPLITE, IdMatchKey, MAX_EXES, Mode, PROC_PENDING,
-    PROC_TAMPERED, ProcState, RULE_DEFAULT_DENY, RULE_NO_CONFIG, RULE_PENDING, RULE_SOCKET_KIND,
-    RULE_TAMPERED, RULE_UNATTESTED, RULE_UNTRACKED, RuleKeyData, RuleValue, SOCK_RAW, SocketKey,
-    SocketKind, Verdict, host_prefix_len,
+    PROC_TAMPERED, PROC_WITHHELD, ProcState, RULE_DEFAULT_DENY, RULE_NO_CONFIG, RULE_PENDING,
+    RULE_SOCKET_KIND, RULE_TAMPERED, RULE_UNATTESTED, RULE_UNTRACKED, RULE_WITHHELD, RuleKeyData,
+    RuleValue, SOCK_RAW, SocketKey, SocketKind, Verdict, host_prefix_len,
 };
 
 /// Index of `ENF_BINCLASS` holding the binary class of executable `exe_id` in `generation`.
@@ -143,6 +143,9 @@ pub enum Basis {
     Pending,
     /// The process has no identity: the `unattested` action decided.
     Unattested,
+    /// The process's identity is withheld (loader environment, [`crate::PROC_WITHHELD`]):
+    /// judged as unattested, reported with [`crate::RULE_WITHHELD`].
+    Withheld,
     /// A rule entry (or the default deny) decided.
     Rule,
 }
@@ -156,6 +159,7 @@ impl Basis {
             Self::Untracked => Some(Counter::Untracked),
             Self::Pending => Some(Counter::Pending),
             Self::Unattested => Some(Counter::Unattested),
+            Self::Withheld => Some(Counter::Withheld),
             Self::Rule => None,
         }
     }
@@ -170,6 +174,16 @@ impl Verdict {
             Self::Deny => Counter::Deny,
             Self::Audit => Counter::Audit,
         }
+    }
+}
+
+/// The verdict of the `unattested` action (anything unknown denies).
+#[inline(always)]
+fn unattested_verdict(g: &GenConfig) -> Verdict {
+    match Action::from_u32(g.unattested) {
+        Some(Action::Allow) => Verdict::Allow,
+        Some(Action::Audit) => Verdict::Audit,
+        _ => Verdict::Deny,
     }
 }
 
@@ -223,14 +237,13 @@ fn judge_process<M: IdentityMaps>(maps: &M, cfg: &Config, proc_: Option<&ProcSta
     match proc_ {
         None => done(Verdict::Deny, RULE_UNTRACKED, Basis::Untracked),
         Some(p) if p.flags & PROC_PENDING != 0 => done(Verdict::Deny, RULE_PENDING, Basis::Pending),
+        Some(p) if p.flags & PROC_WITHHELD != 0 => {
+            done(unattested_verdict(g), RULE_WITHHELD, Basis::Withheld)
+        }
         Some(p) => {
             let ident = identity(maps, g, generation, p);
             if ident == IDENT_NONE {
-                let verdict = match Action::from_u32(g.unattested) {
-                    Some(Action::Allow) => Verdict::Allow,
-                    Some(Action::Audit) => Verdict::Audit,
-                    _ => Verdict::Deny,
-                };
+                let verdict = unattested_verdict(g);
                 let rule = if p.flags & PROC_TAMPERED != 0 {
                     RULE_TAMPERED
                 } else {
@@ -625,6 +638,17 @@ mod tests {
         let allow_unattested = cfg(Mode::Enforce, Action::Allow);
         let d = decide(&m, &allow_unattested, Some(&tampered), &dst);
         assert_eq!((d.verdict, d.rule), (Verdict::Allow, RULE_TAMPERED));
+        // A withheld process has no identity even though its facts name one.
+        let mut withheld = proc_(7, 0, 100);
+        withheld.flags = PROC_WITHHELD;
+        let d = decide(&m, &enforce, Some(&withheld), &dst);
+        assert_eq!(
+            (d.verdict, d.ident, d.rule, d.basis),
+            (Verdict::Deny, IDENT_NONE, RULE_WITHHELD, Basis::Withheld)
+        );
+        let allow_unattested = cfg(Mode::Enforce, Action::Allow);
+        let d = decide(&m, &allow_unattested, Some(&withheld), &dst);
+        assert_eq!((d.verdict, d.rule), (Verdict::Allow, RULE_WITHHELD));
         let audit_unattested = cfg(Mode::Enforce, Action::Audit);
         let d = decide(&m, &audit_unattested, Some(&proc_(9, 0, 100)), &dst);
         assert_eq!(d.verdict, Verdict::Audit);

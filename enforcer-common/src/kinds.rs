@@ -152,6 +152,8 @@ abi_enum! {
         NoConfig = 11 => "no_config",
         /// Sockets refused at creation (raw, ICMP ping, SCTP, UDP-Lite, other protocols).
         SocketRefused = 12 => "socket_refused",
+        /// Execs whose identity was withheld (loader environment).
+        Withheld = 13 => "withheld",
         /// Processes marked tampered (a target with an entry in `ENF_PROCS`).
         Tampered = 14 => "tampered",
         /// A never-seen exec in an enforced scope that was not held because no live agent

@@ -8,10 +8,12 @@
 
 mod decide;
 mod kinds;
+mod loader_env;
 mod programs;
 
 pub use decide::*;
 pub use kinds::*;
+pub use loader_env::*;
 pub use programs::*;
 
 /// Version of this ABI. Checked at load against the kernel object's `ENF_ABI` global and used
@@ -41,6 +43,9 @@ pub const MAP_TAMPER_OFFSETS: &str = "ENF_TAMPEROFF";
 /// (generation, identity) -> socket kinds the identity may create (see [`SocketKey`]).
 pub const MAP_SOCKETS: &str = "ENF_SOCKETS";
 const _: () = assert!(MAP_SOCKETS.len() <= 15);
+/// Array (`ENV_SLOTS` entries of [`EnvSlot`]): [`ENV_TABLE`], filled by the agent before it
+/// attaches the programs.
+pub const MAP_LOADENV: &str = "ENF_LOADENV";
 
 const _: () = {
     const fn short(s: &str) -> bool {
@@ -115,6 +120,9 @@ pub const RULE_TAMPERED: u32 = u32::MAX - 6;
 /// Rule id of a socket creation judged by the identity's `sockets:` list (allowed when it
 /// names the kind, refused otherwise).
 pub const RULE_SOCKET_KIND: u32 = u32::MAX - 7;
+/// Rule id reported when the process's identity is withheld: its environment asks the loader
+/// or a runtime to load code ([`LOADER_ENV`]), see [`PROC_WITHHELD`].
+pub const RULE_WITHHELD: u32 = u32::MAX - 5;
 
 /// Number of policy generations kept side by side; see [`Config::active`].
 pub const GENERATIONS: usize = 2;
@@ -175,6 +183,16 @@ pub const PROC_AGENT: u32 = 4;
 /// no identity until it execs again while not traced. Set by the tamper programs (and by the
 /// agent for a process it finds traced); kept across fork, cleared only by an untraced exec.
 pub const PROC_TAMPERED: u32 = 16;
+/// The exec's environment asks the loader or a runtime to load code ([`LOADER_ENV`]), or could
+/// not be read in full: the process has no identity (judged as unattested, rule
+/// [`RULE_WITHHELD`]) unless the agent grants the loaded code (`preload:`) and clears the flag.
+/// Kept across fork, replaced at the next exec.
+pub const PROC_WITHHELD: u32 = 8;
+
+/// `aux` of an exec event whose identity was withheld because the environment could not be
+/// read in full (a fault, or more than [`MAX_ENV_VARS`] strings). Otherwise `aux` of an exec
+/// event is `1 + index` in [`LOADER_ENV`] of the first variable found, or 0.
+pub const WITHHELD_UNREADABLE: u32 = u32::MAX;
 
 /// Value of `ENF_PROCS` (key: tgid, `u32`): the facts of a process as of its last exec.
 /// Written by the kernel at fork (copied from the parent) and exec, removed at exit; written by
@@ -303,8 +321,12 @@ pub struct KernelOffsets {
     pub signal_live: u32,
     /// `task_struct.start_boottime` (u64 ns)
     pub task_start_boottime: u32,
+    /// `task_struct.mm` and `mm_struct.start_stack` (the new program's initial stack:
+    /// argc, argv pointers, NULL, envp pointers, NULL) for the loader-environment check.
+    pub task_mm: u32,
+    pub mm_start_stack: u32,
 }
-const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 64);
+const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 72);
 
 /// Kernel struct offsets of the tamper programs (`ENF_TAMPEROFF`, index 0), read from the
 /// running kernel's BTF at load. A zero `valid` leaves the programs seeing only what needs no
@@ -479,6 +501,7 @@ mod pod {
     unsafe impl aya::Pod for UncoveredKey {}
     unsafe impl aya::Pod for UncoveredValue {}
     unsafe impl aya::Pod for SocketKey {}
+    unsafe impl aya::Pod for EnvSlot {}
 }
 
 /// Convert a user-space `st_dev` (glibc encoding) to the kernel's `s_dev` encoding.

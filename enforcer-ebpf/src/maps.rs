@@ -6,14 +6,16 @@ use aya_ebpf::{
     maps::{Array, CgroupArray, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, lpm_trie::Key},
 };
 use enforcer_common::{
-    COUNTERS, CgroupValue, Config, Counter, EVENTS_BYTES, ExeId, ExeKey, GENERATIONS, IdMatchKey,
-    IdentityMaps, KernelOffsets, MAX_CGROUPS, MAX_EXES, MAX_IDMATCH, MAX_PROCS, MAX_RULES,
-    MAX_SCOPES, MAX_SOCKET_RULES, MAX_UNCOVERED, ProcState, RuleKeyData, RuleMaps, RuleValue,
-    SocketKey, SocketMaps, TamperOffsets, UncoveredKey, UncoveredValue,
+    COUNTERS, CgroupValue, Config, Counter, ENV_SLOTS, EVENTS_BYTES, EnvSlot, ExeId, ExeKey,
+    GENERATIONS, IdMatchKey, IdentityMaps, KernelOffsets, MAX_CGROUPS, MAX_EXES, MAX_IDMATCH,
+    MAX_PROCS, MAX_RULES, MAX_SCOPES, MAX_SOCKET_RULES, MAX_UNCOVERED, ProcState, RuleKeyData,
+    RuleMaps, RuleValue, SocketKey, SocketMaps, TamperOffsets, UncoveredKey, UncoveredValue,
 };
 
 const BPF_F_NO_PREALLOC: u32 = 1;
 
+#[map(name = "ENF_LOADENV")]
+pub static LOADENV: Array<EnvSlot> = Array::pinned(ENV_SLOTS as u32, 0);
 #[map(name = "ENF_PROCS")]
 pub static PROCS: HashMap<u32, ProcState> = HashMap::pinned(MAX_PROCS, 0);
 #[map(name = "ENF_EXES")]

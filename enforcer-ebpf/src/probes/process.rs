@@ -3,17 +3,21 @@
 use aya_ebpf::{
     helpers::{
         bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_get_current_task,
-        bpf_get_current_uid_gid, bpf_probe_read_kernel, generated::bpf_send_signal,
+        bpf_get_current_uid_gid, bpf_probe_read_kernel, bpf_probe_read_user,
+        generated::{bpf_probe_read_user_str, bpf_send_signal},
     },
     macros::raw_tracepoint,
     programs::RawTracePointContext,
 };
 use enforcer_common::{
-    Config, Counter, EXE_UNKNOWN, Event, EventKind, ExeKey, KernelOffsets, MAX_SCOPES, Mode,
-    PROC_HELD, PROC_PENDING, PROC_TAMPERED, ProcState,
+    Config, Counter, ENV_PREFIX, EXE_UNKNOWN, EnvPrefix, Event, EventKind, ExeKey, KernelOffsets,
+    MAX_ENV_VARS, MAX_SCOPES, Mode, PROC_HELD, PROC_PENDING, PROC_TAMPERED, PROC_WITHHELD,
+    ProcState, WITHHELD_UNREADABLE, loader_var_in,
 };
 
-use crate::maps::{CGROUPS, CONFIG, EVENTS, EXES, OFFSETS, PROCS, SCOPES, count, now_ns, tgid};
+use crate::maps::{
+    CGROUPS, CONFIG, EVENTS, EXES, LOADENV, OFFSETS, PROCS, SCOPES, count, now_ns, tgid,
+};
 
 const SIGSTOP: u32 = 19;
 const NSEC_MASK: u32 = 0x3fff_ffff;
@@ -162,6 +166,67 @@ fn in_scope(cfg: &Config) -> bool {
     false
 }
 
+/// The loader-environment check (SECURITY.md guarantee 3): walks the envp array of the new
+/// program's initial stack (`mm->start_stack` points at argc, then argv pointers, NULL, envp
+/// pointers, NULL: what `ld.so` and every runtime read) and matches the first
+/// [`ENV_PREFIX`] bytes of each string against `LOADER_ENV`. Returns 0 when clean, `1 +
+/// index` of the first variable found, or [`WITHHELD_UNREADABLE`] when the environment could
+/// not be read in full (a fault, more than [`MAX_ENV_VARS`] strings, no offsets): never trust
+/// what was not seen.
+#[inline(always)]
+fn scan_env(o: Option<&KernelOffsets>) -> u32 {
+    let Some(o) = o else {
+        return WITHHELD_UNREADABLE;
+    };
+    if o.task_mm == 0 && o.mm_start_stack == 0 {
+        return WITHHELD_UNREADABLE;
+    }
+    // SAFETY: a helper without arguments, then reads through bpf_probe_read_kernel.
+    let sp = match unsafe {
+        let task = bpf_get_current_task();
+        read::<u64>(task, o.task_mm).and_then(|mm| read::<u64>(mm, o.mm_start_stack))
+    } {
+        Ok(sp) => sp,
+        Err(_) => return WITHHELD_UNREADABLE,
+    };
+    // SAFETY: bpf_probe_read_user checks the address; a fault is an Err.
+    let argc = match unsafe { bpf_probe_read_user(sp as *const u64) } {
+        Ok(n) => n,
+        Err(_) => return WITHHELD_UNREADABLE,
+    };
+    let envp = sp.wrapping_add(8u64.wrapping_mul(argc.wrapping_add(2)));
+    let mut buf = EnvPrefix::default();
+    let mut i: u32 = 0;
+    while i < MAX_ENV_VARS {
+        let at = envp.wrapping_add(8 * i as u64);
+        // SAFETY: bpf_probe_read_user checks the address; a fault is an Err.
+        let ptr = match unsafe { bpf_probe_read_user(at as *const u64) } {
+            Ok(p) => p,
+            Err(_) => return WITHHELD_UNREADABLE,
+        };
+        if ptr == 0 {
+            return 0;
+        }
+        // SAFETY: the helper writes at most ENV_PREFIX bytes into `buf` and checks `ptr`.
+        let n = unsafe {
+            bpf_probe_read_user_str(
+                &mut buf as *mut EnvPrefix as *mut _,
+                ENV_PREFIX as u32,
+                ptr as *const _,
+            )
+        };
+        if n < 0 {
+            return WITHHELD_UNREADABLE;
+        }
+        let found = loader_var_in(&buf, &|i| LOADENV.get(i));
+        if found != 0 {
+            return found;
+        }
+        i += 1;
+    }
+    WITHHELD_UNREADABLE
+}
+
 fn try_exec(ctx: &RawTracePointContext) -> Result<(), i32> {
     // Without offsets (no usable BTF) the file is never recognised: every exec is pending,
     // and held in an enforced scope until the agent attests it (fail closed, never open).
@@ -206,6 +271,10 @@ fn try_exec(ctx: &RawTracePointContext) -> Result<(), i32> {
     if super::tamper::current_traced() {
         st.flags |= PROC_TAMPERED;
     }
+    let withheld = scan_env(o);
+    if withheld != 0 {
+        st.flags |= PROC_WITHHELD;
+    }
     if exe_id == EXE_UNKNOWN || cgroup_unknown {
         st.flags |= PROC_PENDING;
         count(Counter::ExecPending);
@@ -237,7 +306,7 @@ fn try_exec(ctx: &RawTracePointContext) -> Result<(), i32> {
         count(Counter::ProcInsertFail);
         let _ = PROCS.remove(&pid);
     }
-    emit_proc(EventKind::Exec, pid, 0, &st, &key);
+    emit_proc(EventKind::Exec, pid, withheld, &st, &key);
     Ok(())
 }
 
