@@ -19,9 +19,23 @@ pub fn in_ci() -> bool {
     std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
 }
 
+/// Removes from this test process's environment what would make the enforcer withhold the
+/// identity of every workload the tests spawn: `cargo test` sets `LD_LIBRARY_PATH` for test
+/// binaries, and an exec whose environment sets it gets no identity (SECURITY.md guarantee 3).
+/// Called (once) by the harness's entry points, before any of them starts a thread.
+pub fn scrub_loader_env() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        // SAFETY: called at a test's start, before the harness starts threads; libtest's
+        // main thread only waits for the test.
+        unsafe { std::env::remove_var("LD_LIBRARY_PATH") };
+    });
+}
+
 /// True when the kernel tests can run. Not root: under CI=true this panics (a kernel test
 /// never skips in CI); locally it prints why and the test returns early.
 pub fn require_root(test: &str) -> bool {
+    scrub_loader_env();
     if nix::unistd::geteuid().is_root() {
         return true;
     }
@@ -86,6 +100,7 @@ pub struct TestCgroup {
 
 impl TestCgroup {
     pub fn new(tag: &str) -> Self {
+        scrub_loader_env();
         let mount = cgroup2_mount();
         let name = unique(tag);
         let dir = mount.join(&name);
@@ -367,7 +382,10 @@ pub fn wait_stopped(pid: u32, what: &str) {
 fn spawn_with(cg: &TestCgroup, bin: &Path, args: &[&str], uid: Option<u32>, stdin: Stdio) -> Child {
     let procs = cg.dir.join("cgroup.procs");
     let mut c = Command::new(bin);
-    c.args(args).stdin(stdin).stdout(Stdio::null());
+    c.args(args)
+        .env_remove("LD_LIBRARY_PATH")
+        .stdin(stdin)
+        .stdout(Stdio::null());
     // SAFETY: only async-signal-safe calls (open/write/close) between fork and exec.
     unsafe {
         let path = std::ffi::CString::new(procs.as_os_str().as_encoded_bytes()).expect("path");

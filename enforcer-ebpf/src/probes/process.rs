@@ -176,7 +176,9 @@ fn in_scope(cfg: &Config) -> bool {
 #[inline(always)]
 fn scan_env(o: Option<&KernelOffsets>) -> u32 {
     let Some(o) = o else {
-        return WITHHELD_UNREADABLE;
+        // No offsets (no usable BTF): the exec is pending whatever its file (held while a live
+        // agent exists), and the agent decides from /proc/PID/environ.
+        return 0;
     };
     if o.task_mm == 0 && o.mm_start_stack == 0 {
         return WITHHELD_UNREADABLE;
