@@ -468,11 +468,17 @@ impl Agent {
             || attest::traced(pid);
         // The loader-environment check (SECURITY.md guarantee 3): what the kernel saw at
         // exec stays, and what /proc shows now adds to it; never cleared here.
+        // An environment the kernel could not read in full is read here, and trusted only if
+        // the process was held before its first instruction (else it may have rewritten it).
+        let kflags = self.kernel.process(pid).map_or(0, |s| s.flags);
+        let unseen_env = kflags & PROC_ENV_UNREAD != 0 && kflags & PROC_HELD == 0;
+        if unseen_env && self.procs.withheld(pid).is_none() {
+            self.procs
+                .set_withheld(pid, Some("environment not seen before the process ran"));
+        }
         let withheld = ev.is_some_and(|e| e.flags & PROC_WITHHELD != 0)
-            || self
-                .kernel
-                .process(pid)
-                .is_some_and(|s| s.flags & PROC_WITHHELD != 0)
+            || kflags & PROC_WITHHELD != 0
+            || unseen_env
             || {
                 let found = attest::loader_env(pid);
                 if found.is_some() && self.procs.withheld(pid).is_none() {

@@ -189,6 +189,12 @@ pub const PROC_TAMPERED: u32 = 16;
 /// Kept across fork, replaced at the next exec.
 pub const PROC_WITHHELD: u32 = 8;
 
+/// The kernel could not read the whole environment at exec (more than [`MAX_ENV_VARS`]
+/// strings, or a fault): the process is pending (held while a live agent exists) and the
+/// agent decides from `/proc/PID/environ`, which it trusts only for a process held before its
+/// first instruction (one that ran may have rewritten its environment): otherwise withheld.
+pub const PROC_ENV_UNREAD: u32 = 32;
+
 /// `aux` of an exec event whose identity was withheld because the environment could not be
 /// read in full (a fault, or more than [`MAX_ENV_VARS`] strings). Otherwise `aux` of an exec
 /// event is `1 + index` in [`LOADER_ENV`] of the first variable found, or 0.

@@ -11,8 +11,8 @@ use aya_ebpf::{
 };
 use enforcer_common::{
     Config, Counter, ENV_PREFIX, EXE_UNKNOWN, EnvPrefix, Event, EventKind, ExeKey, KernelOffsets,
-    MAX_ENV_VARS, MAX_SCOPES, Mode, PROC_HELD, PROC_PENDING, PROC_TAMPERED, PROC_WITHHELD,
-    ProcState, WITHHELD_UNREADABLE, loader_var_in,
+    MAX_ENV_VARS, MAX_SCOPES, Mode, PROC_ENV_UNREAD, PROC_HELD, PROC_PENDING, PROC_TAMPERED,
+    PROC_WITHHELD, ProcState, WITHHELD_UNREADABLE, loader_var_in,
 };
 
 use crate::maps::{
@@ -274,10 +274,13 @@ fn try_exec(ctx: &RawTracePointContext) -> Result<(), i32> {
         st.flags |= PROC_TAMPERED;
     }
     let withheld = scan_env(o);
-    if withheld != 0 {
+    if withheld == WITHHELD_UNREADABLE {
+        // Not seen in full: the agent decides (pending, held while it lives).
+        st.flags |= PROC_ENV_UNREAD;
+    } else if withheld != 0 {
         st.flags |= PROC_WITHHELD;
     }
-    if exe_id == EXE_UNKNOWN || cgroup_unknown {
+    if exe_id == EXE_UNKNOWN || cgroup_unknown || st.flags & PROC_ENV_UNREAD != 0 {
         st.flags |= PROC_PENDING;
         count(Counter::ExecPending);
         let active = cfg.generation(cfg.active & 1);

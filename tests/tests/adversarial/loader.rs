@@ -189,6 +189,21 @@ rules:
             );
             working.push((name, env));
         }
+        // The same attack hidden past the strings the kernel reads at exec (Command sorts the
+        // variables: LD_PRELOAD comes after 200 fillers).
+        let fillers: Vec<String> = (0..200).map(|i| format!("FILLER_{i:03}")).collect();
+        let big: Vec<(&str, String)> = fillers.iter().map(|n| (n.as_str(), "x".into())).collect();
+        let (_, preload) = working
+            .iter()
+            .find(|(name, _)| *name == "LD_PRELOAD")
+            .expect("the LD_PRELOAD attack is in the list");
+        let mut big_preload = big.clone();
+        big_preload.extend(preload.iter().cloned());
+        assert_eq!(
+            run_env(&cg, svc, &[&p], &big_preload),
+            EVIL_CONNECTED,
+            "LD_PRELOAD after 200 variables: without enforcement evil.so connects"
+        );
 
         let_settle();
         let sha = sha256_file(svc);
@@ -227,6 +242,20 @@ rules:
                 agent.log()
             );
         }
+        // An environment larger than the kernel reads at exec (MAX_ENV_VARS strings): the exec
+        // is held and the agent reads /proc/PID/environ in full.
+        assert_eq!(
+            run_env(&cg, svc, &[&p], &big),
+            OK,
+            "a large environment without loader variables keeps the identity\n{}",
+            agent.log()
+        );
+        assert_eq!(
+            run_env(&cg, svc, &[&p], &big_preload),
+            EVIL_DENIED,
+            "LD_PRELOAD past the strings the kernel reads must still withhold the identity\n{}",
+            agent.log()
+        );
         // ld.so run directly on svc is ld.so, not svc (already held before this work).
         let ldso = Path::new("/lib64/ld-linux-x86-64.so.2");
         if ldso.exists() {
