@@ -667,26 +667,9 @@ impl Kernel {
         generation: u32,
         entries: &[(SocketKey, u32)],
     ) -> Result<(), KernelError> {
-        let stale: Vec<SocketKey> = self
-            .maps
-            .sockets
-            .keys()
-            .filter_map(|k| k.ok())
-            .filter(|k| k.generation == generation && !entries.iter().any(|(e, _)| e == k))
-            .collect();
-        for k in stale {
-            self.maps
-                .sockets
-                .remove(&k)
-                .map_err(op(format!("clearing map {MAP_SOCKETS}")))?;
-        }
-        for (k, v) in entries {
-            self.maps
-                .sockets
-                .insert(k, v, 0)
-                .map_err(op(format!("writing map {MAP_SOCKETS}")))?;
-        }
-        Ok(())
+        replace_generation(&mut self.maps.sockets, MAP_SOCKETS, entries, |k| {
+            k.generation == generation
+        })
     }
 
     /// The `ENF_SOCKETS` entries of one generation.
@@ -708,26 +691,9 @@ impl Kernel {
         generation: u32,
         entries: &[(IdMatchKey, u32)],
     ) -> Result<(), KernelError> {
-        let stale: Vec<IdMatchKey> = self
-            .maps
-            .idmatch
-            .keys()
-            .filter_map(|k| k.ok())
-            .filter(|k| k.generation == generation && !entries.iter().any(|(e, _)| e == k))
-            .collect();
-        for k in stale {
-            self.maps
-                .idmatch
-                .remove(&k)
-                .map_err(op(format!("clearing map {MAP_IDMATCH}")))?;
-        }
-        for (k, v) in entries {
-            self.maps
-                .idmatch
-                .insert(k, v, 0)
-                .map_err(op(format!("writing map {MAP_IDMATCH}")))?;
-        }
-        Ok(())
+        replace_generation(&mut self.maps.idmatch, MAP_IDMATCH, entries, |k| {
+            k.generation == generation
+        })
     }
 }
 
@@ -1287,6 +1253,30 @@ pub fn uninstall(pin_dir: &Path) -> Result<(), KernelError> {
     // The versioned folder's parent (`enforcer/`) goes too once empty.
     if let Some(parent) = pin_dir.parent() {
         let _ = fs::remove_dir(parent);
+    }
+    Ok(())
+}
+
+/// Makes the entries of `map` (named `name`) that `in_generation` selects exactly `entries`:
+/// stale keys of that generation removed, then every entry written (the other generation,
+/// the one in force, is never touched).
+fn replace_generation<K: aya::Pod + PartialEq>(
+    map: &mut HashMap<MapData, K, u32>,
+    name: &str,
+    entries: &[(K, u32)],
+    in_generation: impl Fn(&K) -> bool,
+) -> Result<(), KernelError> {
+    let stale: Vec<K> = map
+        .keys()
+        .filter_map(|k| k.ok())
+        .filter(|k| in_generation(k) && !entries.iter().any(|(e, _)| e == k))
+        .collect();
+    for k in stale {
+        map.remove(&k).map_err(op(format!("clearing map {name}")))?;
+    }
+    for (k, v) in entries {
+        map.insert(k, v, 0)
+            .map_err(op(format!("writing map {name}")))?;
     }
     Ok(())
 }
