@@ -13,7 +13,7 @@ pub const MAX_FRAME: u32 = 256 << 20;
 
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct Request {
-    #[prost(oneof = "request::Kind", tags = "1, 2, 3, 4, 5")]
+    #[prost(oneof = "request::Kind", tags = "1, 2, 3, 4, 5, 10, 11, 12")]
     pub kind: Option<request::Kind>,
 }
 
@@ -30,7 +30,83 @@ pub mod request {
         Events(super::EventsRequest),
         #[prost(message, tag = "5")]
         Apply(super::ApplyRequest),
+        #[prost(message, tag = "10")]
+        Grant(super::GrantRequest),
+        #[prost(message, tag = "11")]
+        Grants(super::GrantsRequest),
+        #[prost(message, tag = "12")]
+        Revoke(super::RevokeRequest),
     }
+}
+
+/// `grant`: a time-bound exception added to the policy in force.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct GrantRequest {
+    /// The identity's `name` in the policy.
+    #[prost(string, tag = "1")]
+    pub identity: String,
+    /// `ADDR[/LEN][:PORTS]`.
+    #[prost(string, tag = "2")]
+    pub to: String,
+    /// `tcp`, `udp`, or empty for both.
+    #[prost(string, tag = "3")]
+    pub protocol: String,
+    /// `30m`, `4h`...
+    #[prost(string, tag = "4")]
+    pub duration: String,
+    #[prost(string, tag = "5")]
+    pub reason: String,
+    /// Who asks (user and uid, as the command line saw them).
+    #[prost(string, tag = "6")]
+    pub by: String,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct GrantsRequest {}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct RevokeRequest {
+    #[prost(uint64, tag = "1")]
+    pub id: u64,
+}
+
+/// One grant in force (`grants`, and the answer of `grant` and `revoke`).
+#[derive(Clone, PartialEq, prost::Message, Serialize)]
+pub struct GrantInfo {
+    #[prost(uint64, tag = "1")]
+    pub id: u64,
+    /// The identity's name and SPIFFE ID.
+    #[prost(string, tag = "2")]
+    pub identity: String,
+    #[prost(string, tag = "3")]
+    pub spiffe_id: String,
+    /// `tcp 10.0.0.7/32 ports 22`.
+    #[prost(string, tag = "4")]
+    pub destination: String,
+    #[prost(string, tag = "5")]
+    pub reason: String,
+    #[prost(string, tag = "6")]
+    pub by: String,
+    /// RFC 3339.
+    #[prost(string, tag = "7")]
+    pub granted_at: String,
+    #[prost(string, tag = "8")]
+    pub expires_at: String,
+    /// Seconds left (0 once over).
+    #[prost(uint64, tag = "9")]
+    pub seconds_left: u64,
+    /// `expires_at` as Unix ns (exact).
+    #[prost(int64, tag = "10")]
+    pub expires_unix_ns: i64,
+}
+
+#[derive(Clone, PartialEq, prost::Message, Serialize)]
+pub struct GrantList {
+    #[prost(message, repeated, tag = "1")]
+    pub grants: Vec<GrantInfo>,
+    /// `maxGrant` of the policy in force, seconds.
+    #[prost(uint64, tag = "2")]
+    pub max_grant_secs: u64,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
@@ -73,7 +149,7 @@ pub struct ApplyRequest {
 
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct Reply {
-    #[prost(oneof = "reply::Kind", tags = "1, 2, 3, 4, 5, 6")]
+    #[prost(oneof = "reply::Kind", tags = "1, 2, 3, 4, 5, 6, 10, 11")]
     pub kind: Option<reply::Kind>,
 }
 
@@ -92,6 +168,10 @@ pub mod reply {
         Event(super::Decision),
         #[prost(message, tag = "6")]
         Apply(super::Applied),
+        #[prost(message, tag = "10")]
+        Grant(super::GrantInfo),
+        #[prost(message, tag = "11")]
+        Grants(super::GrantList),
     }
 }
 
@@ -145,6 +225,19 @@ pub struct Decision {
     #[prost(uint32, optional, tag = "34")]
     #[serde(skip_serializing_if = "Option::is_none", rename = "protocol_number")]
     pub protocol_number: Option<u32>,
+    /// Why: the `reason:` of the time-bound entry or grant that decided, or of a grant,
+    /// expiry or revocation event.
+    #[prost(string, optional, tag = "40")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// The grant the event or the deciding rule is about.
+    #[prost(uint64, optional, tag = "41")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub grant: Option<u64>,
+    /// When the rule that decided stops holding (RFC 3339), for a time-bound entry.
+    #[prost(string, optional, tag = "42")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub expires: Option<String>,
 }
 
 #[derive(Clone, PartialEq, prost::Message, Serialize)]
@@ -262,6 +355,15 @@ pub struct Status {
     /// Where pod metadata comes from, and whether it answers.
     #[prost(message, optional, tag = "15")]
     pub kubernetes: Option<Kubernetes>,
+    /// Grants in force.
+    #[prost(message, repeated, tag = "20")]
+    pub grants: Vec<GrantInfo>,
+    /// Time-bound policy entries (not grants) that still hold or will.
+    #[prost(uint64, tag = "21")]
+    pub timed_entries: u64,
+    /// The next instant a time-bound entry or grant starts or stops holding (RFC 3339).
+    #[prost(string, optional, tag = "22")]
+    pub next_expiry: Option<String>,
 }
 
 /// Pod metadata sources (`status`).

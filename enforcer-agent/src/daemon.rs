@@ -38,7 +38,7 @@ pub struct Options {
     pub policy_source: String,
     /// The policy file, re-read on SIGHUP (none: the embedded default).
     pub policy_path: Option<PathBuf>,
-    /// bpffs folder for pins (default `/sys/fs/bpf/enforcer/v3`).
+    /// bpffs folder for pins (default `/sys/fs/bpf/enforcer/v4`).
     pub pin_dir: PathBuf,
     /// Folder for the agent's own state (default `/run/enforcer`).
     pub state_dir: PathBuf,
@@ -91,6 +91,10 @@ pub struct Agent {
     /// The metadata task (started by `run`).
     feed: Option<crate::k8s::feed::PodFeed>,
     pub(crate) k8s_health: k8s::K8sHealth,
+    /// Time-bound exceptions from the command line, added to every policy applied.
+    pub(crate) grants: crate::grants::Grants,
+    /// Wall-clock time (Unix ns) up to which time-bound entries were checked ([`Agent::check_time`]).
+    time_checked: i64,
 }
 
 /// `/readyz` compares the kernel maps with the compiled policy at most this often (and
@@ -147,8 +151,14 @@ impl Agent {
         // Everything about the policy that can be refused is refused before the kernel is
         // touched: a rejected policy leaves no pin and no attachment behind.
         scope_dirs(&opts.policy, &cg_mount)?;
-        policy::rule_entries_of(&opts.policy.rules, &[], 0, opts.max_rules as usize)
-            .map_err(anyhow::Error::new)?;
+        policy::rule_entries_of(
+            &opts.policy.rules,
+            &[],
+            0,
+            opts.max_rules as usize,
+            policy::Clock::now(),
+        )
+        .map_err(anyhow::Error::new)?;
         let fresh = !opts.pin_dir.join(MAP_CONFIG).exists();
         let started = Self::start_kernel(opts, cg_mount, offsets, probe, pods);
         if started.is_err() && fresh {
@@ -211,6 +221,8 @@ impl Agent {
             in_force: InForce {
                 classes: Classes::new(&opts.policy),
                 policy: opts.policy.clone(),
+                base: opts.policy.clone(),
+                clock: policy::Clock::now(),
                 generation,
                 idmatch_written: HashSet::new(),
                 listener_rules: Vec::new(),
@@ -232,7 +244,15 @@ impl Agent {
             not_pods: HashSet::new(),
             feed: None,
             k8s_health: k8s::K8sHealth::default(),
+            grants: crate::grants::Grants::open(&opts.state_dir.join("grants.json")),
+            time_checked: policy::wall_now_ns(),
         };
+        // Grants that expired while no agent ran: reported, then dropped (the kernel already
+        // stopped honouring them at their instant).
+        let over = agent.grants.expire(agent.time_checked);
+        for g in &over {
+            agent.report_grant("expired", g, "expired while the agent was not running");
+        }
         for (id, meta) in pods {
             agent.pods.insert_container(&id, meta);
         }
@@ -507,8 +527,15 @@ impl Agent {
     }
 
     /// [`Agent::apply`], recording where the policy came from.
-    pub fn apply_from(&mut self, policy: Policy, source: Option<String>) -> Result<()> {
+    pub fn apply_from(&mut self, base: Policy, source: Option<String>) -> Result<()> {
         let t0 = Instant::now();
+        // The grants in force join the policy (fitted to it: a grant whose identity it lacks
+        // is dropped, one longer than its `maxGrant` is cut), as time-bound egress entries.
+        let clock = policy::Clock::now();
+        let mut grants = self.grants.clone();
+        let (grant_rules, fitted) = grants.fit(&base);
+        let mut policy = base.clone();
+        policy.rules.extend(grant_rules);
         let active = self.in_force.generation;
         let next = if !self.kernel.generation_loaded(active)? {
             active
@@ -518,8 +545,9 @@ impl Agent {
         // Everything that can be rejected is computed before the kernel is touched.
         let found = self.find_listeners(&policy);
         let extra = listeners::listener_rules(&policy, &found, &listeners::local_addresses());
-        let rules = policy::rule_entries_of(&policy.rules, &extra, next, self.kernel.max_rules)
-            .map_err(anyhow::Error::new)?;
+        let rules =
+            policy::rule_entries_of(&policy.rules, &extra, next, self.kernel.max_rules, clock)
+                .map_err(anyhow::Error::new)?;
         let scope_dirs = scope_dirs(&policy, &self.cg_mount)?;
         // Only cgroups that still exist get classes: removed ones leave the kernel first.
         self.sweep_cgroups();
@@ -588,6 +616,7 @@ impl Agent {
                     .any(|i| i.matches.iter().any(|m| !m.uid.is_empty())),
             ),
             prefix_rules: u32::from(written.prefixes > 0),
+            preload_hold: 0,
         };
         self.kernel.prepare_generation(next, settings)?;
         // Attach to new scopes before the flip (they judge with the policy in force).
@@ -620,6 +649,8 @@ impl Agent {
         let source = source.unwrap_or_else(|| self.in_force.source.clone());
         self.in_force = InForce {
             policy,
+            base,
+            clock,
             classes,
             generation: next,
             idmatch_written: idm.into_iter().collect(),
@@ -630,6 +661,18 @@ impl Agent {
         };
         self.sync_report_allow();
         self.drift_checked = None;
+        self.grants = grants;
+        if !fitted.is_empty() {
+            self.grants.persist();
+        }
+        for (g, what) in &fitted {
+            let verdict = if what.starts_with("dropped") {
+                "revoked"
+            } else {
+                "grant"
+            };
+            self.report_grant(verdict, g, what);
+        }
         tracing::info!(
             generation = next,
             hash = %self.in_force.hash,
@@ -781,7 +824,7 @@ impl Agent {
         if self.find_listeners(&self.in_force.policy) == self.in_force.listeners {
             return;
         }
-        match self.apply(self.in_force.policy.clone()) {
+        match self.apply(self.in_force.base.clone()) {
             Ok(()) => tracing::info!(
                 listeners = self.in_force.listeners.len(),
                 "identity destinations updated"
@@ -806,6 +849,9 @@ impl Agent {
     }
 
     fn update_metrics(&mut self) {
+        self.sink
+            .metrics
+            .set_grants_active(self.grants.list().len() as u64);
         self.sink
             .metrics
             .set_lost_events(self.kernel.counter(Counter::EventsLost));
@@ -1038,6 +1084,7 @@ impl Agent {
                         self.maintain();
                     }
                     self.pods_tick();
+                    self.check_time();
                     self.refresh_listeners();
                     self.watch_policy_file(opts);
                     if ticks.is_multiple_of(10) || self.drift_checked.is_none() {
@@ -1178,7 +1225,30 @@ impl Agent {
     /// `status`; drift found means the kernel no longer holds what was written, so the next
     /// apply writes everything again.
     fn status(&mut self) -> api::Status {
-        let s = self.view().status();
+        let mut s = self.view().status();
+        let now = policy::wall_now_ns();
+        s.grants = self
+            .grants
+            .list()
+            .iter()
+            .map(|g| self.grant_info(g, now))
+            .collect();
+        let timed: Vec<&policy::Timing> = self
+            .in_force
+            .policy
+            .rules
+            .iter()
+            .map(|r| &r.timing)
+            .filter(|t| t.is_timed() && !t.is_over(now))
+            .collect();
+        s.timed_entries = timed.iter().filter(|t| t.grant.is_none()).count() as u64;
+        s.next_expiry = timed
+            .iter()
+            .flat_map(|t| [t.not_before, t.expires])
+            .flatten()
+            .filter(|&at| at > now)
+            .min()
+            .map(policy::rfc3339);
         if !s.drift.is_empty() {
             self.kernel.forget_written();
         }
@@ -1215,11 +1285,208 @@ impl Agent {
                     "policy not applied, the policy in force is unchanged: {e:#}"
                 )),
             },
+            request::Kind::Grant(r) => match self.grant_request(&r) {
+                Ok(g) => reply::Kind::Grant(g),
+                Err(e) => reply::Kind::Error(format!("{e:#}")),
+            },
+            request::Kind::Grants(_) => {
+                let now = policy::wall_now_ns();
+                reply::Kind::Grants(api::GrantList {
+                    grants: self
+                        .grants
+                        .list()
+                        .iter()
+                        .map(|g| self.grant_info(g, now))
+                        .collect(),
+                    max_grant_secs: self.in_force.base.max_grant_secs,
+                })
+            }
+            request::Kind::Revoke(r) => match self.revoke_request(r.id) {
+                Ok(g) => reply::Kind::Grant(g),
+                Err(e) => reply::Kind::Error(format!("{e:#}")),
+            },
             // The server answers `events` from the history it asks for.
             request::Kind::Events(_) => {
                 reply::Kind::Error("events are served by the API server".into())
             }
         }
+    }
+
+    /// `grant`: the grant is saved, then the policy in force is applied again with it, all
+    /// or nothing (a failed apply takes the grant back).
+    fn grant_request(&mut self, r: &api::GrantRequest) -> Result<api::GrantInfo> {
+        let req = crate::grants::GrantRequest {
+            identity: r.identity.clone(),
+            to: r.to.clone(),
+            protocol: r.protocol.clone(),
+            duration: r.duration.clone(),
+            reason: r.reason.clone(),
+            by: r.by.clone(),
+        };
+        let now = policy::wall_now_ns();
+        let g = self
+            .grants
+            .add(&req, &self.in_force.base, now)
+            .map_err(anyhow::Error::new)?;
+        if let Err(e) = self.apply(self.in_force.base.clone()) {
+            let _ = self.grants.remove(g.id);
+            return Err(e.context("the grant was not made"));
+        }
+        self.report_grant("grant", &g, &format!("granted by {}", g.by));
+        Ok(self.grant_info(&g, now))
+    }
+
+    /// `revoke ID`: the grant ends now; the policy in force is applied again without it.
+    fn revoke_request(&mut self, id: u64) -> Result<api::GrantInfo> {
+        let now = policy::wall_now_ns();
+        let g = self.grants.remove(id).map_err(anyhow::Error::new)?;
+        if let Err(e) = self.apply(self.in_force.base.clone()) {
+            // Still in force in the kernel until its instant: say so, never hide it.
+            self.grants.restore(g.clone());
+            return Err(e.context(format!(
+                "grant {id} could not be revoked; it stays in force until {}",
+                policy::rfc3339(g.expires)
+            )));
+        }
+        self.report_grant("revoked", &g, "revoked from the command line");
+        self.time_changed("grant-revoked");
+        Ok(self.grant_info(&g, now))
+    }
+
+    pub(crate) fn grant_info(&self, g: &crate::grants::Grant, now: i64) -> api::GrantInfo {
+        api::GrantInfo {
+            id: g.id,
+            identity: g.identity.clone(),
+            spiffe_id: self
+                .in_force
+                .base
+                .identities
+                .iter()
+                .find(|i| i.name == g.identity)
+                .map(|i| i.spiffe_id.clone())
+                .unwrap_or_default(),
+            destination: g.destination(),
+            reason: g.reason.clone(),
+            by: g.by.clone(),
+            granted_at: policy::rfc3339(g.granted_at),
+            expires_at: policy::rfc3339(g.expires),
+            seconds_left: u64::try_from((g.expires - now).max(0) / 1_000_000_000).unwrap_or(0),
+            expires_unix_ns: g.expires,
+        }
+    }
+
+    /// Reports a grant made, over or revoked (`verdict`), with what happened: a JSON line,
+    /// the events history, a metric and a log line.
+    pub(crate) fn report_grant(&mut self, verdict: &str, g: &crate::grants::Grant, what: &str) {
+        tracing::info!(
+            grant = g.id,
+            identity = %g.identity,
+            destination = %g.destination(),
+            reason = %g.reason,
+            expires = %policy::rfc3339(g.expires),
+            "grant {verdict}: {what}"
+        );
+        let info = self.grant_info(g, policy::wall_now_ns());
+        let d = api::Decision {
+            identity: (!info.spiffe_id.is_empty()).then_some(info.spiffe_id),
+            verdict: verdict.to_string(),
+            dst: g.cidr.to_string(),
+            port: g.ports.first().map_or(0, |p| p.0.into()),
+            protocol: g.protocol.clone(),
+            rule: format!(
+                "grant {} ({}): {} egress: {}: {what}",
+                g.id,
+                g.reason,
+                g.identity,
+                g.destination()
+            ),
+            time_ns: crate::sys::boottime_ns(),
+            reason: Some(g.reason.clone()),
+            grant: Some(g.id),
+            expires: Some(policy::rfc3339(g.expires)),
+            ..Default::default()
+        };
+        self.sink.record(d);
+        self.sink.metrics.grant_event(verdict);
+        self.sink
+            .metrics
+            .set_grants_active(self.grants.list().len() as u64);
+    }
+
+    /// Every tick: grants and time-bound entries whose instant passed are reported (the kernel
+    /// already stopped honouring them by itself) and the policy is compiled again, so the maps
+    /// hold exactly what is in force; the same when the wall clock was stepped (the boot-clock
+    /// windows were computed from the old offset).
+    pub(crate) fn check_time(&mut self) {
+        let clock = policy::Clock::now();
+        let now = clock.wall_ns;
+        let since = self.time_checked;
+        self.time_checked = now;
+        let stepped = (clock.offset() - self.in_force.clock.offset()).abs() > 1_000_000_000;
+        let mut crossed = false;
+        let mut expired_entries = Vec::new();
+        for r in &self.in_force.policy.rules {
+            let t = &r.timing;
+            if t.grant.is_some() || !t.is_timed() {
+                continue;
+            }
+            let passed = |at: Option<i64>| at.is_some_and(|at| since < at && at <= now);
+            if passed(t.not_before) {
+                crossed = true;
+            }
+            if passed(t.expires) {
+                crossed = true;
+                expired_entries.push(r.clone());
+            }
+        }
+        for r in &expired_entries {
+            tracing::info!(rule = %r.text, reason = ?r.timing.reason, "policy entry expired");
+            let d = api::Decision {
+                identity: self.in_force.identity_name(r.ident).map(str::to_string),
+                verdict: "expired".into(),
+                dst: r.cidr.to_string(),
+                port: r.ports.first().map_or(0, |p| p.0.into()),
+                protocol: r.protocol.as_str().to_string(),
+                rule: r.text.clone(),
+                time_ns: crate::sys::boottime_ns(),
+                reason: r.timing.reason.clone(),
+                expires: r.timing.expires.map(policy::rfc3339),
+                ..Default::default()
+            };
+            self.sink.record(d);
+        }
+        let over = self.grants.expire(now);
+        for g in &over {
+            self.report_grant("expired", g, "its time is over");
+        }
+        if over.is_empty() && !crossed && !stepped {
+            return;
+        }
+        if stepped {
+            tracing::warn!(
+                offset_change_ms =
+                    ((clock.offset() - self.in_force.clock.offset()) / 1_000_000) as i64,
+                "the wall clock was stepped: time-bound entries are mapped to the kernel clock again"
+            );
+        }
+        if let Err(e) = self.apply(self.in_force.base.clone()) {
+            tracing::error!(
+                "compiling the policy again after a time-bound entry's instant: {e:#}; the kernel still stops honouring each entry at its instant"
+            );
+        }
+        if !over.is_empty() || !expired_entries.is_empty() {
+            self.time_changed(if over.is_empty() {
+                "entry-expired"
+            } else {
+                "grant-expired"
+            });
+        }
+    }
+
+    /// Rights were taken away by time (an expiry) or a revoke: what the policy now denies is
+    /// closed where revocation is on.
+    fn time_changed(&mut self, reason: &'static str) {
+        tracing::debug!(reason, "rights changed");
     }
 
     fn apply_request(&mut self, r: &api::ApplyRequest) -> Result<api::Applied> {

@@ -170,6 +170,13 @@ impl EventSink {
         self.feed.push(d);
     }
 
+    /// Reports a record shaped like a decision that is not one (a grant made, over or
+    /// revoked): the JSON line, the history and followers, but no decision metric.
+    pub fn record(&mut self, d: api::Decision) {
+        self.emit_line(&d);
+        self.feed.push(d);
+    }
+
     /// Writes one JSON line that is not a decision (a tamper event); dropped and counted like
     /// a decision line when the writer is behind.
     pub fn emit_line(&mut self, record: &impl serde::Serialize) {

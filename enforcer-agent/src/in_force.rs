@@ -16,7 +16,12 @@ use crate::{
 /// The policy in force, as one value: what was compiled from it and what it was compiled
 /// against. An apply builds the next one completely, then swaps it in.
 pub(crate) struct InForce {
+    /// The policy in force: `base` with the grants' entries after its own rules.
     pub(crate) policy: Policy,
+    /// The policy as applied (file, API), without grants: what a re-apply starts from.
+    pub(crate) base: Policy,
+    /// The clocks read when it was compiled: time-bound entries' windows on the boot clock.
+    pub(crate) clock: policy::Clock,
     pub(crate) classes: Classes,
     /// The generation it is written in (the kernel's `active`).
     pub(crate) generation: u32,
@@ -42,6 +47,17 @@ impl InForce {
             .map(|id| id.spiffe_id.as_str())
     }
 
+    /// The policy rule (its own, a grant's or one made from listeners) of a rule id.
+    pub(crate) fn rule(&self, rule: u32) -> Option<&policy::Rule> {
+        let own = self.policy.rules.len();
+        let i = usize::try_from(rule).ok()?;
+        if i < own {
+            self.policy.rules.get(i)
+        } else {
+            self.listener_rules.get(i - own)
+        }
+    }
+
     /// What a rule id reported by the kernel stands for (a rule of this policy, one made
     /// from listeners, or one of the `RULE_*` reasons).
     pub(crate) fn rule_text(&self, rule: u32) -> String {
@@ -54,16 +70,9 @@ impl InForce {
             RULE_NO_CONFIG => "no policy loaded".to_string(),
             RULE_TAMPERED => "tampered (no identity until it execs again untraced)".to_string(),
             RULE_SOCKET_KIND => "the identity's `sockets:` list".to_string(),
-            r => {
-                let own = self.policy.rules.len();
-                let i = r as usize;
-                let rule = if i < own {
-                    self.policy.rules.get(i)
-                } else {
-                    self.listener_rules.get(i - own)
-                };
-                rule.map_or_else(|| format!("rule {r}"), |r| r.text.clone())
-            }
+            r => self
+                .rule(r)
+                .map_or_else(|| format!("rule {r}"), |x| x.text.clone()),
         }
     }
 }

@@ -928,6 +928,10 @@ impl RuleMaps for Maps {
     fn prefix(&self, prefix_len: u32, key: &RuleKeyData) -> Option<RuleValue> {
         self.rules.get(&Key::new(prefix_len, *key), 0).ok()
     }
+
+    fn now_ns(&self) -> u64 {
+        crate::sys::boottime_ns()
+    }
 }
 
 impl Kernel {
@@ -1300,7 +1304,7 @@ mod tests {
                     addr: a,
                 },
             },
-            RuleValue { verdict, rule: 0 },
+            RuleValue::permanent(verdict, 0),
         )
     }
 

@@ -11,6 +11,7 @@ pub mod client;
 pub mod daemon;
 pub mod events;
 pub mod exes;
+pub mod grants;
 pub mod health;
 pub mod in_force;
 pub mod k8s;

@@ -148,6 +148,7 @@ pub fn listener_rules(
                         l.addr,
                         l.port
                     ),
+                    timing: r.timing.clone(),
                 });
             }
         }

@@ -95,6 +95,14 @@ struct Inner {
     map_capacity: Family<MapLabels, U64Gauge>,
     attestation: Histogram,
     health: Health,
+    grants_active: U64Gauge,
+    grant_events: Family<GrantLabels, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct GrantLabels {
+    /// grant | expired | revoked
+    event: String,
 }
 
 /// Agent metrics, opt-in (served only when `--metrics-addr` is given).
@@ -169,9 +177,25 @@ impl Metrics {
             attestation.clone(),
         );
 
+        let grants_active = U64Gauge::default();
+        registry.register(
+            "grants_active",
+            "Grants (time-bound exceptions from `enforcer-agent grant`) in force",
+            grants_active.clone(),
+        );
+        let grant_events = Family::<GrantLabels, Counter>::default();
+        registry.register(
+            "grant_events",
+            "Grants made (grant), over at their instant (expired) and ended early or dropped \
+             by an apply (revoked)",
+            grant_events.clone(),
+        );
+
         Self {
             inner: Arc::new(Inner {
                 registry,
+                grants_active,
+                grant_events,
                 decisions,
                 events_lost,
                 events_dropped,
@@ -223,6 +247,21 @@ impl Metrics {
         if seconds.is_finite() {
             self.inner.attestation.observe(seconds.max(0.0));
         }
+    }
+
+    /// Grants in force: gauge `enforcer_grants_active`.
+    pub fn set_grants_active(&self, n: u64) {
+        self.inner.grants_active.set(n);
+    }
+
+    /// One grant event (`grant`, `expired`, `revoked`): `enforcer_grant_events_total{event}`.
+    pub fn grant_event(&self, event: &str) {
+        self.inner
+            .grant_events
+            .get_or_create(&GrantLabels {
+                event: event.to_owned(),
+            })
+            .inc();
     }
 
     /// Liveness and readiness, served as `/healthz` and `/readyz`.

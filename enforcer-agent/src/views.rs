@@ -275,6 +275,10 @@ impl View<'_> {
             uncovered,
             uncovered_window_secs: UNCOVERED_WINDOW.as_secs(),
             events_lost: self.kernel.counter(Counter::EventsLost),
+            // Filled by the agent (it holds the grants).
+            grants: Vec::new(),
+            timed_entries: 0,
+            next_expiry: None,
         }
     }
 
@@ -287,6 +291,7 @@ impl View<'_> {
             &self.in_force.listener_rules,
             generation,
             self.kernel.max_rules,
+            self.in_force.clock,
         ) {
             Ok(want) => {
                 let have = self.kernel.rules_of(generation);
@@ -416,8 +421,14 @@ impl View<'_> {
             let s = s.trim_end_matches('/');
             s.is_empty() || cgroup == s || cgroup.starts_with(&format!("{s}/"))
         });
+        let mut timing = None;
         let (verdict, ident, rule) = if in_scope {
             let j = self.kernel.judge(r.pid, dst, port, proto)?;
+            timing = self
+                .in_force
+                .rule(j.rule)
+                .map(|r| r.timing.clone())
+                .filter(|t| t.is_timed());
             (j.verdict.name(), j.ident, self.in_force.rule_text(j.rule))
         } else {
             (
@@ -442,6 +453,12 @@ impl View<'_> {
             protocol: protocol_name(proto).to_string(),
             rule,
             time_ns: 0,
+            expires: timing
+                .as_ref()
+                .and_then(|t| t.expires)
+                .map(crate::policy::rfc3339),
+            reason: timing.as_ref().and_then(|t| t.reason.clone()),
+            grant: timing.as_ref().and_then(|t| t.grant),
             ..Default::default()
         })
     }

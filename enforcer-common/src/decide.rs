@@ -38,6 +38,9 @@ pub trait RuleMaps {
     fn host(&self, key: &RuleKeyData) -> Option<RuleValue>;
     /// Longest match of `key` (`prefix_len` bits) in the `ENF_RULES` trie.
     fn prefix(&self, prefix_len: u32, key: &RuleKeyData) -> Option<RuleValue>;
+    /// The kernel boot clock (`CLOCK_BOOTTIME`, ns), read only when the matching entry is
+    /// time-bound ([`RuleValue::is_timed`]).
+    fn now_ns(&self) -> u64;
 }
 
 impl Config {
@@ -126,10 +129,7 @@ pub fn lookup_rule<M: RuleMaps>(maps: &M, g: &GenConfig, mut data: RuleKeyData) 
     {
         return v;
     }
-    RuleValue {
-        verdict: Verdict::Deny as u32,
-        rule: RULE_DEFAULT_DENY,
-    }
+    RuleValue::permanent(Verdict::Deny as u32, RULE_DEFAULT_DENY)
 }
 
 /// What a decision rested on.
@@ -285,6 +285,9 @@ pub fn decide<M: IdentityMaps + RuleMaps>(
             key.generation = generation;
             key.ident = ident;
             let v = lookup_rule(maps, cfg.generation(generation), key);
+            // A time-bound entry outside its window decides as the permanent entries do:
+            // the kernel itself stops honouring it at its instant, agent or not.
+            let v = if v.is_timed() { v.at(maps.now_ns()) } else { v };
             Decision {
                 verdict: Verdict::from_raw(v.verdict),
                 ident,
@@ -475,6 +478,8 @@ mod tests {
         hosts: BTreeMap<RuleKeyData, RuleValue>,
         trie: Vec<(u32, RuleKeyData, RuleValue)>,
         sockets: BTreeMap<SocketKey, u32>,
+        /// The boot clock the model reports.
+        now: u64,
     }
 
     impl SocketMaps for Model {
@@ -513,6 +518,9 @@ mod tests {
                 .map(|(_, _, v)| *v)
                 .next()
         }
+        fn now_ns(&self) -> u64 {
+            self.now
+        }
     }
 
     fn cfg(mode: Mode, unattested: Action) -> Config {
@@ -528,6 +536,7 @@ mod tests {
             report_allow: 0,
             uses_uids: 1,
             prefix_rules: 1,
+            preload_hold: 0,
         };
         c
     }
@@ -556,25 +565,60 @@ mod tests {
         let mut host = destination_v4(PROTO_TCP, 443, [10, 0, 0, 1]);
         host.generation = 1;
         host.ident = 12;
-        m.hosts.insert(
-            host,
-            RuleValue {
-                verdict: Verdict::Allow as u32,
-                rule: 0,
-            },
-        );
+        m.hosts
+            .insert(host, RuleValue::permanent(Verdict::Allow as u32, 0));
         let mut net = destination_v4(PROTO_TCP, 0, [10, 0, 1, 0]);
         net.generation = 1;
         net.ident = 11;
         m.trie.push((
             RULE_FIXED_BITS + 24,
             net,
-            RuleValue {
-                verdict: Verdict::Allow as u32,
-                rule: 1,
-            },
+            RuleValue::permanent(Verdict::Allow as u32, 1),
         ));
         m
+    }
+
+    #[test]
+    fn a_time_bound_entry_decides_only_inside_its_window() {
+        let mut m = world();
+        let c = cfg(Mode::Enforce, Action::Deny);
+        let mut host = destination_v4(PROTO_TCP, 22, [10, 0, 0, 9]);
+        host.generation = 1;
+        host.ident = 12;
+        m.hosts.insert(
+            host,
+            RuleValue {
+                not_before_ns: 1_000,
+                expires_ns: 5_000,
+                fallback_verdict: Verdict::Deny as u32,
+                fallback_rule: RULE_DEFAULT_DENY,
+                ..RuleValue::permanent(Verdict::Allow as u32, 3)
+            },
+        );
+        let dst = destination_v4(PROTO_TCP, 22, [10, 0, 0, 9]);
+        let p = proc_(7, 0, 100);
+        for (now, verdict, rule) in [
+            (999, Verdict::Deny, RULE_DEFAULT_DENY),
+            (1_000, Verdict::Allow, 3),
+            (4_999, Verdict::Allow, 3),
+            (5_000, Verdict::Deny, RULE_DEFAULT_DENY),
+            (u64::MAX, Verdict::Deny, RULE_DEFAULT_DENY),
+        ] {
+            m.now = now;
+            let d = decide(&m, &c, Some(&p), &dst);
+            assert_eq!((d.verdict, d.rule), (verdict, rule), "at {now}");
+        }
+        // A permanent entry never reads the clock's value.
+        m.now = u64::MAX;
+        let d = decide(
+            &m,
+            &c,
+            Some(&p),
+            &destination_v4(PROTO_TCP, 443, [10, 0, 0, 1]),
+        );
+        assert_eq!(d.verdict, Verdict::Allow);
+        // A zeroed value is permanent.
+        assert!(!RuleValue::default().is_timed());
     }
 
     #[test]
@@ -752,23 +796,15 @@ mod tests {
         let mut deny = destination_v4(PROTO_TCP, 9, [127, 0, 0, 1]);
         deny.generation = 1;
         deny.ident = 12;
-        m.hosts.insert(
-            deny,
-            RuleValue {
-                verdict: Verdict::Deny as u32,
-                rule: 7,
-            },
-        );
+        m.hosts
+            .insert(deny, RuleValue::permanent(Verdict::Deny as u32, 7));
         let mut net = destination_v4(PROTO_TCP, 0, [127, 0, 0, 0]);
         net.generation = 1;
         net.ident = 12;
         m.trie.push((
             RULE_FIXED_BITS + 24,
             net,
-            RuleValue {
-                verdict: Verdict::Allow as u32,
-                rule: 8,
-            },
+            RuleValue::permanent(Verdict::Allow as u32, 8),
         ));
         let c = cfg(Mode::Enforce, Action::Deny);
         let p = proc_(7, 0, 100);

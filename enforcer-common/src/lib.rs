@@ -18,11 +18,11 @@ pub use programs::*;
 
 /// Version of this ABI. Checked at load against the kernel object's `ENF_ABI` global and used
 /// in the bpffs pin folder, so two versions never share maps.
-pub const ABI_VERSION: u32 = 3;
+pub const ABI_VERSION: u32 = 4;
 
 /// Pin folder, relative to the bpffs mount (`/sys/fs/bpf`): `enforcer/v{ABI_VERSION}`.
-pub const PIN_SUBDIR: &str = "enforcer/v3";
-const _: () = assert!(ABI_VERSION == 3, "update PIN_SUBDIR with ABI_VERSION");
+pub const PIN_SUBDIR: &str = "enforcer/v4";
+const _: () = assert!(ABI_VERSION == 4, "update PIN_SUBDIR with ABI_VERSION");
 
 // ---- names (at most 15 characters: the kernel's BPF_OBJ_NAME_LEN - 1) ----
 pub const MAP_PROCS: &str = "ENF_PROCS";
@@ -256,8 +256,12 @@ pub struct GenConfig {
     /// 1 when the generation has entries in the `ENF_RULES` trie (prefixes shorter than a
     /// host); 0 lets the kernel skip the trie and look up `ENF_HOSTS` only.
     pub prefix_rules: u32,
+    /// 1 when some identity of the generation grants preloaded code (`preload:`): an exec
+    /// whose environment names a loader variable is then held (while the agent is alive) so
+    /// the agent can hash what the loader will load before the first instruction.
+    pub preload_hold: u32,
 }
-const _: () = assert!(core::mem::size_of::<GenConfig>() == 28);
+const _: () = assert!(core::mem::size_of::<GenConfig>() == 32);
 
 /// The single value of `ENF_CONFIG` (index 0). Applying a policy writes the inactive slot of
 /// every map, then flips `active` with one 4-byte store: a connect sees the old policy or the
@@ -280,7 +284,7 @@ pub struct Config {
     pub heartbeat_ns: u64,
     pub generations: [GenConfig; GENERATIONS],
 }
-const _: () = assert!(core::mem::size_of::<Config>() == 24 + 28 * GENERATIONS);
+const _: () = assert!(core::mem::size_of::<Config>() == 24 + 32 * GENERATIONS);
 
 /// How old [`Config::heartbeat_ns`] may be for the kernel to still hold never-seen execs
 /// (the agent writes it every 500 ms).
@@ -422,16 +426,66 @@ pub struct RuleKey {
 }
 const _: () = assert!(core::mem::size_of::<RuleKey>() == 32);
 
-/// Value of `ENF_RULES`: the verdict for destinations whose longest match is this entry.
-/// Deny precedence is compiled in (an allow inside a deny prefix is stored as deny).
+/// Value of `ENF_RULES` and `ENF_HOSTS`: the verdict for destinations whose longest match is
+/// this entry. Deny precedence is compiled in (an allow inside a deny prefix is stored as deny).
+///
+/// A time-bound entry (`expires:` / `notBefore:` in the policy, or a grant) holds `verdict`
+/// and `rule` only inside its window `[not_before_ns, expires_ns)` of the kernel boot clock
+/// (`CLOCK_BOOTTIME`, the clock of `bpf_ktime_get_boot_ns`); outside it the entry gives
+/// `fallback_verdict` / `fallback_rule`, what the permanent entries decide. 0 in either bound
+/// means "no bound", so a zeroed value is a permanent entry.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct RuleValue {
     pub verdict: u32,
     /// Index of the policy rule entry that gave it (for `explain` and events).
     pub rule: u32,
+    /// Boot-clock ns before which the entry gives the fallback (0: no lower bound).
+    pub not_before_ns: u64,
+    /// Boot-clock ns from which the entry gives the fallback (0: never expires).
+    pub expires_ns: u64,
+    pub fallback_verdict: u32,
+    pub fallback_rule: u32,
 }
-const _: () = assert!(core::mem::size_of::<RuleValue>() == 8);
+const _: () = assert!(core::mem::size_of::<RuleValue>() == 32);
+
+impl RuleValue {
+    /// A permanent entry.
+    #[inline(always)]
+    pub const fn permanent(verdict: u32, rule: u32) -> Self {
+        Self {
+            verdict,
+            rule,
+            not_before_ns: 0,
+            expires_ns: 0,
+            fallback_verdict: 0,
+            fallback_rule: 0,
+        }
+    }
+
+    /// True when the entry has a window (the decision must read the clock).
+    #[inline(always)]
+    pub const fn is_timed(&self) -> bool {
+        self.not_before_ns != 0 || self.expires_ns != 0
+    }
+
+    /// True when `now_ns` (boot clock) lies inside the entry's window.
+    #[inline(always)]
+    pub const fn in_window(&self, now_ns: u64) -> bool {
+        now_ns >= self.not_before_ns && (self.expires_ns == 0 || now_ns < self.expires_ns)
+    }
+
+    /// The entry as it decides at `now_ns`: itself inside its window, else a permanent entry
+    /// with the fallback verdict and rule.
+    #[inline(always)]
+    pub const fn at(&self, now_ns: u64) -> Self {
+        if !self.is_timed() || self.in_window(now_ns) {
+            *self
+        } else {
+            Self::permanent(self.fallback_verdict, self.fallback_rule)
+        }
+    }
+}
 
 /// Key of `ENF_UNCOVERED`: where connects with no identity come from.
 #[repr(C)]

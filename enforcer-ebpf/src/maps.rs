@@ -106,6 +106,11 @@ impl RuleMaps for KernelMaps {
     fn prefix(&self, prefix_len: u32, key: &RuleKeyData) -> Option<RuleValue> {
         RULES.get(&Key::new(prefix_len, *key)).copied()
     }
+
+    #[inline(always)]
+    fn now_ns(&self) -> u64 {
+        now_ns()
+    }
 }
 
 impl SocketMaps for KernelMaps {

@@ -6,7 +6,7 @@
 #![no_main]
 
 use enforcer_agent::policy::{
-    Classes, decode_bundle, encode_bundle, is_bundle, load, rule_entries_of,
+    Classes, Clock, decode_bundle, encode_bundle, is_bundle, load, rule_entries_of,
 };
 use libfuzzer_sys::fuzz_target;
 
@@ -22,7 +22,7 @@ fn one(bytes: &[u8]) {
     };
     let again = decode_bundle(&encode_bundle(&policy));
     assert_eq!(again.as_ref().ok(), Some(&policy), "{again:?}");
-    let _ = rule_entries_of(&policy.rules, &[], 0, LIMIT);
+    let _ = rule_entries_of(&policy.rules, &[], 0, LIMIT, Clock::now());
     let _ = Classes::new(&policy).idmatch_entries(0);
 }
 

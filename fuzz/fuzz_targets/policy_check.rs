@@ -8,7 +8,7 @@
 #![no_main]
 
 use enforcer_agent::policy::{
-    CgroupFacts, Classes, check, decode_bundle, encode_bundle, policy_hash, rule_entries_of,
+    CgroupFacts, Classes, Clock, check, decode_bundle, encode_bundle, policy_hash, rule_entries_of,
 };
 use libfuzzer_sys::fuzz_target;
 
@@ -32,7 +32,7 @@ fuzz_target!(|data: &[u8]| {
         Err(e) => panic!("the bundle of a checked policy is refused: {e}"),
     }
     let _ = policy_hash(&policy);
-    let _ = rule_entries_of(&policy.rules, &[], 1, LIMIT);
+    let _ = rule_entries_of(&policy.rules, &[], 1, LIMIT, Clock::now());
     let mut classes = Classes::new(&policy);
     for scope in &policy.scope {
         classes.cg_class(&CgroupFacts::without_pod(scope));

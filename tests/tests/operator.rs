@@ -411,10 +411,7 @@ fn edit_rules_map_by_hand(pin_dir: &Path) {
     rules
         .insert(
             &Key::new(RULE_FIXED_BITS + 32, data),
-            &RuleValue {
-                verdict: Verdict::Allow as u32,
-                rule: 0,
-            },
+            &RuleValue::permanent(Verdict::Allow as u32, 0),
             0,
         )
         .expect("hand edit");

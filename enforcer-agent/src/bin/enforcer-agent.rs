@@ -138,6 +138,38 @@ enum Cmd {
         #[arg(long)]
         object: Option<PathBuf>,
     },
+    /// A time-bound exception (break-glass): IDENTITY may reach --to for --for, added to the
+    /// policy in force at once; the kernel stops honouring it at its instant by itself.
+    Grant {
+        /// The identity's `name` in the policy.
+        #[arg(long)]
+        identity: String,
+        /// ADDR[/LEN][:PORTS], e.g. 10.0.0.7:22, 10.20.0.0/16:5432,8000-8100 or [::1]:53
+        #[arg(long)]
+        to: String,
+        #[arg(long, value_parser = ["tcp", "udp"])]
+        protocol: Option<String>,
+        /// How long: 30m, 4h, 1h30m (at most the policy's `maxGrant`, default 1h).
+        #[arg(long = "for", value_name = "DURATION")]
+        duration: String,
+        /// Why (an incident or ticket): shown in `grants`, `status` and events.
+        #[arg(long)]
+        reason: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// The grants in force: id, identity, destination, reason, who, granted at, expires, time left.
+    Grants {
+        #[arg(long)]
+        json: bool,
+    },
+    /// End a grant now (connections it allowed are closed when `revokeConnections` is on).
+    Revoke {
+        /// The grant's id (see `grants`).
+        id: u64,
+        #[arg(long)]
+        json: bool,
+    },
     /// Detach everything and remove the pinned state (enforcement stops).
     Uninstall {
         #[arg(long, default_value = DEFAULT_PIN_DIR)]
@@ -160,7 +192,7 @@ enum PolicyCmd {
 }
 
 /// `/sys/fs/bpf/` + the ABI's versioned pin folder.
-const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/enforcer/v3";
+const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/enforcer/v4";
 const _: () = {
     let (a, b) = (
         DEFAULT_PIN_DIR.as_bytes(),
@@ -478,6 +510,81 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
             eprintln!("{name}: loaded and unloaded");
             Ok(ExitCode::SUCCESS)
         }
+        Cmd::Grant {
+            identity,
+            to,
+            protocol,
+            duration,
+            reason,
+            json,
+        } => {
+            let req = api::GrantRequest {
+                identity,
+                to,
+                protocol: protocol.unwrap_or_default(),
+                duration,
+                reason,
+                by: requester(),
+            };
+            let reply::Kind::Grant(g) = client::call(&socket, request::Kind::Grant(req))? else {
+                bail!(
+                    "the agent answered `grant` with something else; is it the same version as this CLI?"
+                );
+            };
+            if json {
+                println!("{}", serde_json::to_string_pretty(&g)?);
+            } else {
+                println!(
+                    "grant {} in force: {} ({}) -> {} until {} ({} left), reason: {}",
+                    g.id,
+                    g.identity,
+                    g.spiffe_id,
+                    g.destination,
+                    g.expires_at,
+                    enforcer_agent::grants::format_secs(g.seconds_left),
+                    g.reason
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Grants { json } => {
+            let reply::Kind::Grants(l) =
+                client::call(&socket, request::Kind::Grants(api::GrantsRequest {}))?
+            else {
+                bail!(
+                    "the agent answered `grants` with something else; is it the same version as this CLI?"
+                );
+            };
+            if json {
+                println!("{}", serde_json::to_string_pretty(&l.grants)?);
+            } else if l.grants.is_empty() {
+                println!(
+                    "no grants in force (maxGrant {})",
+                    enforcer_agent::grants::format_secs(l.max_grant_secs)
+                );
+            } else {
+                print_grants(&l.grants);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Revoke { id, json } => {
+            let reply::Kind::Grant(g) =
+                client::call(&socket, request::Kind::Revoke(api::RevokeRequest { id }))?
+            else {
+                bail!(
+                    "the agent answered `revoke` with something else; is it the same version as this CLI?"
+                );
+            };
+            if json {
+                println!("{}", serde_json::to_string_pretty(&g)?);
+            } else {
+                println!(
+                    "grant {} revoked: {} -> {} (was until {}, reason: {})",
+                    g.id, g.identity, g.destination, g.expires_at, g.reason
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Cmd::Uninstall { bpffs_dir } => {
             enforcer_agent::kernel::uninstall(&bpffs_dir)?;
             eprintln!(
@@ -583,8 +690,20 @@ fn init_logging() {
 }
 
 fn describe(d: &api::Decision) -> String {
+    let mut until = String::new();
+    if let Some(e) = &d.expires {
+        until.push_str(&format!(" (until {e}"));
+        if let Some(r) = &d.reason {
+            until.push_str(&format!(", reason: {r}"));
+        }
+        until.push(')');
+    }
+    if d.pid == 0 && matches!(d.verdict.as_str(), "grant" | "expired" | "revoked") {
+        // A grant made, over or revoked: not a process's decision.
+        return format!("{}: {}", d.verdict, d.rule);
+    }
     format!(
-        "{}: pid {} ({}, identity {}) -> {}:{}/{} by {}",
+        "{}: pid {} ({}, identity {}) -> {}:{}/{} by {}{until}",
         d.verdict,
         d.pid,
         d.exe.as_deref().unwrap_or("exe unknown"),
@@ -600,11 +719,54 @@ fn describe(d: &api::Decision) -> String {
     )
 }
 
+/// Who runs this command, for the grant's record: the user sudo ran it for, and the uid.
+fn requester() -> String {
+    let uid = nix::unistd::getuid();
+    let name = nix::unistd::User::from_uid(uid).ok().flatten().map_or_else(
+        || format!("uid {uid}"),
+        |u| format!("{} (uid {uid})", u.name),
+    );
+    match std::env::var("SUDO_USER") {
+        Ok(s) if !s.is_empty() => format!("{name} via sudo by {s}"),
+        _ => name,
+    }
+}
+
+fn print_grants(grants: &[api::GrantInfo]) {
+    println!(
+        "{:>4}  {:<20}  {:<28}  {:<20}  {:<20}  {:>9}  {:<16}  reason",
+        "ID", "IDENTITY", "DESTINATION", "GRANTED", "EXPIRES", "LEFT", "BY"
+    );
+    for g in grants {
+        println!(
+            "{:>4}  {:<20}  {:<28}  {:<20}  {:<20}  {:>9}  {:<16}  {}",
+            g.id,
+            g.identity,
+            g.destination,
+            g.granted_at,
+            g.expires_at,
+            enforcer_agent::grants::format_secs(g.seconds_left),
+            g.by,
+            g.reason
+        );
+    }
+}
+
 fn print_status(s: &api::Status) {
     println!(
         "policy: {} (sha256 {}), mode {}, generation {}",
         s.policy_source, s.policy_hash, s.mode, s.generation
     );
+    println!(
+        "time-bound: {} grant(s), {} policy entr{} with an instant; next expiry {}",
+        s.grants.len(),
+        s.timed_entries,
+        if s.timed_entries == 1 { "y" } else { "ies" },
+        s.next_expiry.as_deref().unwrap_or("none")
+    );
+    if !s.grants.is_empty() {
+        print_grants(&s.grants);
+    }
     if s.drift.is_empty() {
         println!("kernel maps: in sync with the compiled policy");
     } else {

@@ -13,8 +13,10 @@ use super::{
 const MAGIC: &[u8] = b"ENFORCER-POLICY";
 /// Version of the bundle format (field 2). 2 added `systemdUnit` (match field 5), 3 the `k8s`
 /// selectors (match fields 6 to 9): an agent that ignored them would widen identities, so
-/// older agents must refuse these bundles.
-pub const BUNDLE_FORMAT: u32 = 3;
+/// older agents must refuse these bundles. 4 added time-bound entries (rule fields 20 to 22)
+/// and `maxGrant` (policy field 20): an agent that ignored `expires` would honour an entry
+/// forever.
+pub const BUNDLE_FORMAT: u32 = 4;
 /// Oldest format this agent reads (older formats have no field it does not know).
 const BUNDLE_FORMAT_MIN: u32 = 1;
 
@@ -46,6 +48,9 @@ struct PolicyMsg {
     identities: Vec<IdentityMsg>,
     #[prost(message, repeated, tag = "7")]
     rules: Vec<RuleMsg>,
+    /// `maxGrant` in seconds (0: the default).
+    #[prost(uint64, tag = "20")]
+    max_grant_secs: u64,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
@@ -115,6 +120,14 @@ struct RuleMsg {
     /// Identity number of a `to: {identity: X}` destination (0: `cidr` applies).
     #[prost(uint32, tag = "8")]
     to_ident: u32,
+    /// `notBefore`, Unix ns (absent: none).
+    #[prost(int64, optional, tag = "20")]
+    not_before: Option<i64>,
+    /// `expires`, Unix ns (absent: never).
+    #[prost(int64, optional, tag = "21")]
+    expires: Option<i64>,
+    #[prost(string, optional, tag = "22")]
+    reason: Option<String>,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
@@ -214,8 +227,12 @@ pub fn encode_bundle(policy: &Policy) -> Vec<u8> {
                     },
                     line: u64::try_from(r.line).unwrap_or(0),
                     text: r.text.clone(),
+                    not_before: r.timing.not_before,
+                    expires: r.timing.expires,
+                    reason: r.timing.reason.clone(),
                 })
                 .collect(),
+            max_grant_secs: policy.max_grant_secs,
         }),
     };
     prost::Message::encode_to_vec(&msg)
@@ -344,6 +361,12 @@ pub fn decode_bundle(bytes: &[u8]) -> Result<Policy, PolicyError> {
             protocol,
             line: usize::try_from(r.line).unwrap_or(0),
             text: r.text,
+            timing: super::Timing {
+                not_before: r.not_before,
+                expires: r.expires,
+                reason: r.reason,
+                grant: None,
+            },
         });
     }
     let policy = Policy {
@@ -354,6 +377,11 @@ pub fn decode_bundle(bytes: &[u8]) -> Result<Policy, PolicyError> {
         report_allow: p.report_allow,
         identities,
         rules,
+        max_grant_secs: if p.max_grant_secs == 0 {
+            super::DEFAULT_MAX_GRANT_SECS
+        } else {
+            p.max_grant_secs
+        },
     };
     validate(&policy).map_err(PolicyError::InvalidBundle)?;
     Ok(policy)
@@ -459,6 +487,18 @@ fn validate(p: &Policy) -> Result<(), String> {
         if let Some((a, b)) = r.ports.iter().find(|(a, b)| *a == 0 || a > b) {
             return Err(format!("rules[{k}] has invalid port range {a}-{b}"));
         }
+        let t = &r.timing;
+        if t.not_before.is_some_and(|b| b <= 0) || t.expires.is_some_and(|e| e <= 0) {
+            return Err(format!("rules[{k}] has an instant before 1970"));
+        }
+        if let (Some(b), Some(e)) = (t.not_before, t.expires)
+            && b >= e
+        {
+            return Err(format!("rules[{k}] expires before its notBefore"));
+        }
+    }
+    if p.max_grant_secs == 0 {
+        return Err("maxGrant is 0".into());
     }
     Ok(())
 }
@@ -509,7 +549,13 @@ mod tests {
 
     #[test]
     fn roundtrip() -> Result<(), PolicyError> {
-        for p in [full(), load("d", DEFAULT_POLICY.as_bytes())?.0] {
+        let timed = load(
+            "t",
+            b"apiVersion: enforcer/v1\nkind: Policy\ntrustDomain: t.org\nmaxGrant: 2h\nidentities:\n  - name: a\n    match: [{uid: [1]}]\nrules:\n  - identity: a\n    egress:\n      - to: {cidr: 10.0.0.1}\n        expires: 2099-01-01T00:00:00Z\n        notBefore: 2098-01-01T00:00:00Z\n        reason: why\n",
+        )?
+        .0;
+        assert!(timed.rules[0].timing.is_timed());
+        for p in [full(), load("d", DEFAULT_POLICY.as_bytes())?.0, timed] {
             let b = encode_bundle(&p);
             assert!(is_bundle(&b));
             assert_eq!(decode_bundle(&b)?, p);
@@ -607,7 +653,7 @@ mod tests {
             Ok(m) => m,
             Err(e) => panic!("{e}"),
         };
-        assert_eq!(msg.format, 3);
+        assert_eq!(msg.format, BUNDLE_FORMAT);
         let labels = &msg
             .policy
             .as_ref()

@@ -10,7 +10,7 @@ use ipnet::{IpNet, Ipv4Net};
 use super::cgroup_attr::{CgroupAttr, K8S_KEY, label_atom, label_key_problem, label_value_problem};
 use super::yaml::{self, Kind, Node};
 use super::{
-    Action, Diagnostic, Identity, MatchEntry, Mode, Policy, Protocol, Rule, Severity,
+    Action, Diagnostic, Identity, MatchEntry, Mode, Policy, Protocol, Rule, Severity, Timing,
     default_spiffe_id,
 };
 
@@ -22,6 +22,7 @@ const TOP_KEYS: &[&str] = &[
     "unattested",
     "scope",
     "reportAllow",
+    "maxGrant",
     "identities",
     "rules",
 ];
@@ -37,7 +38,7 @@ const MATCH_KEYS: &[&str] = &[
 /// Keys of a match entry's `k8s` mapping (the `k8s` attributes of [`CgroupAttr`]).
 const K8S_KEYS: &[&str] = &["namespace", "serviceAccount", "podLabels", "container"];
 const RULE_KEYS: &[&str] = &["identity", "egress", "deny"];
-const ENTRY_KEYS: &[&str] = &["to"];
+const ENTRY_KEYS: &[&str] = &["to", "expires", "notBefore", "reason"];
 const TO_KEYS: &[&str] = &["cidr", "ports", "protocol", "identity"];
 
 /// Maximum number of `scope` entries (the kernel's `ENF_SCOPES` capacity).
@@ -46,7 +47,15 @@ const MAX_SCOPE: usize = enforcer_common::MAX_SCOPES as usize;
 /// Parse and check a YAML policy. `Ok` when there is no error (warnings are returned
 /// alongside); `Err` with every diagnostic, errors and warnings, in source order, otherwise.
 pub fn check(source: &str) -> Result<(Policy, Vec<Diagnostic>), Vec<Diagnostic>> {
-    let mut c = Checker::default();
+    check_at(source, super::wall_now_ns())
+}
+
+/// [`check`] as of the wall-clock instant `now` (Unix ns): what has expired by then is warned.
+pub fn check_at(source: &str, now: i64) -> Result<(Policy, Vec<Diagnostic>), Vec<Diagnostic>> {
+    let mut c = Checker {
+        now,
+        ..Checker::default()
+    };
     let policy = match yaml::parse(source) {
         Err(e) => {
             c.diag(e.line, e.col, Severity::Error, e.message);
@@ -90,6 +99,8 @@ impl<'n> Fields<'n> {
 #[derive(Default)]
 struct Checker {
     diags: Vec<Diagnostic>,
+    /// The wall clock (Unix ns) when the check started: entries expired by then are warned.
+    now: i64,
 }
 
 fn list_keys(keys: &[&str]) -> String {
@@ -322,6 +333,10 @@ impl Checker {
             None => Some(false),
             Some(n) => self.boolean(n, "reportAllow"),
         };
+        let max_grant_secs = match f.get("maxGrant") {
+            None => Some(super::DEFAULT_MAX_GRANT_SECS),
+            Some(n) => self.duration(n, "maxGrant", "`maxGrant: 4h`"),
+        };
         let (identities, ids_ok, names) = match f.get("identities") {
             None => (Vec::new(), true, HashMap::new()),
             Some(n) => self.identities(n, trust_domain.as_deref()),
@@ -342,6 +357,7 @@ impl Checker {
             report_allow: report_allow?,
             identities: identities.into_iter().map(|i| i.identity).collect(),
             rules: rules?,
+            max_grant_secs: max_grant_secs?,
         })
     }
 
@@ -856,18 +872,23 @@ impl Checker {
                         .map(|(name, _)| format!("{name} {key}[{j}]"))
                         .unwrap_or_default();
                     match self.rule_entry(e, &format!("{what}.{key}[{j}]"), names) {
-                        Some(dests) => {
+                        Some((dests, timing)) => {
                             if let Some((_, id)) = &ident {
                                 for d in dests {
                                     out.push(Rule {
                                         ident: *id,
                                         deny,
-                                        text: format!("{label}: {}", d.describe()),
+                                        text: format!(
+                                            "{label}: {}{}",
+                                            d.describe(),
+                                            timing_text(&timing)
+                                        ),
                                         cidr: d.cidr,
                                         to_ident: d.to_ident,
                                         ports: d.ports.clone(),
                                         protocol: d.protocol,
                                         line: e.line,
+                                        timing: timing.clone(),
                                     });
                                 }
                             }
@@ -914,8 +935,131 @@ impl Checker {
         node: &Node,
         what: &str,
         names: &HashMap<String, u32>,
-    ) -> Option<Vec<Dest>> {
+    ) -> Option<(Vec<Dest>, Timing)> {
         let f = self.fields(node, what, ENTRY_KEYS, &["to"])?;
+        let timing = self.timing(&f, what)?;
+        let dests = self.destination(&f, what, names)?;
+        Some((dests, timing))
+    }
+
+    /// `expires:`, `notBefore:` and `reason:` of an egress/deny entry.
+    fn timing(&mut self, f: &Fields<'_>, what: &str) -> Option<Timing> {
+        let mut ok = true;
+        let mut instant = |c: &mut Self, key: &str| -> Option<(i64, &Node)> {
+            let n = f.get(key)?;
+            match c.instant(n, key) {
+                Some(t) => Some((t, n)),
+                None => {
+                    ok = false;
+                    None
+                }
+            }
+        };
+        let expires = instant(self, "expires");
+        let not_before = instant(self, "notBefore");
+        let reason = match f.get("reason") {
+            None => None,
+            Some(n) => match self.string(n, "reason", "`reason: \"INC-1234 break-glass\"`") {
+                Some(r) => Some(r),
+                None => {
+                    ok = false;
+                    None
+                }
+            },
+        };
+        if let (Some((b, _)), Some((e, en))) = (not_before, expires)
+            && b >= e
+        {
+            self.err(
+                en,
+                format!(
+                    "{what}: expires ({}) is not after notBefore ({}); the entry would never hold",
+                    super::rfc3339(e),
+                    super::rfc3339(b)
+                ),
+            );
+            ok = false;
+        }
+        if let Some((e, en)) = expires
+            && e <= self.now
+        {
+            self.warn(
+                en,
+                format!(
+                    "{what} expired at {} (it is {} now): the kernel will never honour it; remove it or move `expires` forward",
+                    super::rfc3339(e),
+                    super::rfc3339(self.now)
+                ),
+            );
+        }
+        ok.then_some(Timing {
+            not_before: not_before.map(|(t, _)| t),
+            expires: expires.map(|(t, _)| t),
+            reason,
+            grant: None,
+        })
+    }
+
+    /// An RFC 3339 instant with an explicit offset (`2026-12-01T18:00:00Z`), as Unix ns.
+    fn instant(&mut self, node: &Node, what: &str) -> Option<i64> {
+        let text = match &node.kind {
+            Kind::Scalar { value, .. } if !node.is_null() => value.clone(),
+            _ => {
+                self.err(
+                    node,
+                    format!(
+                        "{what} must be an RFC 3339 instant such as 2026-12-01T18:00:00Z, not {}",
+                        node.type_name()
+                    ),
+                );
+                return None;
+            }
+        };
+        match text.parse::<jiff::Timestamp>() {
+            Ok(t) => match i64::try_from(t.as_nanosecond()) {
+                Ok(ns) if ns > 0 => Some(ns),
+                _ => {
+                    self.err(
+                        node,
+                        format!("{what} {text:?} is out of range (1970 to 2262)"),
+                    );
+                    None
+                }
+            },
+            Err(e) => {
+                self.err(
+                    node,
+                    format!(
+                        "{what} {text:?} is not an RFC 3339 instant ({e}); write e.g. 2026-12-01T18:00:00Z or 2026-12-01T19:00:00+01:00"
+                    ),
+                );
+                None
+            }
+        }
+    }
+
+    /// A duration such as `30m`, `4h`, `1h30m` (or ISO 8601 `PT4H`), in whole seconds > 0.
+    fn duration(&mut self, node: &Node, what: &str, example: &str) -> Option<u64> {
+        let text = scalar(node).unwrap_or_default().to_string();
+        match parse_duration_secs(&text) {
+            Ok(secs) => Some(secs),
+            Err(e) => {
+                self.err(
+                    node,
+                    format!("{what} {text:?} is not a duration ({e}); write e.g. {example}"),
+                );
+                None
+            }
+        }
+    }
+
+    /// The destination (`to:`) of an egress/deny entry.
+    fn destination(
+        &mut self,
+        f: &Fields<'_>,
+        what: &str,
+        names: &HashMap<String, u32>,
+    ) -> Option<Vec<Dest>> {
         let to = f.get("to")?;
         let t = self.fields(to, &format!("{what}.to"), TO_KEYS, &[])?;
         let mut ok = true;
@@ -1169,6 +1313,27 @@ impl Dest {
 }
 
 /// `5432,8000-8100`
+/// A duration such as `30m`, `4h`, `1h30m` or `PT4H` in whole seconds, at least one second.
+pub fn parse_duration_secs(text: &str) -> Result<u64, String> {
+    let d: jiff::SignedDuration = text.trim().parse().map_err(|e| format!("{e}"))?;
+    if d.is_negative() || d.as_secs() < 1 {
+        return Err("it must be at least one second".into());
+    }
+    u64::try_from(d.as_secs()).map_err(|e| e.to_string())
+}
+
+/// ` (expires ...)` etc. for the description of a time-bound entry.
+fn timing_text(t: &Timing) -> String {
+    let mut s = String::new();
+    if let Some(b) = t.not_before {
+        s.push_str(&format!(" from {}", super::rfc3339(b)));
+    }
+    if let Some(e) = t.expires {
+        s.push_str(&format!(" until {}", super::rfc3339(e)));
+    }
+    s
+}
+
 pub(crate) fn format_ports(ports: &[(u16, u16)]) -> String {
     ports
         .iter()

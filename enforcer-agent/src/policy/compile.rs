@@ -97,18 +97,20 @@ pub fn rule_entries(
     policy: &Policy,
     generation: u32,
 ) -> Result<Vec<(RuleKey, RuleValue)>, PolicyError> {
-    rule_entries_of(&policy.rules, &[], generation, LIMIT)
+    rule_entries_of(&policy.rules, &[], generation, LIMIT, Clock::now())
 }
 
 /// [`rule_entries`] of `rules` followed by `extra` (rule ids count across both), refused
-/// beyond `limit` entries (the agent's `--max-rules`).
+/// beyond `limit` entries (the agent's `--max-rules`). Time-bound entries get their window on
+/// the boot clock from `clock`; those already over at `clock` are left out.
 pub fn rule_entries_of(
     rules: &[Rule],
     extra: &[Rule],
     generation: u32,
     limit: usize,
+    clock: Clock,
 ) -> Result<Vec<(RuleKey, RuleValue)>, PolicyError> {
-    let groups = group_rules(rules, extra, limit)?;
+    let groups = group_rules(rules, extra, limit, clock)?;
     // Groups are independent: large policies compile on every CPU.
     let total: usize = groups.iter().map(|(_, v)| v.len()).sum();
     let workers = if total < PARALLEL_FROM {
@@ -130,13 +132,13 @@ pub fn rule_entries_of(
     let parts: Vec<Result<Vec<(RuleKey, RuleValue)>, PolicyError>> = if chunks.len() <= 1 {
         chunks
             .iter()
-            .map(|c| compile_groups(c, generation, limit))
+            .map(|c| compile_groups(c, generation, limit, clock))
             .collect()
     } else {
         std::thread::scope(|s| {
             let handles: Vec<_> = chunks
                 .iter()
-                .map(|c| s.spawn(move || compile_groups(c, generation, limit)))
+                .map(|c| s.spawn(move || compile_groups(c, generation, limit, clock)))
                 .collect();
             handles
                 .into_iter()
@@ -161,12 +163,17 @@ fn group_rules<'a>(
     rules: &'a [Rule],
     extra: &'a [Rule],
     limit: usize,
+    clock: Clock,
 ) -> Result<Vec<Group<'a>>, PolicyError> {
     let mut groups: BTreeMap<(u32, u8), Vec<Item<'a>>> = BTreeMap::new();
     for (i, rule) in rules.iter().chain(extra).enumerate() {
         if rule.to_ident != 0 {
             // Identity destinations are expanded by the agent into cidr rules for the
             // current listeners of that identity (see `daemon`).
+            continue;
+        }
+        if rule.timing.is_over(clock.wall_ns) {
+            // Expired: it can never hold again.
             continue;
         }
         let id = u32::try_from(i).map_err(|_| PolicyError::TooManyRules { limit })?;
@@ -193,6 +200,7 @@ fn compile_groups(
     groups: &[Group<'_>],
     generation: u32,
     limit: usize,
+    clock: Clock,
 ) -> Result<Vec<(RuleKey, RuleValue)>, PolicyError> {
     let mut out: Vec<(RuleKey, RuleValue)> = Vec::new();
     for ((ident, _family), items) in groups {
@@ -232,10 +240,10 @@ fn compile_groups(
                     }
                 }
             }
-            emit_group(&mut out, generation, *ident, proto, 0, &all);
+            emit_group(&mut out, generation, *ident, proto, 0, &all, clock);
             for (port, mut group) in by_port {
                 group.extend(all.iter().copied());
-                emit_group(&mut out, generation, *ident, proto, port, &group);
+                emit_group(&mut out, generation, *ident, proto, port, &group, clock);
             }
             if out.len() > limit {
                 return Err(PolicyError::TooManyRules { limit });
@@ -245,6 +253,23 @@ fn compile_groups(
     Ok(out)
 }
 
+/// The value of `it`'s own prefix given the deny entries in force: a deny is itself, an
+/// allow inside a deny prefix is that deny, else the allow.
+fn value_of(it: &Item<'_>, denies: &[&Item<'_>]) -> RuleValue {
+    if it.rule.deny {
+        RuleValue::permanent(Verdict::Deny as u32, it.id)
+    } else if let Some(d) = denies.iter().find(|d| d.rule.cidr.contains(&it.rule.cidr)) {
+        RuleValue::permanent(Verdict::Deny as u32, d.id)
+    } else {
+        RuleValue::permanent(Verdict::Allow as u32, it.id)
+    }
+}
+
+/// One entry per prefix: a deny wins, then the lowest rule id.
+fn rank(v: &RuleValue) -> (bool, u32) {
+    (v.verdict != Verdict::Deny as u32, v.rule)
+}
+
 fn emit_group(
     out: &mut Vec<(RuleKey, RuleValue)>,
     generation: u32,
@@ -252,40 +277,155 @@ fn emit_group(
     proto: u8,
     port: u16,
     items: &[&Item<'_>],
+    clock: Clock,
 ) {
     if items.is_empty() {
         return;
     }
-    let denies: Vec<&&Item<'_>> = items.iter().filter(|it| it.rule.deny).collect();
+    let denies: Vec<&Item<'_>> = items.iter().copied().filter(|it| it.rule.deny).collect();
     let mut group = Vec::with_capacity(items.len());
     for it in items {
-        let value = if it.rule.deny {
-            RuleValue {
-                verdict: Verdict::Deny as u32,
-                rule: it.id,
-            }
-        } else if let Some(d) = denies.iter().find(|d| d.rule.cidr.contains(&it.rule.cidr)) {
-            RuleValue {
-                verdict: Verdict::Deny as u32,
-                rule: d.id,
-            }
-        } else {
-            RuleValue {
-                verdict: Verdict::Allow as u32,
-                rule: it.id,
-            }
-        };
-        group.push((key_of(generation, ident, proto, port, &it.rule.cidr), value));
+        group.push((
+            key_of(generation, ident, proto, port, &it.rule.cidr),
+            value_of(it, &denies),
+        ));
     }
-    // One entry per prefix: a deny wins, then the lowest rule id.
-    let rank = |v: &RuleValue| (v.verdict != Verdict::Deny as u32, v.rule);
     group.sort_unstable_by(|a, b| {
         (a.0.prefix_len, a.0.data.addr)
             .cmp(&(b.0.prefix_len, b.0.data.addr))
             .then_with(|| rank(&a.1).cmp(&rank(&b.1)))
     });
     group.dedup_by_key(|e| e.0);
+    if items.iter().any(|it| it.rule.timing.is_timed()) {
+        for (key, value) in &mut group {
+            *value = timed_value(key, *value, items, clock);
+        }
+    }
     out.append(&mut group);
+}
+
+/// The value of `key` when time-bound entries take part in its group: `active` (every entry
+/// counted) inside a window, outside it what the permanent entries alone decide (the
+/// longest permanent prefix that covers the key, or the default deny).
+///
+/// The window is conservative, never wider than the entries': an allow that only a
+/// time-bound entry gives holds inside that entry's window; a deny that only time-bound
+/// entries give holds from the earliest `notBefore` to the latest `expires` of those covering
+/// the key. Where time-bound allows and denies overlap, the kernel may deny earlier or longer
+/// than the policy says until the agent recompiles at the next boundary (it does at each).
+fn timed_value(key: &RuleKey, active: RuleValue, items: &[&Item<'_>], clock: Clock) -> RuleValue {
+    let cidr = cidr_of(key);
+    let covers = |it: &&&Item<'_>| it.rule.cidr.contains(&cidr);
+    let permanent: Vec<&Item<'_>> = items
+        .iter()
+        .copied()
+        .filter(|it| !it.rule.timing.is_timed())
+        .collect();
+    let perm_denies: Vec<&Item<'_>> = permanent
+        .iter()
+        .copied()
+        .filter(|it| it.rule.deny)
+        .collect();
+    let longest = permanent
+        .iter()
+        .filter(covers)
+        .map(|it| it.rule.cidr.prefix_len())
+        .max();
+    let fallback = match longest {
+        None => RuleValue::permanent(Verdict::Deny as u32, RULE_DEFAULT_DENY),
+        Some(len) => permanent
+            .iter()
+            .filter(covers)
+            .filter(|it| it.rule.cidr.prefix_len() == len)
+            .map(|it| value_of(it, &perm_denies))
+            .min_by_key(rank)
+            .unwrap_or(RuleValue::permanent(
+                Verdict::Deny as u32,
+                RULE_DEFAULT_DENY,
+            )),
+    };
+    if fallback.verdict == active.verdict {
+        return active;
+    }
+    let window = if active.verdict == Verdict::Allow as u32 {
+        // The allow comes from the winning (time-bound) entry itself.
+        items
+            .iter()
+            .find(|it| it.id == active.rule)
+            .map(|it| it.rule.timing.boot_window(clock.wall_ns, clock.boot_ns))
+    } else {
+        // The deny comes from time-bound denies covering the key: their hull.
+        let denies: Vec<(u64, u64)> = items
+            .iter()
+            .filter(covers)
+            .filter(|it| it.rule.deny && it.rule.timing.is_timed())
+            .map(|it| it.rule.timing.boot_window(clock.wall_ns, clock.boot_ns))
+            .collect();
+        (!denies.is_empty()).then(|| {
+            let nb = if denies.iter().any(|d| d.0 == 0) {
+                0
+            } else {
+                denies.iter().map(|d| d.0).min().unwrap_or(0)
+            };
+            let exp = if denies.iter().any(|d| d.1 == 0) {
+                0
+            } else {
+                denies.iter().map(|d| d.1).max().unwrap_or(0)
+            };
+            (nb, exp)
+        })
+    };
+    match window {
+        // Unbounded both ways: the entry holds always.
+        Some((0, 0)) | None => active,
+        Some((not_before_ns, expires_ns)) => RuleValue {
+            not_before_ns,
+            expires_ns,
+            fallback_verdict: fallback.verdict,
+            fallback_rule: fallback.rule,
+            ..active
+        },
+    }
+}
+
+/// The CIDR a rule key stands for.
+fn cidr_of(key: &RuleKey) -> IpNet {
+    let bits = u8::try_from(key.prefix_len.saturating_sub(RULE_FIXED_BITS)).unwrap_or(0);
+    let net = if key.data.family == FAMILY_V4 {
+        let a = [
+            key.data.addr[0],
+            key.data.addr[1],
+            key.data.addr[2],
+            key.data.addr[3],
+        ];
+        ipnet::Ipv4Net::new(a.into(), bits).map(IpNet::V4)
+    } else {
+        ipnet::Ipv6Net::new(key.data.addr.into(), bits).map(IpNet::V6)
+    };
+    net.unwrap_or_default()
+}
+
+/// One reading of the wall clock (Unix ns) and the kernel boot clock (ns), taken together:
+/// maps the wall-clock instants of time-bound entries to the boot clock the kernel compares.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Clock {
+    pub wall_ns: i64,
+    pub boot_ns: u64,
+}
+
+impl Clock {
+    /// Both clocks now.
+    pub fn now() -> Self {
+        let boot_ns = crate::sys::boottime_ns();
+        let wall_ns = super::wall_now_ns();
+        Self { wall_ns, boot_ns }
+    }
+
+    /// The offset `wall - boot` (ns): constant while no one steps the wall clock
+    /// (`CLOCK_BOOTTIME` counts suspend, so a suspend moves both together).
+    pub fn offset(&self) -> i128 {
+        i128::from(self.wall_ns) - i128::from(self.boot_ns)
+    }
 }
 
 /// Bytes of the key data as the kernel's LPM trie compares them.
@@ -340,7 +480,7 @@ pub fn socket_entries(
 /// A pure model of `ENF_HOSTS` and the `ENF_RULES` trie holding `entries` (as
 /// [`rule_entries`] gives them): exact match on the hosts, longest match by brute force on the
 /// prefixes.
-struct EntryMaps<'a>(&'a [(RuleKey, RuleValue)]);
+struct EntryMaps<'a>(&'a [(RuleKey, RuleValue)], u64);
 
 impl RuleMaps for EntryMaps<'_> {
     fn host(&self, key: &RuleKeyData) -> Option<RuleValue> {
@@ -349,6 +489,10 @@ impl RuleMaps for EntryMaps<'_> {
             .iter()
             .find(|(k, _)| k.prefix_len == bits && k.data == *key)
             .map(|(_, v)| *v)
+    }
+
+    fn now_ns(&self) -> u64 {
+        self.1
     }
 
     fn prefix(&self, prefix_len: u32, key: &RuleKeyData) -> Option<RuleValue> {
@@ -366,7 +510,8 @@ impl RuleMaps for EntryMaps<'_> {
 }
 
 /// The kernel's rule lookup ([`lookup_rule`], the very function the kernel programs run) over
-/// a model of the maps holding `entries`; `None` means no entry matched (default deny).
+/// a model of the maps holding `entries`, time-bound entries judged now; `None` means no
+/// entry matched (default deny).
 pub fn kernel_verdict(
     entries: &[(RuleKey, RuleValue)],
     generation: u32,
@@ -374,6 +519,27 @@ pub fn kernel_verdict(
     proto: u8,
     addr: IpAddr,
     port: u16,
+) -> Option<RuleValue> {
+    kernel_verdict_at(
+        entries,
+        generation,
+        ident,
+        proto,
+        addr,
+        port,
+        crate::sys::boottime_ns(),
+    )
+}
+
+/// [`kernel_verdict`] at boot-clock instant `now_ns`.
+pub fn kernel_verdict_at(
+    entries: &[(RuleKey, RuleValue)],
+    generation: u32,
+    ident: u32,
+    proto: u8,
+    addr: IpAddr,
+    port: u16,
+    now_ns: u64,
 ) -> Option<RuleValue> {
     let mut dst = match addr {
         IpAddr::V4(v4) => destination_v4(proto, port, v4.octets()),
@@ -385,7 +551,8 @@ pub fn kernel_verdict(
         prefix_rules: 1,
         ..GenConfig::default()
     };
-    let v = lookup_rule(&EntryMaps(entries), &g, dst);
+    let maps = EntryMaps(entries, now_ns);
+    let v = lookup_rule(&maps, &g, dst).at(now_ns);
     (v.rule != RULE_DEFAULT_DENY).then_some(v)
 }
 

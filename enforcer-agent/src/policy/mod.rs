@@ -30,8 +30,10 @@ mod yaml;
 
 pub use bundle::{BUNDLE_FORMAT, decode_bundle, encode_bundle, is_bundle, load, policy_hash};
 pub use cgroup_attr::{CgroupAttr, CgroupFacts, systemd_unit};
-pub use check::check;
-pub use compile::{kernel_verdict, rule_entries, rule_entries_of, socket_entries};
+pub use check::{check, check_at, parse_duration_secs};
+pub use compile::{
+    Clock, kernel_verdict, kernel_verdict_at, rule_entries, rule_entries_of, socket_entries,
+};
 pub use glob::cgroup_glob_match;
 pub use resolve::{Classes, ProcessFacts, Resolution, resolve};
 
@@ -126,7 +128,12 @@ pub struct Policy {
     pub identities: Vec<Identity>,
     /// One per compiled egress/deny destination; the rule id is the index in this Vec.
     pub rules: Vec<Rule>,
+    /// `maxGrant:` the longest `enforcer-agent grant` accepted, in seconds (default 1 h).
+    pub max_grant_secs: u64,
 }
+
+/// `maxGrant` when the policy sets none.
+pub const DEFAULT_MAX_GRANT_SECS: u64 = 3600;
 
 /// One `identities` entry.
 #[derive(Debug, Clone, PartialEq)]
@@ -200,6 +207,67 @@ pub struct Rule {
     pub line: usize,
     /// Short human description, e.g. `payments-api egress[0]: tcp 10.20.0.0/16 ports 5432,8000-8100`.
     pub text: String,
+    /// When the entry holds (`notBefore:` / `expires:`), and why (`reason:`, grants).
+    pub timing: Timing,
+}
+
+/// The window of a time-bound entry (`expires:`, `notBefore:`, or a grant), as wall-clock
+/// instants (Unix ns, UTC). The agent maps them to the kernel boot clock when it writes the
+/// maps ([`Timing::boot_window`]); the kernel itself stops honouring the entry at `expires`.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Timing {
+    pub not_before: Option<i64>,
+    pub expires: Option<i64>,
+    /// `reason:` of the entry or of the grant.
+    pub reason: Option<String>,
+    /// The grant this entry came from (`enforcer-agent grant`), if any.
+    pub grant: Option<u64>,
+}
+
+impl Timing {
+    /// True when the entry holds only inside a window.
+    pub fn is_timed(&self) -> bool {
+        self.not_before.is_some() || self.expires.is_some()
+    }
+
+    /// True when the entry can never hold again at `now` (Unix ns).
+    pub fn is_over(&self, now: i64) -> bool {
+        self.expires.is_some_and(|e| e <= now)
+    }
+
+    /// True when the entry holds at `now` (Unix ns).
+    pub fn holds_at(&self, now: i64) -> bool {
+        self.not_before.is_none_or(|b| b <= now) && !self.is_over(now)
+    }
+
+    /// The window on the kernel boot clock, `(not_before_ns, expires_ns)` with 0 for "no
+    /// bound" (the [`enforcer_common::RuleValue`] encoding), given one reading of both clocks
+    /// (`wall_ns` Unix ns and `boot_ns` taken together). An instant already past maps to 1
+    /// (expired: boot ns 1 is always past), never to 0 (which would mean "no bound").
+    pub fn boot_window(&self, wall_ns: i64, boot_ns: u64) -> (u64, u64) {
+        let map = |t: i64| -> u64 {
+            let delta = i128::from(t) - i128::from(wall_ns);
+            let b = i128::from(boot_ns) + delta;
+            u64::try_from(b.clamp(1, i128::from(u64::MAX))).unwrap_or(u64::MAX)
+        };
+        (self.not_before.map_or(0, map), self.expires.map_or(0, map))
+    }
+}
+
+/// An instant (Unix ns) as RFC 3339 UTC, to the second (`2026-12-01T18:00:00Z`).
+pub fn rfc3339(unix_ns: i64) -> String {
+    match jiff::Timestamp::from_nanosecond(i128::from(unix_ns)) {
+        Ok(t) => t.strftime("%Y-%m-%dT%H:%M:%SZ").to_string(),
+        Err(_) => format!("@{unix_ns}ns"),
+    }
+}
+
+/// The wall clock now, Unix ns.
+pub fn wall_now_ns() -> i64 {
+    let d = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    i64::try_from(d.as_nanos()).unwrap_or(i64::MAX)
 }
 
 /// Errors of loading, decoding and compiling a policy.

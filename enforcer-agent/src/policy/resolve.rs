@@ -494,6 +494,7 @@ mod tests {
             report_allow: false,
             identities,
             rules: Vec::new(),
+            max_grant_secs: crate::policy::DEFAULT_MAX_GRANT_SECS,
         }
     }
 

@@ -475,6 +475,7 @@ fn bench_policy(scope: &str, worker_sha: [u8; 32], l: &Listeners, rules: u64) ->
         protocol,
         line: 0,
         text: format!("id{ident} {cidr}:{port}"),
+        timing: Default::default(),
     };
     let mut out = vec![
         rule(1, "127.0.0.1/32", l.udp4.port(), Protocol::Udp),
@@ -498,6 +499,7 @@ fn bench_policy(scope: &str, worker_sha: [u8; 32], l: &Listeners, rules: u64) ->
         report_allow: false,
         identities,
         rules: out,
+        max_grant_secs: enforcer_agent::policy::DEFAULT_MAX_GRANT_SECS,
     }
 }
 

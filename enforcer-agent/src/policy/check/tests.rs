@@ -651,3 +651,80 @@ fn sockets_list() {
     ));
     assert!(has(&d, 8, 14, Severity::Error, "must be a list"), "{d:#?}");
 }
+
+const TIMED_IDS: &str = "identities:\n  - name: api\n    match: [{uid: [1000]}]\n";
+
+#[test]
+fn time_bound_entries() {
+    let src = with_head(&format!(
+        "maxGrant: 4h\n{TIMED_IDS}rules:\n  - identity: api\n    egress:\n      - to: {{cidr: 10.20.5.7/32, ports: [22], protocol: tcp}}\n        expires: 2099-12-01T18:00:00Z\n        notBefore: \"2099-12-01T17:00:00+01:00\"\n        reason: \"INC-1234 break-glass\"\n    deny:\n      - to: {{cidr: 10.0.0.0/8}}\n        expires: 2099-01-01T00:00:00Z\n"
+    ));
+    let (p, w) = ok(&src);
+    assert!(w.is_empty(), "{w:?}");
+    assert_eq!(p.max_grant_secs, 4 * 3600);
+    let t = &p.rules[0].timing;
+    assert_eq!(t.expires, Some(4_099_831_200 * 1_000_000_000));
+    assert_eq!(t.not_before, Some(4_099_824_000 * 1_000_000_000));
+    assert_eq!(t.reason.as_deref(), Some("INC-1234 break-glass"));
+    assert!(
+        p.rules[0]
+            .text
+            .ends_with("from 2099-12-01T16:00:00Z until 2099-12-01T18:00:00Z"),
+        "{}",
+        p.rules[0].text
+    );
+    assert!(p.rules[1].deny && p.rules[1].timing.expires.is_some());
+    // Without maxGrant: one hour.
+    let (p, _) = ok(&with_head(TIMED_IDS));
+    assert_eq!(p.max_grant_secs, crate::policy::DEFAULT_MAX_GRANT_SECS);
+}
+
+#[test]
+fn time_bound_entries_report_bad_instants_where_they_are() {
+    let entry = |extra: &str| {
+        with_head(&format!(
+            "{TIMED_IDS}rules:\n  - identity: api\n    egress:\n      - to: {{cidr: 10.0.0.1}}\n{extra}"
+        ))
+    };
+    // Line 11, column 18: the value.
+    let d = errors(&entry("        expires: tomorrow\n"));
+    assert!(
+        has(&d, 11, 18, Severity::Error, "not an RFC 3339 instant"),
+        "{d:?}"
+    );
+    let d = errors(&entry("        expires: 2026-13-01T00:00:00Z\n"));
+    assert!(
+        has(&d, 11, 18, Severity::Error, "not an RFC 3339 instant"),
+        "{d:?}"
+    );
+    // An instant without an offset is ambiguous: refused.
+    let d = errors(&entry("        expires: 2099-12-01T18:00:00\n"));
+    assert!(has(&d, 11, 18, Severity::Error, "RFC 3339"), "{d:?}");
+    let d = errors(&entry(
+        "        expires: 2099-12-01T18:00:00Z\n        notBefore: 2099-12-01T18:00:00Z\n",
+    ));
+    assert!(
+        has(&d, 11, 18, Severity::Error, "is not after notBefore"),
+        "{d:?}"
+    );
+    let d = errors(&entry("        reason: \"\"\n"));
+    assert!(
+        d.iter()
+            .any(|x| x.line == 11 && x.message.contains("reason")),
+        "{d:?}"
+    );
+    let d = errors(&with_head("maxGrant: forever\n"));
+    assert!(has(&d, 4, 11, Severity::Error, "not a duration"), "{d:?}");
+    // Already expired: a warning, the policy is valid.
+    let (_, w) = ok(&entry("        expires: 2020-01-01T00:00:00Z\n"));
+    assert!(
+        has(
+            &w,
+            11,
+            18,
+            Severity::Warning,
+            "expired at 2020-01-01T00:00:00Z"
+        ),
+        "{w:?}"
+    );
+}

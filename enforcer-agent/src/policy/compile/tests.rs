@@ -70,6 +70,7 @@ fn policy_with(rules: Vec<Rule>, idents: usize) -> Policy {
             })
             .collect(),
         rules,
+        max_grant_secs: crate::policy::DEFAULT_MAX_GRANT_SECS,
     }
 }
 
@@ -85,6 +86,7 @@ fn random_rule(r: &mut Rng, cidr: IpNet, idents: usize, deny_one_in: usize) -> R
         protocol: [Protocol::Tcp, Protocol::Udp, Protocol::Any][r.below(3)],
         line: 0,
         text: String::new(),
+        timing: Default::default(),
     }
 }
 
@@ -216,6 +218,7 @@ fn key_layout() -> Result<(), PolicyError> {
         protocol: Protocol::Tcp,
         line: 1,
         text: String::new(),
+        timing: Default::default(),
     };
     let e = rule_entries(&policy_with(vec![rule], 1), 1)?;
     assert_eq!(e.len(), 1);
@@ -228,13 +231,7 @@ fn key_layout() -> Result<(), PolicyError> {
     );
     assert_eq!(k.data.addr[..4], [10, 20, 0, 0]);
     assert!(k.data.addr[4..].iter().all(|b| *b == 0));
-    assert_eq!(
-        v,
-        RuleValue {
-            verdict: Verdict::Allow as u32,
-            rule: 0
-        }
-    );
+    assert_eq!(v, RuleValue::permanent(Verdict::Allow as u32, 0));
     Ok(())
 }
 
@@ -251,12 +248,13 @@ fn too_many_rules() {
                 protocol: Protocol::Any,
                 line: 0,
                 text: String::new(),
+                timing: Default::default(),
             })
         })
         .collect();
     let p = policy_with(rules, 1);
     // Beyond the agent's capacity (`--max-rules`): refused, naming the limit.
-    let e = rule_entries_of(&p.rules, &[], 0, 100_000);
+    let e = rule_entries_of(&p.rules, &[], 0, 100_000, Clock::now());
     assert!(
         matches!(e, Err(PolicyError::TooManyRules { limit: 100_000 })),
         "{:?}",
@@ -264,7 +262,7 @@ fn too_many_rules() {
     );
     // Within it: compiled.
     let small = policy_with(p.rules[..1].to_vec(), 1);
-    let ok = rule_entries_of(&small.rules, &[], 0, 200_000).map(|v| v.len());
+    let ok = rule_entries_of(&small.rules, &[], 0, 200_000, Clock::now()).map(|v| v.len());
     assert!(matches!(ok, Ok(n) if n > 100_000), "{ok:?}");
 }
 
@@ -285,12 +283,132 @@ fn large_policies_compile_the_same_on_several_threads() -> Result<(), PolicyErro
         .collect();
     let p = policy_with(rules, 300);
     let parallel = rule_entries(&p, 1)?;
-    let mut sequential = compile_groups(&group_rules(&p.rules, &[], LIMIT)?, 1, LIMIT)?;
+    let mut sequential = compile_groups(
+        &group_rules(&p.rules, &[], LIMIT, Clock::now())?,
+        1,
+        LIMIT,
+        Clock::now(),
+    )?;
     sequential.sort_unstable_by_key(|(k, _)| (k.data, k.prefix_len));
     assert!(parallel.len() > PARALLEL_FROM);
     assert!(
         parallel == sequential,
         "parallel and sequential compiles differ"
+    );
+    Ok(())
+}
+
+fn timed(cidr: &str, port: u16, deny: bool, not_before: Option<i64>, expires: Option<i64>) -> Rule {
+    Rule {
+        to_ident: 0,
+        ident: 1,
+        deny,
+        cidr: cidr.parse().unwrap_or_else(|_| panic!("{cidr}")),
+        ports: if port == 0 {
+            vec![]
+        } else {
+            vec![(port, port)]
+        },
+        protocol: Protocol::Tcp,
+        line: 0,
+        text: String::new(),
+        timing: crate::policy::Timing {
+            not_before,
+            expires,
+            ..Default::default()
+        },
+    }
+}
+
+/// Wall clock 1000 s after the epoch read together with boot clock 50 s.
+const CLOCK: Clock = Clock {
+    wall_ns: 1_000_000_000_000,
+    boot_ns: 50_000_000_000,
+};
+const S: i64 = 1_000_000_000;
+
+fn verdict_at(e: &[(RuleKey, RuleValue)], addr: &str, port: u16, boot_s: u64) -> (u32, u32) {
+    let addr: IpAddr = addr.parse().unwrap_or_else(|_| panic!("{addr}"));
+    match kernel_verdict_at(e, 0, 1, PROTO_TCP, addr, port, boot_s * 1_000_000_000) {
+        Some(v) => (v.verdict, v.rule),
+        None => (Verdict::Deny as u32, RULE_DEFAULT_DENY),
+    }
+}
+
+#[test]
+fn a_time_bound_allow_holds_only_in_its_window_on_the_boot_clock() -> Result<(), PolicyError> {
+    let w = CLOCK.wall_ns;
+    // Rule 0: permanent allow 10.0.0.0/8 port 80; rule 1: 10.1.2.3:22 from +5 s to +10 s.
+    let rules = vec![
+        timed("10.0.0.0/8", 80, false, None, None),
+        timed("10.1.2.3/32", 22, false, Some(w + 5 * S), Some(w + 10 * S)),
+    ];
+    let e = rule_entries_of(&rules, &[], 0, 1000, CLOCK)?;
+    let allow = Verdict::Allow as u32;
+    let deny = Verdict::Deny as u32;
+    // Boot 50 s is wall 1000 s: the window is boot [55 s, 60 s).
+    assert_eq!(
+        verdict_at(&e, "10.1.2.3", 22, 54),
+        (deny, RULE_DEFAULT_DENY)
+    );
+    assert_eq!(verdict_at(&e, "10.1.2.3", 22, 55), (allow, 1));
+    assert_eq!(verdict_at(&e, "10.1.2.3", 22, 59), (allow, 1));
+    assert_eq!(
+        verdict_at(&e, "10.1.2.3", 22, 60),
+        (deny, RULE_DEFAULT_DENY)
+    );
+    // The permanent entry is untouched, whatever the time.
+    for t in [0, 57, 1 << 30] {
+        assert_eq!(verdict_at(&e, "10.1.2.3", 80, t), (allow, 0));
+    }
+    // Over at the clock's reading: left out.
+    let e = rule_entries_of(
+        &rules,
+        &[],
+        0,
+        1000,
+        Clock {
+            wall_ns: w + 10 * S,
+            ..CLOCK
+        },
+    )?;
+    assert_eq!(e.len(), 1);
+    Ok(())
+}
+
+#[test]
+fn a_time_bound_deny_gives_back_what_it_covered() -> Result<(), PolicyError> {
+    let w = CLOCK.wall_ns;
+    // Rule 0: permanent allow of one host; rule 1: a deny of its /8 until +10 s.
+    let rules = vec![
+        timed("10.1.2.3/32", 443, false, None, None),
+        timed("10.0.0.0/8", 0, true, None, Some(w + 10 * S)),
+    ];
+    let e = rule_entries_of(&rules, &[], 0, 1000, CLOCK)?;
+    let allow = Verdict::Allow as u32;
+    let deny = Verdict::Deny as u32;
+    assert_eq!(verdict_at(&e, "10.1.2.3", 443, 59), (deny, 1));
+    assert_eq!(verdict_at(&e, "10.1.2.3", 443, 60), (allow, 0));
+    // The rest of the /8 is denied by the default after the deny is over.
+    assert_eq!(verdict_at(&e, "10.9.9.9", 443, 59), (deny, 1));
+    assert_eq!(verdict_at(&e, "10.9.9.9", 443, 61).0, deny);
+    Ok(())
+}
+
+#[test]
+fn a_time_bound_allow_inside_a_permanent_allow_changes_nothing_when_over() -> Result<(), PolicyError>
+{
+    let w = CLOCK.wall_ns;
+    let rules = vec![
+        timed("10.0.0.0/8", 0, false, None, None),
+        timed("10.1.2.3/32", 0, false, None, Some(w + S)),
+    ];
+    let e = rule_entries_of(&rules, &[], 0, 1000, CLOCK)?;
+    // Same verdict both ways: no window at all (the kernel never reads the clock for it).
+    assert!(e.iter().all(|(_, v)| !v.is_timed()), "{e:?}");
+    assert_eq!(
+        verdict_at(&e, "10.1.2.3", 9, 1 << 30).0,
+        Verdict::Allow as u32
     );
     Ok(())
 }
