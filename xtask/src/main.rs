@@ -124,6 +124,27 @@ mod tests {
     }
 
     #[test]
+    fn only_runs_that_may_select_node_tests_start_the_node() {
+        let needs =
+            |a: &[&str]| test::needs_node(&a.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+        assert!(needs(&[]));
+        assert!(needs(&["explain"]));
+        assert!(needs(&["-p", "enforcer-tests", "pods"]));
+        assert!(needs(&["--test", "node"]));
+        assert!(needs(&["--test=daemonset"]));
+        assert!(!needs(&[
+            "-p",
+            "enforcer-tests",
+            "--test",
+            "kernel",
+            "kill9"
+        ]));
+        assert!(!needs(&["--test", "grants", "--", "--nocapture", "node"]));
+        assert!(!needs(&["-p", "enforcer-agent", "--lib"]));
+        assert!(!needs(&["--lib"]));
+    }
+
+    #[test]
     fn run_passes_flags_through_to_the_agent() {
         let args = ["--policy", "/etc/enforcer/policy.yaml", "--mode", "audit"];
         let Command::Run(r) = parse(&[&["run"][..], &args[..]].concat()) else {

@@ -103,7 +103,7 @@ pub fn test(root: &Path, args: &Args) -> Result<()> {
     }
     // The containerd node of tests/tests/node.rs (host only, root): started before the
     // suites, stopped (by pid) after them, whatever their outcome.
-    let node = if is_root() {
+    let node = if is_root() && needs_node(args) {
         Some(start_node(root, &obj, &mut c)?)
     } else {
         None
@@ -133,6 +133,43 @@ pub fn test(root: &Path, args: &Args) -> Result<()> {
     }
     step("the real-kernel suites on the oldest supported kernel (5.10, QEMU/TCG)");
     vm::vm_test(root, &vm::Args::kernel("5.10"))
+}
+
+/// True when the `cargo test` arguments may select a test of the node suites
+/// (`tests/tests/node.rs`, `daemonset.rs`), which need the containerd node: every full run,
+/// and a focused one unless it names other `--test` targets only, or other packages only, or
+/// `--lib` only. A focused run of another suite then skips the image builds.
+pub(crate) fn needs_node(args: &[String]) -> bool {
+    let args: Vec<&str> = args
+        .iter()
+        .map(String::as_str)
+        .take_while(|a| *a != "--")
+        .collect();
+    if args.is_empty() {
+        return true;
+    }
+    let values = |flag: &str, short: Option<&str>| -> Vec<&str> {
+        let mut out = Vec::new();
+        for (i, a) in args.iter().enumerate() {
+            if *a == flag || Some(*a) == short {
+                if let Some(v) = args.get(i + 1) {
+                    out.push(*v);
+                }
+            } else if let Some(v) = a.strip_prefix(&format!("{flag}=")) {
+                out.push(v);
+            }
+        }
+        out
+    };
+    let tests = values("--test", None);
+    if !tests.is_empty() {
+        return tests.iter().any(|t| matches!(*t, "node" | "daemonset"));
+    }
+    let packages = values("--package", Some("-p"));
+    if !packages.is_empty() && !packages.contains(&"enforcer-tests") {
+        return false;
+    }
+    !args.contains(&"--lib")
 }
 
 /// Builds the node suite's images (the agent's, a pause image and an enf-probe image, all
