@@ -145,6 +145,22 @@ pub struct Decision {
     #[prost(uint32, optional, tag = "34")]
     #[serde(skip_serializing_if = "Option::is_none", rename = "protocol_number")]
     pub protocol_number: Option<u32>,
+    /// Closure events only (revocation): `closed` (the socket was destroyed) or `would
+    /// close` (audit: nothing closed), with `closed`, why the sweep ran (`reason`:
+    /// `policy-apply`, `startup`, `identity-lost`, `grant-expired`, `grant-revoked`,
+    /// `entry-expired`) and the socket's own address (`src`).
+    #[prost(string, optional, tag = "40")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub action: Option<String>,
+    #[prost(bool, optional, tag = "41")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub closed: Option<bool>,
+    #[prost(string, optional, tag = "42")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    #[prost(string, optional, tag = "43")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub src: Option<String>,
 }
 
 #[derive(Clone, PartialEq, prost::Message, Serialize)]
@@ -262,6 +278,10 @@ pub struct Status {
     /// Where pod metadata comes from, and whether it answers.
     #[prost(message, optional, tag = "15")]
     pub kubernetes: Option<Kubernetes>,
+    /// Whether and how live connections that lose their allow are closed (README
+    /// "Revocation").
+    #[prost(string, tag = "16")]
+    pub revocation: String,
 }
 
 /// Pod metadata sources (`status`).

@@ -27,6 +27,7 @@ use crate::{
     listeners::{self, Listener},
     policy::{self, Classes, Policy},
     procs::ProcessTable,
+    revoke::RevokeReason,
     server::Call,
     views::View,
 };
@@ -91,6 +92,8 @@ pub struct Agent {
     /// The metadata task (started by `run`).
     feed: Option<crate::k8s::feed::PodFeed>,
     pub(crate) k8s_health: k8s::K8sHealth,
+    /// A sweep found no way to close connections and said so (once).
+    revoke_warned: bool,
 }
 
 /// `/readyz` compares the kernel maps with the compiled policy at most this often (and
@@ -232,6 +235,7 @@ impl Agent {
             not_pods: HashSet::new(),
             feed: None,
             k8s_health: k8s::K8sHealth::default(),
+            revoke_warned: false,
         };
         for (id, meta) in pods {
             agent.pods.insert_container(&id, meta);
@@ -245,8 +249,9 @@ impl Agent {
             ms = t0.elapsed().as_millis() as u64,
             "attested running processes"
         );
+        // In force, then what lost its allow while no agent ran is closed.
         agent
-            .apply(opts.policy.clone())
+            .apply_for(opts.policy.clone(), None, RevokeReason::Startup)
             .with_context(|| format!("applying policy {}", opts.policy_source))?;
         Ok(agent)
     }
@@ -506,8 +511,19 @@ impl Agent {
         self.apply_from(policy, None)
     }
 
-    /// [`Agent::apply`], recording where the policy came from.
+    /// [`Agent::apply`], recording where the policy came from; then the live connections it
+    /// no longer allows are closed ([`Agent::revoke_denied`]).
     pub fn apply_from(&mut self, policy: Policy, source: Option<String>) -> Result<()> {
+        self.apply_for(policy, source, RevokeReason::PolicyApply)
+    }
+
+    /// [`Agent::apply_from`], the closures reported with `reason`.
+    pub fn apply_for(
+        &mut self,
+        policy: Policy,
+        source: Option<String>,
+        reason: RevokeReason,
+    ) -> Result<()> {
         let t0 = Instant::now();
         let active = self.in_force.generation;
         let next = if !self.kernel.generation_loaded(active)? {
@@ -641,7 +657,96 @@ impl Agent {
             ms = (in_force_ms * 10.0).round() / 10.0,
             "policy in force"
         );
+        self.revoke_denied(reason);
         Ok(())
+    }
+
+    /// Closes the live connections that the policy in force denies now (README
+    /// "Revocation"): the TCP connections and connected UDP sockets of every process the
+    /// agent tracks in an enforced scope, each closure an event. Off with
+    /// `revokeConnections: false`; in audit mode reported as `would close`. Returns the
+    /// number closed. Called after every apply, at start, and (by [`Agent::revoke_pid`])
+    /// when a process loses its identity.
+    pub fn revoke_denied(&mut self, reason: RevokeReason) -> usize {
+        self.revoke_among(None, reason)
+    }
+
+    /// [`Agent::revoke_denied`] for one process.
+    pub fn revoke_pid(&mut self, pid: u32, reason: RevokeReason) -> usize {
+        self.revoke_among(Some(pid), reason)
+    }
+
+    fn revoke_among(&mut self, only: Option<u32>, reason: RevokeReason) -> usize {
+        if !self.in_force.policy.revoke_connections {
+            return 0;
+        }
+        if !self.probe.found(crate::revoke::FEATURE_NETLINK) {
+            if !self.revoke_warned {
+                self.revoke_warned = true;
+                let why = self
+                    .probe
+                    .feature(crate::revoke::FEATURE_NETLINK)
+                    .map_or_else(|| "not probed".to_string(), |f| f.detail.clone());
+                tracing::warn!(
+                    reason = reason.name(),
+                    "{}: {why}",
+                    crate::revoke::WITHOUT_NETLINK
+                );
+            }
+            return 0;
+        }
+        let t0 = Instant::now();
+        let scope = &self.in_force.policy.scope;
+        let pids: Vec<u32> = self
+            .procs
+            .iter()
+            .filter(|(pid, t)| {
+                only.is_none_or(|o| o == *pid) && crate::revoke::in_scope(scope, &t.cgroup)
+            })
+            .map(|(pid, _)| pid)
+            .collect();
+        let kernel = &self.kernel;
+        let sweep = crate::revoke::sweep(&pids, |pid, ip, port, proto| {
+            kernel
+                .judge(pid, ip, port, proto)
+                .map_err(|e| e.to_string())
+        });
+        let ms = t0.elapsed().as_secs_f64() * 1e3;
+        for e in &sweep.errors {
+            tracing::warn!(
+                reason = reason.name(),
+                "revocation: {e}; the sweep went on with the other sockets"
+            );
+        }
+        let now = crate::sys::boottime_ns();
+        let mut closed = 0;
+        for c in &sweep.closures {
+            closed += usize::from(c.closed);
+            let d = self.view().closure(c, reason, now);
+            self.sink.emit_closure(d);
+        }
+        let would = sweep.closures.len() - closed;
+        if sweep.closures.is_empty() && sweep.errors.is_empty() {
+            tracing::debug!(
+                reason = reason.name(),
+                processes = sweep.processes,
+                sockets = sweep.sockets,
+                ms = (ms * 10.0).round() / 10.0,
+                "revocation sweep: nothing to close"
+            );
+        } else {
+            tracing::info!(
+                reason = reason.name(),
+                closed,
+                would_close = would,
+                errors = sweep.errors.len(),
+                processes = sweep.processes,
+                sockets = sweep.sockets,
+                ms = (ms * 10.0).round() / 10.0,
+                "revocation sweep"
+            );
+        }
+        closed
     }
 
     /// The kernel reports allowed decisions while the policy asks for it or an
@@ -951,6 +1056,8 @@ impl Agent {
                     "process tampered with: its identity is withheld until it execs again untraced"
                 );
                 self.sink.emit_line(&rec);
+                // Its connections are judged again without the identity.
+                self.revoke_pid(rec.pid, RevokeReason::IdentityLost);
             }
             Ok(EventKind::Connect | EventKind::Socket) => {
                 let d = self.view().decision(ev);

@@ -198,6 +198,11 @@ impl View<'_> {
                     name: "cgroups_known".into(),
                     value: self.cgroups.len() as u64,
                 },
+                // Live connections closed by revocation.
+                api::NamedCount {
+                    name: "connections_closed".into(),
+                    value: self.sink.closed(),
+                },
             ])
             .collect();
         let attached = self
@@ -275,6 +280,10 @@ impl View<'_> {
             uncovered,
             uncovered_window_secs: UNCOVERED_WINDOW.as_secs(),
             events_lost: self.kernel.counter(Counter::EventsLost),
+            revocation: crate::revoke::status_line(
+                self.probe,
+                self.in_force.policy.revoke_connections,
+            ),
         }
     }
 

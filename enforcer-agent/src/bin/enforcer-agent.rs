@@ -583,7 +583,7 @@ fn init_logging() {
 }
 
 fn describe(d: &api::Decision) -> String {
-    format!(
+    let line = format!(
         "{}: pid {} ({}, identity {}) -> {}:{}/{} by {}",
         d.verdict,
         d.pid,
@@ -597,7 +597,16 @@ fn describe(d: &api::Decision) -> String {
         d.port,
         d.protocol,
         d.rule
-    )
+    );
+    match &d.action {
+        // A closure (revocation): `closed (policy-apply): deny: pid ... from SRC`.
+        Some(action) => format!(
+            "{action} ({}): {line}, connection from {}",
+            d.reason.as_deref().unwrap_or("?"),
+            d.src.as_deref().unwrap_or("?")
+        ),
+        None => line,
+    }
 }
 
 fn print_status(s: &api::Status) {
@@ -605,6 +614,7 @@ fn print_status(s: &api::Status) {
         "policy: {} (sha256 {}), mode {}, generation {}",
         s.policy_source, s.policy_hash, s.mode, s.generation
     );
+    println!("revocation: {}", s.revocation);
     if s.drift.is_empty() {
         println!("kernel maps: in sync with the compiled policy");
     } else {

@@ -22,6 +22,7 @@ const TOP_KEYS: &[&str] = &[
     "unattested",
     "scope",
     "reportAllow",
+    "revokeConnections",
     "identities",
     "rules",
 ];
@@ -322,6 +323,10 @@ impl Checker {
             None => Some(false),
             Some(n) => self.boolean(n, "reportAllow"),
         };
+        let revoke_connections = match f.get("revokeConnections") {
+            None => Some(true),
+            Some(n) => self.boolean(n, "revokeConnections"),
+        };
         let (identities, ids_ok, names) = match f.get("identities") {
             None => (Vec::new(), true, HashMap::new()),
             Some(n) => self.identities(n, trust_domain.as_deref()),
@@ -340,6 +345,7 @@ impl Checker {
             unattested: unattested?,
             scope: scope?,
             report_allow: report_allow?,
+            revoke_connections: revoke_connections?,
             identities: identities.into_iter().map(|i| i.identity).collect(),
             rules: rules?,
         })

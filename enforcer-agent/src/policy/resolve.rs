@@ -492,6 +492,7 @@ mod tests {
             unattested: Action::Allow,
             scope: vec!["/".into()],
             report_allow: false,
+            revoke_connections: true,
             identities,
             rules: Vec::new(),
         }

@@ -496,6 +496,7 @@ fn bench_policy(scope: &str, worker_sha: [u8; 32], l: &Listeners, rules: u64) ->
         unattested: Action::Allow,
         scope: vec![scope.to_string()],
         report_allow: false,
+        revoke_connections: true,
         identities,
         rules: out,
     }

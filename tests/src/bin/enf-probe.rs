@@ -19,6 +19,10 @@
 //!   enf-probe unshare-net CMD...     a new user and network namespace (as an unprivileged
 //!                                    user gets CAP_NET_RAW in it), uid 0 mapped to the
 //!                                    caller, ICMP ping sockets allowed for it, then run CMD
+//!   enf-probe hold tcp|udp ADDR:PORT one long-lived connection: prints `ready LOCAL`, then
+//!                                    for each byte on stdin sends it and waits for the echo,
+//!                                    printing `ok` or `err ERRNO` (a pending socket error,
+//!                                    SO_ERROR, first); exit 0 at EOF (the revoke suite)
 //!   enf-probe sleep SECS             sleep (a process to inspect)
 //!   enf-probe pause                  wait for SIGTERM or SIGINT, then exit 0 (the node suite's
 //!                                    pod sandbox process, as Kubernetes' pause)
@@ -100,6 +104,85 @@ fn os_fail(what: &str) -> i32 {
     let e = std::io::Error::last_os_error();
     eprintln!("enf-probe: {what}: {e}");
     code(&e)
+}
+
+/// `hold tcp|udp ADDR:PORT`: one long-lived connection (TCP, or a connected UDP socket).
+/// Prints `ready LOCAL` once connected (`err ERRNO` and exit on failure), then for each byte
+/// on stdin sends it and waits up to 2 s for the echo, printing `ok` or `err ERRNO` (a socket
+/// error the kernel left pending, SO_ERROR, first: a destroyed socket shows ECONNABORTED);
+/// exits 0 at EOF.
+fn hold(args: &[String]) -> i32 {
+    use std::io::{Read as _, Write as _};
+    let Some(to) = args.get(2).and_then(|a| a.parse::<SocketAddr>().ok()) else {
+        eprintln!("enf-probe: hold tcp|udp ADDR:PORT");
+        return 2;
+    };
+    let say = |line: String| {
+        let mut out = std::io::stdout();
+        let _ = writeln!(out, "{line}");
+        let _ = out.flush();
+    };
+    let errno = |e: &std::io::Error| e.raw_os_error().unwrap_or(0);
+    let timeout = Some(Duration::from_secs(2));
+    enum Conn {
+        Tcp(TcpStream),
+        Udp(UdpSocket),
+    }
+    let conn = match args.get(1).map(String::as_str) {
+        Some("tcp") => TcpStream::connect_timeout(&to, Duration::from_secs(5)).map(Conn::Tcp),
+        Some("udp") => udp_for(&to).and_then(|s| s.connect(to).map(|()| Conn::Udp(s))),
+        other => {
+            eprintln!("enf-probe: hold: {other:?} is neither tcp nor udp");
+            return 2;
+        }
+    };
+    let mut conn = match conn {
+        Ok(c) => c,
+        Err(e) => {
+            say(format!("err {}", errno(&e)));
+            return code(&e);
+        }
+    };
+    let local = match &conn {
+        Conn::Tcp(s) => s.set_read_timeout(timeout).and_then(|()| s.local_addr()),
+        Conn::Udp(s) => s.set_read_timeout(timeout).and_then(|()| s.local_addr()),
+    };
+    match local {
+        Ok(l) => say(format!("ready {l}")),
+        Err(e) => {
+            say(format!("err {}", errno(&e)));
+            return 2;
+        }
+    }
+    let mut b = [0u8; 1];
+    while let Ok(1) = std::io::stdin().read(&mut b) {
+        let mut echo = [0u8; 16];
+        let res = match &mut conn {
+            Conn::Tcp(s) => s
+                .take_error()
+                .and_then(|pending| pending.map_or(Ok(()), Err))
+                .and_then(|()| s.write_all(&b))
+                .and_then(|()| s.read(&mut echo))
+                .and_then(|n| {
+                    if n == 0 {
+                        Err(std::io::ErrorKind::UnexpectedEof.into())
+                    } else {
+                        Ok(())
+                    }
+                }),
+            Conn::Udp(s) => s
+                .take_error()
+                .and_then(|pending| pending.map_or(Ok(()), Err))
+                .and_then(|()| s.send(&b))
+                .and_then(|_| s.recv(&mut echo))
+                .map(|_| ()),
+        };
+        match res {
+            Ok(()) => say("ok".to_string()),
+            Err(e) => say(format!("err {}", errno(&e))),
+        }
+    }
+    0
 }
 
 fn victim(args: &[String]) -> i32 {
@@ -417,6 +500,7 @@ fn run(args: &[String]) -> i32 {
             }
         }
         "victim" => victim(args),
+        "hold" => hold(args),
         "poke-mem" | "poke-vm" | "poke-ptrace" => poke(args),
         "steal-fd" => steal_fd(args),
         "socket" => {
