@@ -380,6 +380,13 @@ fn apply_closes_connections_that_lose_their_allow() {
             .map(str::to_string)
     });
     assert!(m.ends_with(" 4"), "{m}");
+    for l in agent
+        .log()
+        .lines()
+        .filter(|l| l.contains("revocation sweep"))
+    {
+        eprintln!("revoke: agent: {l}");
+    }
     let status = agent.cli(&["status"]).1;
     assert!(
         status.contains("revocation: closes connections that lose their allow"),
@@ -437,6 +444,66 @@ fn restart_closes_what_lost_its_allow_while_down() {
             .filter(|e| e["action"] == "closed")
             .all(|e| e["reason"] == "startup" && e["identity"] == "spiffe://test.example.org/app"),
         "{evs:?}"
+    );
+}
+
+/// A process that loses its identity (tampered with: here ptrace attach and detach) loses
+/// its connections too: with `unattested: deny` they are closed (`reason: identity-lost`).
+#[test]
+fn identity_lost_closes_its_connections() {
+    if !require_root("identity_lost_closes_its_connections") {
+        return;
+    }
+    let st = setup("revoke-tamper");
+    let agent = Agent::start(&st.policy(true, true));
+    if !agent.has_feature(
+        "sock_destroy_netlink",
+        "identity_lost_closes_its_connections",
+    ) || !agent.has_feature("tamper_hook", "identity_lost_closes_its_connections")
+    {
+        return;
+    }
+    let mut h = Held::start(&st.cg, &st.app, "udp", st.echo.udp6);
+    let mut kept = Held::start(&st.cg, &st.app, "tcp", st.echo.tcp4);
+    assert_eq!(h.ping(), "ok");
+    assert_eq!(kept.ping(), "ok");
+    let pid = h.pid() as libc::pid_t;
+    // SAFETY: ptrace attach to our own child, wait for its stop, detach (it runs on).
+    unsafe {
+        assert_eq!(
+            libc::ptrace(libc::PTRACE_ATTACH, pid, 0usize, 0usize),
+            0,
+            "PTRACE_ATTACH: {}",
+            std::io::Error::last_os_error()
+        );
+        let mut status = 0;
+        assert_eq!(libc::waitpid(pid, &mut status, libc::__WALL), pid);
+        assert_eq!(
+            libc::ptrace(libc::PTRACE_DETACH, pid, 0usize, 0usize),
+            0,
+            "PTRACE_DETACH: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+    let evs = agent.wait_events("the identity-lost closure", |evs| {
+        evs.iter()
+            .any(|e| e["action"] == "closed" && e["pid"] == h.pid())
+    });
+    let e = evs
+        .iter()
+        .find(|e| e["action"] == "closed" && e["pid"] == h.pid())
+        .expect("found");
+    assert_eq!(e["reason"], "identity-lost", "{e}");
+    assert_eq!(
+        e["identity"], "spiffe://test.example.org/app",
+        "the identity it had: {e}"
+    );
+    assert_eq!(e["protocol"], "udp", "{e}");
+    assert_eq!(h.ping(), format!("err {ECONNABORTED}"));
+    assert_eq!(
+        kept.ping(),
+        "ok",
+        "a process of the same identity that was not tampered with keeps its connection"
     );
 }
 
