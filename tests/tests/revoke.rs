@@ -507,6 +507,96 @@ fn identity_lost_closes_its_connections() {
     );
 }
 
+/// A process in its own network namespace (a pod's): its sockets are found and closed in
+/// that namespace (the agent joins it from a short-lived thread).
+#[test]
+fn connections_in_another_network_namespace_are_closed() {
+    let test = "connections_in_another_network_namespace_are_closed";
+    if !require_root(test) {
+        return;
+    }
+    let st = setup("revoke-netns");
+    let dir = TempDir::new("revoke-netns-policies");
+    // A port for the echo server inside the new namespace (free there: nothing else runs).
+    // The server is the app process itself, whose UDP replies (sendto) are judged too: the
+    // allow covers every port of 127.0.0.1.
+    let port = TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port();
+    let allow = |allowed: bool| {
+        let extra = if allowed {
+            format!(
+                "      - to: {{cidr: 127.0.0.1/32}}\n      - to: {{cidr: \"::1/128\", ports: [{}], protocol: tcp}}\n",
+                st.echo.tcp6.port()
+            )
+        } else {
+            String::new()
+        };
+        st.policy(false, true).replace(
+            "  - identity: app\n    egress: []\n",
+            &format!("  - identity: app\n    egress:\n{extra}      - to: {{cidr: 127.0.0.9/32}}\n"),
+        )
+    };
+    let agent = Agent::start(&allow(true));
+    if !agent.has_feature("sock_destroy_netlink", test) {
+        return;
+    }
+    let p = port.to_string();
+    let mut inside: Vec<Held> = ["tcp", "udp"]
+        .into_iter()
+        .map(|proto| {
+            let mut child =
+                spawn_piped_in(&st.cg, &st.app, &["unshare-net", "hold-self", proto, &p]);
+            let out = BufReader::new(child.stdout.take().expect("stdout"));
+            let mut h = Held {
+                child,
+                out,
+                what: format!("app in its own netns {proto} -> 127.0.0.1:{port}"),
+                local: String::new(),
+            };
+            let first = h.line();
+            h.local = first
+                .strip_prefix("ready ")
+                .unwrap_or_else(|| panic!("{}: {first}\n{}", h.what, agent.log()))
+                .to_string();
+            h
+        })
+        .collect();
+    // The same destination in the host's namespace: another socket, kept to the same rule.
+    let mut host = Held::start(&st.cg, &st.app, "tcp", st.echo.tcp6);
+    let ns = |pid: u32| std::fs::read_link(format!("/proc/{pid}/ns/net")).expect("netns");
+    assert_ne!(
+        ns(inside[0].pid()),
+        ns(std::process::id()),
+        "a namespace of its own"
+    );
+    for h in inside.iter_mut().chain([&mut host]) {
+        assert_eq!(h.ping(), "ok", "{}", h.what);
+    }
+    apply(&agent, &dir, "b.yaml", &allow(false));
+    for h in inside.iter_mut().chain([&mut host]) {
+        assert_eq!(
+            h.ping(),
+            format!("err {ECONNABORTED}"),
+            "{}: closed in its namespace\n{}",
+            h.what,
+            agent.log()
+        );
+    }
+    let evs = agent.wait_events("3 closures", |evs| {
+        evs.iter().filter(|e| e["action"] == "closed").count() >= 3
+    });
+    for h in &inside {
+        assert!(
+            evs.iter()
+                .any(|e| e["action"] == "closed" && e["pid"] == h.pid() && e["port"] == port),
+            "{}: {evs:?}",
+            h.what
+        );
+    }
+}
+
 /// Audit mode reports what it would close and closes nothing.
 #[test]
 fn audit_mode_reports_would_close() {
