@@ -597,6 +597,43 @@ fn connections_in_another_network_namespace_are_closed() {
     }
 }
 
+/// A kernel that cannot destroy sockets (here the probe is told so): `status` says that
+/// revocation cannot close connections, the first sweep logs it once, and nothing is
+/// closed (no silent fallback, no event that claims a closure).
+#[test]
+fn without_sock_destroy_status_says_so_and_nothing_closes() {
+    let test = "without_sock_destroy_status_says_so_and_nothing_closes";
+    if !require_root(test) {
+        return;
+    }
+    let st = setup("revoke-none");
+    let dir = TempDir::new("revoke-none-policies");
+    let agent = Agent::start_env(
+        st.policy(true, true).as_bytes(),
+        &[],
+        &[("ENFORCER_PROBE_DENY", "sock_destroy_netlink")],
+    );
+    let mut h = Held::start(&st.cg, &st.app, "tcp", st.echo.tcp4);
+    assert_eq!(h.ping(), "ok");
+    apply(&agent, &dir, "b.yaml", &st.policy(false, true));
+    apply(&agent, &dir, "b.yaml", &st.policy(false, true));
+    assert_eq!(h.ping(), "ok", "nothing can close it");
+    let status = agent.cli(&["status"]).1;
+    assert!(
+        status.contains("revocation: CANNOT close connections"),
+        "{status}"
+    );
+    // The sweeps' line (the probe's own start line says it too, without a reason).
+    let said = agent
+        .log()
+        .lines()
+        .filter(|l| l.contains("revocation cannot close live connections") && l.contains("reason="))
+        .count();
+    assert_eq!(said, 1, "said once:\n{}", agent.log());
+    assert!(closed_events(&agent).is_empty());
+    assert_eq!(agent.status_counter("connections_closed"), 0);
+}
+
 /// Audit mode reports what it would close and closes nothing.
 #[test]
 fn audit_mode_reports_would_close() {
