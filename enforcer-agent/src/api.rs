@@ -238,6 +238,20 @@ pub struct Decision {
     #[prost(string, optional, tag = "42")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub expires: Option<String>,
+    /// Closure events only (revocation): `closed` (the socket was destroyed) or `would
+    /// close` (audit: nothing closed), with `closed`, why the sweep ran (`reason`:
+    /// `policy-apply`, `startup`, `identity-lost`, `grant-expired`, `grant-revoked`,
+    /// `entry-expired`) and the socket's own address (`src`).
+    /// (`reason` above says why the sweep ran: `policy-apply`, `startup`, ...)
+    #[prost(string, optional, tag = "43")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub action: Option<String>,
+    #[prost(bool, optional, tag = "44")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub closed: Option<bool>,
+    #[prost(string, optional, tag = "45")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub src: Option<String>,
 }
 
 #[derive(Clone, PartialEq, prost::Message, Serialize)]
@@ -364,6 +378,10 @@ pub struct Status {
     /// The next instant a time-bound entry or grant starts or stops holding (RFC 3339).
     #[prost(string, optional, tag = "22")]
     pub next_expiry: Option<String>,
+    /// Whether and how live connections that lose their allow are closed (README
+    /// "Revocation").
+    #[prost(string, tag = "16")]
+    pub revocation: String,
 }
 
 /// Pod metadata sources (`status`).

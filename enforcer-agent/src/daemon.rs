@@ -27,6 +27,7 @@ use crate::{
     listeners::{self, Listener},
     policy::{self, Classes, Policy},
     procs::ProcessTable,
+    revoke::RevokeReason,
     server::Call,
     views::View,
 };
@@ -95,6 +96,8 @@ pub struct Agent {
     pub(crate) grants: crate::grants::Grants,
     /// Wall-clock time (Unix ns) up to which time-bound entries were checked ([`Agent::check_time`]).
     time_checked: i64,
+    /// A sweep found no way to close connections and said so (once).
+    revoke_warned: bool,
 }
 
 /// `/readyz` compares the kernel maps with the compiled policy at most this often (and
@@ -246,6 +249,7 @@ impl Agent {
             k8s_health: k8s::K8sHealth::default(),
             grants: crate::grants::Grants::open(&opts.state_dir.join("grants.json")),
             time_checked: policy::wall_now_ns(),
+            revoke_warned: false,
         };
         // Grants that expired while no agent ran: reported, then dropped (the kernel already
         // stopped honouring them at their instant).
@@ -265,8 +269,9 @@ impl Agent {
             ms = t0.elapsed().as_millis() as u64,
             "attested running processes"
         );
+        // In force, then what lost its allow while no agent ran is closed.
         agent
-            .apply(opts.policy.clone())
+            .apply_for(opts.policy.clone(), None, RevokeReason::Startup)
             .with_context(|| format!("applying policy {}", opts.policy_source))?;
         Ok(agent)
     }
@@ -526,8 +531,20 @@ impl Agent {
         self.apply_from(policy, None)
     }
 
-    /// [`Agent::apply`], recording where the policy came from.
+    /// [`Agent::apply`], recording where the policy came from; then the live connections it
+    /// no longer allows are closed ([`Agent::revoke_denied`]).
     pub fn apply_from(&mut self, base: Policy, source: Option<String>) -> Result<()> {
+        self.apply_for(base, source, RevokeReason::PolicyApply)
+    }
+
+    /// [`Agent::apply_from`], the closures reported with `reason`. `base` is the policy as
+    /// applied (file, API); the grants in force join it.
+    pub fn apply_for(
+        &mut self,
+        base: Policy,
+        source: Option<String>,
+        reason: RevokeReason,
+    ) -> Result<()> {
         let t0 = Instant::now();
         // The grants in force join the policy (fitted to it: a grant whose identity it lacks
         // is dropped, one longer than its `maxGrant` is cut), as time-bound egress entries.
@@ -684,7 +701,96 @@ impl Agent {
             ms = (in_force_ms * 10.0).round() / 10.0,
             "policy in force"
         );
+        self.revoke_denied(reason);
         Ok(())
+    }
+
+    /// Closes the live connections that the policy in force denies now (README
+    /// "Revocation"): the TCP connections and connected UDP sockets of every process the
+    /// agent tracks in an enforced scope, each closure an event. Off with
+    /// `revokeConnections: false`; in audit mode reported as `would close`. Returns the
+    /// number closed. Called after every apply, at start, and (by [`Agent::revoke_pid`])
+    /// when a process loses its identity.
+    pub fn revoke_denied(&mut self, reason: RevokeReason) -> usize {
+        self.revoke_among(None, reason)
+    }
+
+    /// [`Agent::revoke_denied`] for one process.
+    pub fn revoke_pid(&mut self, pid: u32, reason: RevokeReason) -> usize {
+        self.revoke_among(Some(pid), reason)
+    }
+
+    fn revoke_among(&mut self, only: Option<u32>, reason: RevokeReason) -> usize {
+        if !self.in_force.policy.revoke_connections {
+            return 0;
+        }
+        if !self.probe.found(crate::revoke::FEATURE_NETLINK) {
+            if !self.revoke_warned {
+                self.revoke_warned = true;
+                let why = self
+                    .probe
+                    .feature(crate::revoke::FEATURE_NETLINK)
+                    .map_or_else(|| "not probed".to_string(), |f| f.detail.clone());
+                tracing::warn!(
+                    reason = reason.name(),
+                    "{}: {why}",
+                    crate::revoke::WITHOUT_NETLINK
+                );
+            }
+            return 0;
+        }
+        let t0 = Instant::now();
+        let scope = &self.in_force.policy.scope;
+        let pids: Vec<u32> = self
+            .procs
+            .iter()
+            .filter(|(pid, t)| {
+                only.is_none_or(|o| o == *pid) && crate::revoke::in_scope(scope, &t.cgroup)
+            })
+            .map(|(pid, _)| pid)
+            .collect();
+        let kernel = &self.kernel;
+        let sweep = crate::revoke::sweep(&pids, |pid, ip, port, proto| {
+            kernel
+                .judge(pid, ip, port, proto)
+                .map_err(|e| e.to_string())
+        });
+        let ms = t0.elapsed().as_secs_f64() * 1e3;
+        for e in &sweep.errors {
+            tracing::warn!(
+                reason = reason.name(),
+                "revocation: {e}; the sweep went on with the other sockets"
+            );
+        }
+        let now = crate::sys::boottime_ns();
+        let mut closed = 0;
+        for c in &sweep.closures {
+            closed += usize::from(c.closed);
+            let d = self.view().closure(c, reason, now);
+            self.sink.emit_closure(d);
+        }
+        let would = sweep.closures.len() - closed;
+        if sweep.closures.is_empty() && sweep.errors.is_empty() {
+            tracing::debug!(
+                reason = reason.name(),
+                processes = sweep.processes,
+                sockets = sweep.sockets,
+                ms = (ms * 10.0).round() / 10.0,
+                "revocation sweep: nothing to close"
+            );
+        } else {
+            tracing::info!(
+                reason = reason.name(),
+                closed,
+                would_close = would,
+                errors = sweep.errors.len(),
+                processes = sweep.processes,
+                sockets = sweep.sockets,
+                ms = (ms * 10.0).round() / 10.0,
+                "revocation sweep"
+            );
+        }
+        closed
     }
 
     /// The kernel reports allowed decisions while the policy asks for it or an
@@ -997,6 +1103,8 @@ impl Agent {
                     "process tampered with: its identity is withheld until it execs again untraced"
                 );
                 self.sink.emit_line(&rec);
+                // Its connections are judged again without the identity.
+                self.revoke_pid(rec.pid, RevokeReason::IdentityLost);
             }
             Ok(EventKind::Connect | EventKind::Socket) => {
                 let d = self.view().decision(ev);
@@ -1340,7 +1448,8 @@ impl Agent {
     fn revoke_request(&mut self, id: u64) -> Result<api::GrantInfo> {
         let now = policy::wall_now_ns();
         let g = self.grants.remove(id).map_err(anyhow::Error::new)?;
-        if let Err(e) = self.apply(self.in_force.base.clone()) {
+        let base = self.in_force.base.clone();
+        if let Err(e) = self.apply_for(base, None, RevokeReason::GrantRevoked) {
             // Still in force in the kernel until its instant: say so, never hide it.
             self.grants.restore(g.clone());
             return Err(e.context(format!(
@@ -1349,7 +1458,6 @@ impl Agent {
             )));
         }
         self.report_grant("revoked", &g, "revoked from the command line");
-        self.time_changed("grant-revoked");
         Ok(self.grant_info(&g, now))
     }
 
@@ -1469,24 +1577,21 @@ impl Agent {
                 "the wall clock was stepped: time-bound entries are mapped to the kernel clock again"
             );
         }
-        if let Err(e) = self.apply(self.in_force.base.clone()) {
+        let reason = if !over.is_empty() {
+            RevokeReason::GrantExpired
+        } else if !expired_entries.is_empty() {
+            RevokeReason::EntryExpired
+        } else {
+            RevokeReason::PolicyApply
+        };
+        let base = self.in_force.base.clone();
+        if let Err(e) = self.apply_for(base, None, reason) {
             tracing::error!(
                 "compiling the policy again after a time-bound entry's instant: {e:#}; the kernel still stops honouring each entry at its instant"
             );
+            // The kernel already denies what expired: close it all the same.
+            self.revoke_denied(reason);
         }
-        if !over.is_empty() || !expired_entries.is_empty() {
-            self.time_changed(if over.is_empty() {
-                "entry-expired"
-            } else {
-                "grant-expired"
-            });
-        }
-    }
-
-    /// Rights were taken away by time (an expiry) or a revoke: what the policy now denies is
-    /// closed where revocation is on.
-    fn time_changed(&mut self, reason: &'static str) {
-        tracing::debug!(reason, "rights changed");
     }
 
     fn apply_request(&mut self, r: &api::ApplyRequest) -> Result<api::Applied> {

@@ -96,6 +96,8 @@ fn write_now(s: &mut std::os::unix::net::UnixStream, frame: &[u8]) -> bool {
 pub struct EventSink {
     lines: SyncSender<String>,
     dropped: Arc<AtomicU64>,
+    /// Connections closed by revocation since the agent started.
+    closed: u64,
     pub metrics: Metrics,
     pub feed: Feed,
 }
@@ -141,6 +143,7 @@ impl EventSink {
         Ok(Self {
             lines: tx,
             dropped,
+            closed: 0,
             metrics,
             feed: Feed::default(),
         })
@@ -151,6 +154,28 @@ impl EventSink {
     pub fn emit(&mut self, d: api::Decision) {
         self.metrics
             .decision(d.identity.as_deref().unwrap_or("none"), &d.verdict);
+        self.output(d);
+    }
+
+    /// Reports one connection closed by revocation (or that would be, in audit mode: not
+    /// counted): counted by identity and reason, then written like a decision.
+    pub fn emit_closure(&mut self, d: api::Decision) {
+        if d.closed == Some(true) {
+            self.closed += 1;
+            self.metrics.connection_closed(
+                d.identity.as_deref().unwrap_or("none"),
+                d.reason.as_deref().unwrap_or(""),
+            );
+        }
+        self.output(d);
+    }
+
+    /// Connections closed by revocation so far.
+    pub fn closed(&self) -> u64 {
+        self.closed
+    }
+
+    fn output(&mut self, d: api::Decision) {
         match serde_json::to_string(&d) {
             Ok(line) => match self.lines.try_send(line) {
                 Ok(()) => {}

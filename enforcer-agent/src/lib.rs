@@ -22,7 +22,9 @@ pub mod pods;
 pub mod policy;
 pub mod probe;
 pub mod procs;
+pub mod revoke;
 pub mod server;
+pub mod sock_diag;
 pub mod sys;
 pub mod views;
 

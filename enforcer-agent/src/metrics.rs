@@ -14,6 +14,7 @@
 //! | `enforcer_map_entries` | gauge | `map` |
 //! | `enforcer_map_capacity` | gauge | `map` |
 //! | `enforcer_attestation_seconds` | histogram, 16 exponential buckets 50µs..5s | |
+//! | `enforcer_connections_closed_total` | counter (revocation) | `identity`, `reason` |
 //!
 //! A labelled family (`decisions`, `map_*`) appears in the exposition once it has its first
 //! series; the unlabelled ones are always there.
@@ -79,6 +80,12 @@ struct DecisionLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ClosedLabels {
+    identity: String,
+    reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct MapLabels {
     map: String,
 }
@@ -94,6 +101,7 @@ struct Inner {
     map_entries: Family<MapLabels, U64Gauge>,
     map_capacity: Family<MapLabels, U64Gauge>,
     attestation: Histogram,
+    connections_closed: Family<ClosedLabels, Counter>,
     health: Health,
     grants_active: U64Gauge,
     grant_events: Family<GrantLabels, Counter>,
@@ -190,6 +198,14 @@ impl Metrics {
              by an apply (revoked)",
             grant_events.clone(),
         );
+        let connections_closed = Family::<ClosedLabels, Counter>::default();
+        registry.register(
+            "connections_closed",
+            "Live connections closed because they lost their allow (revocation), by workload \
+             identity and reason (policy-apply, startup, identity-lost, grant-expired, \
+             grant-revoked, entry-expired)",
+            connections_closed.clone(),
+        );
 
         Self {
             inner: Arc::new(Inner {
@@ -202,6 +218,7 @@ impl Metrics {
                 map_entries,
                 map_capacity,
                 attestation,
+                connections_closed,
                 health: Health::new(),
             }),
         }
@@ -214,6 +231,15 @@ impl Metrics {
             verdict: verdict.to_owned(),
         };
         self.inner.decisions.get_or_create(&labels).inc();
+    }
+
+    /// One connection closed by revocation.
+    pub fn connection_closed(&self, identity: &str, reason: &str) {
+        let labels = ClosedLabels {
+            identity: identity.to_owned(),
+            reason: reason.to_owned(),
+        };
+        self.inner.connections_closed.get_or_create(&labels).inc();
     }
 
     /// The kernel's count of lost events, exported as the counter `enforcer_events_lost_total`.

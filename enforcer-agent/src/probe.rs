@@ -203,6 +203,18 @@ impl Probe {
             },
             TAMPER_BLIND,
         );
+        add(
+            crate::revoke::FEATURE_NETLINK,
+            false,
+            crate::revoke::probe_netlink(),
+            crate::revoke::WITHOUT_NETLINK,
+        );
+        add(
+            crate::revoke::FEATURE_KFUNC,
+            false,
+            crate::revoke::probe_kfunc(),
+            crate::revoke::WITHOUT_KFUNC,
+        );
         // One feature per program type and per socket hook of the program table.
         for (name, t) in [
             ("prog_cgroup_sock_addr", ProgramType::CgroupSockAddr),

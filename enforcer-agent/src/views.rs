@@ -198,6 +198,11 @@ impl View<'_> {
                     name: "cgroups_known".into(),
                     value: self.cgroups.len() as u64,
                 },
+                // Live connections closed by revocation.
+                api::NamedCount {
+                    name: "connections_closed".into(),
+                    value: self.sink.closed(),
+                },
             ])
             .collect();
         let attached = self
@@ -279,6 +284,10 @@ impl View<'_> {
             grants: Vec::new(),
             timed_entries: 0,
             next_expiry: None,
+            revocation: crate::revoke::status_line(
+                self.probe,
+                self.in_force.policy.revoke_connections,
+            ),
         }
     }
 

@@ -379,13 +379,29 @@ pub fn wait_stopped(pid: u32, what: &str) {
     );
 }
 
+/// Spawns `bin args...` inside `cg` with its stdin and stdout piped to the test.
+pub fn spawn_piped_in(cg: &TestCgroup, bin: &Path, args: &[&str]) -> Child {
+    spawn_with_out(cg, bin, args, None, Stdio::piped(), Stdio::piped())
+}
+
 fn spawn_with(cg: &TestCgroup, bin: &Path, args: &[&str], uid: Option<u32>, stdin: Stdio) -> Child {
+    spawn_with_out(cg, bin, args, uid, stdin, Stdio::null())
+}
+
+fn spawn_with_out(
+    cg: &TestCgroup,
+    bin: &Path,
+    args: &[&str],
+    uid: Option<u32>,
+    stdin: Stdio,
+    stdout: Stdio,
+) -> Child {
     let procs = cg.dir.join("cgroup.procs");
     let mut c = Command::new(bin);
     c.args(args)
         .env_remove("LD_LIBRARY_PATH")
         .stdin(stdin)
-        .stdout(Stdio::null());
+        .stdout(stdout);
     // SAFETY: only async-signal-safe calls (open/write/close) between fork and exec.
     unsafe {
         let path = std::ffi::CString::new(procs.as_os_str().as_encoded_bytes()).expect("path");

@@ -21,17 +21,18 @@ use enforcer_tests::{TempDir, agent_bin, require_root};
 use yaml_rust2::{Yaml, YamlLoader};
 
 /// The capabilities the DaemonSet adds, as the README and its comments document them.
-const DAEMONSET_CAPS: [&str; 7] = [
+const DAEMONSET_CAPS: [&str; 8] = [
     "BPF",
     "PERFMON",
     "SYS_ADMIN",
+    "NET_ADMIN",
     "SYS_RESOURCE",
     "SYS_PTRACE",
     "DAC_READ_SEARCH",
     "KILL",
 ];
-/// The systemd unit's: the same, less CAP_SYS_ADMIN (only for the cgroup namespace join a
-/// container needs), plus CAP_NET_ADMIN (which CAP_SYS_ADMIN stood in for).
+/// The systemd unit's: the same, less CAP_SYS_ADMIN (only for the namespace joins a
+/// container needs).
 const UNIT_CAPS: [&str; 7] = [
     "BPF",
     "PERFMON",

@@ -702,7 +702,7 @@ fn describe(d: &api::Decision) -> String {
         // A grant made, over or revoked: not a process's decision.
         return format!("{}: {}", d.verdict, d.rule);
     }
-    format!(
+    let line = format!(
         "{}: pid {} ({}, identity {}) -> {}:{}/{} by {}{until}",
         d.verdict,
         d.pid,
@@ -716,7 +716,16 @@ fn describe(d: &api::Decision) -> String {
         d.port,
         d.protocol,
         d.rule
-    )
+    );
+    match &d.action {
+        // A closure (revocation): `closed (policy-apply): deny: pid ... from SRC`.
+        Some(action) => format!(
+            "{action} ({}): {line}, connection from {}",
+            d.reason.as_deref().unwrap_or("?"),
+            d.src.as_deref().unwrap_or("?")
+        ),
+        None => line,
+    }
 }
 
 /// Who runs this command, for the grant's record: the user sudo ran it for, and the uid.
@@ -767,6 +776,7 @@ fn print_status(s: &api::Status) {
     if !s.grants.is_empty() {
         print_grants(&s.grants);
     }
+    println!("revocation: {}", s.revocation);
     if s.drift.is_empty() {
         println!("kernel maps: in sync with the compiled policy");
     } else {

@@ -51,6 +51,10 @@ struct PolicyMsg {
     /// `maxGrant` in seconds (0: the default).
     #[prost(uint64, tag = "20")]
     max_grant_secs: u64,
+    /// `revokeConnections`; absent means true (the default), so an agent that does not know
+    /// the field closes more connections, never fewer, and default policies keep their hash.
+    #[prost(bool, optional, tag = "21")]
+    revoke_connections: Option<bool>,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
@@ -168,6 +172,7 @@ pub fn encode_bundle(policy: &Policy) -> Vec<u8> {
             },
             scope: policy.scope.clone(),
             report_allow: policy.report_allow,
+            revoke_connections: (!policy.revoke_connections).then_some(false),
             identities: policy
                 .identities
                 .iter()
@@ -375,6 +380,7 @@ pub fn decode_bundle(bytes: &[u8]) -> Result<Policy, PolicyError> {
         unattested,
         scope: p.scope,
         report_allow: p.report_allow,
+        revoke_connections: p.revoke_connections.unwrap_or(true),
         identities,
         rules,
         max_grant_secs: if p.max_grant_secs == 0 {
@@ -567,6 +573,11 @@ mod tests {
             policy_hash(&full()),
             policy_hash(&load("d", DEFAULT_POLICY.as_bytes())?.0)
         );
+        // `revokeConnections: false` survives the bundle and changes the hash.
+        let mut off = full();
+        off.revoke_connections = false;
+        assert_eq!(decode_bundle(&encode_bundle(&off))?, off);
+        assert_ne!(policy_hash(&off), policy_hash(&full()));
         Ok(())
     }
 

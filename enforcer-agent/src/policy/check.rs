@@ -23,6 +23,7 @@ const TOP_KEYS: &[&str] = &[
     "scope",
     "reportAllow",
     "maxGrant",
+    "revokeConnections",
     "identities",
     "rules",
 ];
@@ -337,6 +338,10 @@ impl Checker {
             None => Some(super::DEFAULT_MAX_GRANT_SECS),
             Some(n) => self.duration(n, "maxGrant", "`maxGrant: 4h`"),
         };
+        let revoke_connections = match f.get("revokeConnections") {
+            None => Some(true),
+            Some(n) => self.boolean(n, "revokeConnections"),
+        };
         let (identities, ids_ok, names) = match f.get("identities") {
             None => (Vec::new(), true, HashMap::new()),
             Some(n) => self.identities(n, trust_domain.as_deref()),
@@ -355,6 +360,7 @@ impl Checker {
             unattested: unattested?,
             scope: scope?,
             report_allow: report_allow?,
+            revoke_connections: revoke_connections?,
             identities: identities.into_iter().map(|i| i.identity).collect(),
             rules: rules?,
             max_grant_secs: max_grant_secs?,

@@ -8,6 +8,8 @@
 //!
 //! Extensions of the SPEC format, all optional:
 //! - `reportAllow: true|false` (top level, default `false`): report allowed decisions too.
+//! - `revokeConnections: true|false` (top level, default `true`; SPEC "Time-bound entries and
+//!   grants"): close live connections that lose their allow ([`crate::revoke`]).
 //! - `mode` defaults to `enforce` and `unattested` to `allow` when absent.
 //! - `cgroup` globs: `*` matches within one path segment, `**` (a whole segment) matches any
 //!   number of segments, zero included, so `/kubepods.slice/**` matches `/kubepods.slice`
@@ -124,6 +126,9 @@ pub struct Policy {
     /// Top-level `reportAllow: true|false` (default `false`), an extension of the SPEC format:
     /// when true, allowed decisions are reported as events too (the default policy does).
     pub report_allow: bool,
+    /// Top-level `revokeConnections: true|false` (default `true`): live connections that a
+    /// change of policy or identity no longer allows are closed ([`crate::revoke`]).
+    pub revoke_connections: bool,
     /// The identity number of `identities[i]` is `i + 1` (0 = no identity).
     pub identities: Vec<Identity>,
     /// One per compiled egress/deny destination; the rule id is the index in this Vec.

@@ -492,6 +492,7 @@ mod tests {
             unattested: Action::Allow,
             scope: vec!["/".into()],
             report_allow: false,
+            revoke_connections: true,
             identities,
             rules: Vec::new(),
             max_grant_secs: crate::policy::DEFAULT_MAX_GRANT_SECS,

@@ -497,6 +497,7 @@ fn bench_policy(scope: &str, worker_sha: [u8; 32], l: &Listeners, rules: u64) ->
         unattested: Action::Allow,
         scope: vec![scope.to_string()],
         report_allow: false,
+        revoke_connections: true,
         identities,
         rules: out,
         max_grant_secs: enforcer_agent::policy::DEFAULT_MAX_GRANT_SECS,

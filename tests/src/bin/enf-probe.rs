@@ -19,6 +19,13 @@
 //!   enf-probe unshare-net CMD...     a new user and network namespace (as an unprivileged
 //!                                    user gets CAP_NET_RAW in it), uid 0 mapped to the
 //!                                    caller, ICMP ping sockets allowed for it, then run CMD
+//!   enf-probe hold tcp|udp ADDR:PORT one long-lived connection: prints `ready LOCAL`, then
+//!                                    for each byte on stdin sends it and waits for the echo,
+//!                                    printing `ok` or `err ERRNO` (a pending socket error,
+//!                                    SO_ERROR, first); exit 0 at EOF (the revoke suite)
+//!   enf-probe hold-self tcp|udp PORT `hold` to an echo server this process runs on
+//!                                    127.0.0.1:PORT, loopback brought up first (for a new
+//!                                    network namespace: `unshare-net hold-self ...`)
 //!   enf-probe sleep SECS             sleep (a process to inspect)
 //!   enf-probe pause                  wait for SIGTERM or SIGINT, then exit 0 (the node suite's
 //!                                    pod sandbox process, as Kubernetes' pause)
@@ -100,6 +107,167 @@ fn os_fail(what: &str) -> i32 {
     let e = std::io::Error::last_os_error();
     eprintln!("enf-probe: {what}: {e}");
     code(&e)
+}
+
+/// `hold tcp|udp ADDR:PORT`: one long-lived connection (TCP, or a connected UDP socket).
+/// Prints `ready LOCAL` once connected (`err ERRNO` and exit on failure), then for each byte
+/// on stdin sends it and waits up to 2 s for the echo, printing `ok` or `err ERRNO` (a socket
+/// error the kernel left pending, SO_ERROR, first: a destroyed socket shows ECONNABORTED);
+/// exits 0 at EOF.
+fn hold(args: &[String]) -> i32 {
+    use std::io::{Read as _, Write as _};
+    let Some(to) = args.get(2).and_then(|a| a.parse::<SocketAddr>().ok()) else {
+        eprintln!("enf-probe: hold tcp|udp ADDR:PORT");
+        return 2;
+    };
+    let say = |line: String| {
+        let mut out = std::io::stdout();
+        let _ = writeln!(out, "{line}");
+        let _ = out.flush();
+    };
+    let errno = |e: &std::io::Error| e.raw_os_error().unwrap_or(0);
+    let timeout = Some(Duration::from_secs(2));
+    enum Conn {
+        Tcp(TcpStream),
+        Udp(UdpSocket),
+    }
+    let conn = match args.get(1).map(String::as_str) {
+        Some("tcp") => TcpStream::connect_timeout(&to, Duration::from_secs(5)).map(Conn::Tcp),
+        Some("udp") => udp_for(&to).and_then(|s| s.connect(to).map(|()| Conn::Udp(s))),
+        other => {
+            eprintln!("enf-probe: hold: {other:?} is neither tcp nor udp");
+            return 2;
+        }
+    };
+    let mut conn = match conn {
+        Ok(c) => c,
+        Err(e) => {
+            say(format!("err {}", errno(&e)));
+            return code(&e);
+        }
+    };
+    let local = match &conn {
+        Conn::Tcp(s) => s.set_read_timeout(timeout).and_then(|()| s.local_addr()),
+        Conn::Udp(s) => s.set_read_timeout(timeout).and_then(|()| s.local_addr()),
+    };
+    match local {
+        Ok(l) => say(format!("ready {l}")),
+        Err(e) => {
+            say(format!("err {}", errno(&e)));
+            return 2;
+        }
+    }
+    let mut b = [0u8; 1];
+    while let Ok(1) = std::io::stdin().read(&mut b) {
+        let mut echo = [0u8; 16];
+        let res = match &mut conn {
+            Conn::Tcp(s) => s
+                .take_error()
+                .and_then(|pending| pending.map_or(Ok(()), Err))
+                .and_then(|()| s.write_all(&b))
+                .and_then(|()| s.read(&mut echo))
+                .and_then(|n| {
+                    if n == 0 {
+                        Err(std::io::ErrorKind::UnexpectedEof.into())
+                    } else {
+                        Ok(())
+                    }
+                }),
+            Conn::Udp(s) => s
+                .take_error()
+                .and_then(|pending| pending.map_or(Ok(()), Err))
+                .and_then(|()| s.send(&b))
+                .and_then(|_| s.recv(&mut echo))
+                .map(|_| ()),
+        };
+        match res {
+            Ok(()) => say("ok".to_string()),
+            Err(e) => say(format!("err {}", errno(&e))),
+        }
+    }
+    0
+}
+
+/// `hold-self tcp|udp PORT`: see the usage.
+fn hold_self(args: &[String]) -> i32 {
+    use std::io::{Read as _, Write as _};
+    let port: u16 = num(args, 2);
+    if let Err(e) = loopback_up() {
+        eprintln!("enf-probe: hold-self: bringing lo up: {e}");
+        return 2;
+    }
+    let at = SocketAddr::from(([127, 0, 0, 1], port));
+    match args.get(1).map(String::as_str) {
+        Some("tcp") => {
+            let l = match std::net::TcpListener::bind(at) {
+                Ok(l) => l,
+                Err(e) => {
+                    eprintln!("enf-probe: hold-self: binding {at}: {e}");
+                    return 2;
+                }
+            };
+            std::thread::spawn(move || {
+                while let Ok((mut s, _)) = l.accept() {
+                    std::thread::spawn(move || {
+                        let mut b = [0u8; 64];
+                        while let Ok(n) = s.read(&mut b) {
+                            if n == 0 || s.write_all(&b[..n]).is_err() {
+                                break;
+                            }
+                        }
+                    });
+                }
+            });
+        }
+        Some("udp") => {
+            let u = match UdpSocket::bind(at) {
+                Ok(u) => u,
+                Err(e) => {
+                    eprintln!("enf-probe: hold-self: binding {at}: {e}");
+                    return 2;
+                }
+            };
+            std::thread::spawn(move || {
+                let mut b = [0u8; 64];
+                while let Ok((n, from)) = u.recv_from(&mut b) {
+                    let _ = u.send_to(&b[..n], from);
+                }
+            });
+        }
+        other => {
+            eprintln!("enf-probe: hold-self: {other:?} is neither tcp nor udp");
+            return 2;
+        }
+    }
+    let mut held = vec!["hold".to_string(), args[1].clone(), at.to_string()];
+    held.extend_from_slice(&args[3..]);
+    hold(&held)
+}
+
+/// `ip link set lo up` (SIOCGIFFLAGS / SIOCSIFFLAGS).
+fn loopback_up() -> std::io::Result<()> {
+    // SAFETY: a socket we close below; the ioctls read and write one ifreq we own.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let mut req: libc::ifreq = std::mem::zeroed();
+        for (i, c) in b"lo".iter().enumerate() {
+            req.ifr_name[i] = *c as libc::c_char;
+        }
+        let mut r = libc::ioctl(fd, libc::SIOCGIFFLAGS, &mut req);
+        if r == 0 {
+            req.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short;
+            r = libc::ioctl(fd, libc::SIOCSIFFLAGS, &req);
+        }
+        let e = std::io::Error::last_os_error();
+        libc::close(fd);
+        if r != 0 {
+            return Err(e);
+        }
+    }
+    Ok(())
 }
 
 fn victim(args: &[String]) -> i32 {
@@ -417,6 +585,8 @@ fn run(args: &[String]) -> i32 {
             }
         }
         "victim" => victim(args),
+        "hold" => hold(args),
+        "hold-self" => hold_self(args),
         "poke-mem" | "poke-vm" | "poke-ptrace" => poke(args),
         "steal-fd" => steal_fd(args),
         "socket" => {

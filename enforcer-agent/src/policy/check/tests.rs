@@ -59,6 +59,7 @@ fn full_example() {
     assert_eq!(p.mode, Mode::Enforce);
     assert_eq!(p.unattested, Action::Allow);
     assert!(!p.report_allow);
+    assert!(p.revoke_connections, "revokeConnections defaults to true");
     assert_eq!(p.identities.len(), 2);
     assert_eq!(
         p.identities[1].spiffe_id,
@@ -650,6 +651,26 @@ fn sockets_list() {
         "identities:\n  - name: a\n    match:\n      - uid: [1]\n    sockets: icmp\n",
     ));
     assert!(has(&d, 8, 14, Severity::Error, "must be a list"), "{d:#?}");
+}
+
+#[test]
+fn revoke_connections_is_a_boolean() {
+    let off = FULL.replace(
+        "scope: [\"/\"]\n",
+        "scope: [\"/\"]\nrevokeConnections: false\n",
+    );
+    assert!(!ok(&off).0.revoke_connections);
+    let bad = FULL.replace(
+        "scope: [\"/\"]\n",
+        "scope: [\"/\"]\nrevokeConnections: no\n",
+    );
+    let d = errors(&bad);
+    assert!(
+        d.iter().any(|d| d
+            .message
+            .contains("revokeConnections must be true or false")),
+        "{d:?}"
+    );
 }
 
 const TIMED_IDS: &str = "identities:\n  - name: api\n    match: [{uid: [1000]}]\n";

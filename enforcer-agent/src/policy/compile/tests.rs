@@ -58,6 +58,7 @@ fn policy_with(rules: Vec<Rule>, idents: usize) -> Policy {
         unattested: Action::Deny,
         scope: vec!["/".into()],
         report_allow: false,
+        revoke_connections: true,
         identities: (0..idents)
             .map(|i| Identity {
                 name: format!("i{i}"),
