@@ -12,6 +12,7 @@ pub mod daemon;
 pub mod events;
 pub mod exes;
 pub mod health;
+pub mod import;
 pub mod in_force;
 pub mod k8s;
 pub mod kernel;
