@@ -1090,6 +1090,32 @@ fn import_spire_writes_a_policy_that_real_processes_match() {
     assert_eq!(code, 1, "{err}");
     assert!(stdout.is_empty() && err.contains("not JSON"), "{err}");
 
+    // Two SPIFFE IDs that can match one process (SPIRE would issue both SVIDs): written,
+    // but it fails `policy check`, so exit 1 says what to edit.
+    let overlap = serde_json::json!({"entries": [
+        entry("e-any", "/any", &[("unix", &sha_sel)]),
+        entry("e-root", "/root", &[("unix", &sha_sel), ("unix", "uid:0")]),
+    ]});
+    let both = dir.path("overlap.json");
+    fs::write(&both, overlap.to_string()).expect("write");
+    let both_out = dir.path("overlap.yaml");
+    let (code, _, err) = run_cmd(
+        &bin,
+        &[
+            "import",
+            "spire",
+            both.to_str().expect("path"),
+            "-o",
+            both_out.to_str().expect("path"),
+        ],
+    );
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("can match the same process") && err.contains("does not pass `policy check`"),
+        "{err}"
+    );
+    assert!(both_out.exists(), "the policy is written for editing");
+
     if !require_root("import_spire_writes_a_policy_that_real_processes_match") {
         return;
     }
