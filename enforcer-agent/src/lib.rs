@@ -13,6 +13,7 @@ pub mod events;
 pub mod exes;
 pub mod grants;
 pub mod health;
+pub mod import;
 pub mod in_force;
 pub mod k8s;
 pub mod kernel;

@@ -1015,3 +1015,147 @@ fn a_silent_api_client_and_a_full_stdout_never_delay_a_held_exec() {
     assert!(agent.unread_stdout_bytes() >= 4096 - 1024);
     drop((silent, silent2));
 }
+
+/// `import spire` on a SPIRE-shaped file (`spire-server entry show -output json`): the real
+/// binary writes a policy that `policy check` accepts, skips what it cannot enforce (exit 2),
+/// refuses what is not SPIRE's JSON (exit 1); as root, the imported identities are given to
+/// real processes: unix:sha256 + unix:uid holds for the binary run by that uid only.
+#[test]
+fn import_spire_writes_a_policy_that_real_processes_match() {
+    const NOBODY: u32 = 65534;
+    let dir = TempDir::new("spire");
+    let (app, other) = probe_pair(Path::new(PROBE_BIN), &dir);
+    let sha = sha256_file(&app);
+    let entry = |id: &str, path: &str, selectors: &[(&str, &str)]| {
+        let sels: Vec<serde_json::Value> = selectors
+            .iter()
+            .map(|(t, v)| serde_json::json!({"type": t, "value": v}))
+            .collect();
+        serde_json::json!({
+            "id": id,
+            "spiffe_id": {"trust_domain": "example.org", "path": path},
+            "parent_id": {"trust_domain": "example.org", "path": "/spire/agent/x509pop/node-a"},
+            "selectors": sels, "x509_svid_ttl": 0, "federates_with": [], "hint": "",
+            "admin": false, "created_at": "1764662400", "downstream": false,
+            "expires_at": "0", "dns_names": [], "revision_number": "0", "store_svid": false,
+            "jwt_svid_ttl": 0
+        })
+    };
+    let sha_sel = format!("sha256:{sha}");
+    let json = serde_json::json!({"entries": [
+        entry("e-root", "/app/root", &[("unix", &sha_sel), ("unix", "uid:0")]),
+        entry("e-nobody", "/app/nobody", &[("unix", &sha_sel), ("unix", &format!("uid:{NOBODY}"))]),
+        entry("e-docker", "/app/docker", &[("docker", "label:app:x")]),
+    ], "next_page_token": ""});
+    let input = dir.path("entries.json");
+    fs::write(&input, json.to_string()).expect("writing the entries");
+    let out = dir.path("policy.yaml");
+    let bin = agent_bin();
+    let (code, stdout, err) = run_cmd(
+        &bin,
+        &[
+            "import",
+            "spire",
+            input.to_str().expect("path"),
+            "-o",
+            out.to_str().expect("path"),
+        ],
+    );
+    assert_eq!(code, 2, "some entries skipped: exit 2\n{err}");
+    assert!(stdout.is_empty(), "{stdout}");
+    assert!(
+        err.contains("skipped SPIRE entry \"e-docker\"") && err.contains("docker:label:app:x"),
+        "{err}"
+    );
+    assert!(
+        err.contains("imported 2 of 3 entries as 2 identities"),
+        "{err}"
+    );
+    let yaml = fs::read_to_string(&out).expect("the written policy");
+    let (code, _, err) = run_cmd(&bin, &["policy", "check", out.to_str().expect("path")]);
+    assert_eq!(
+        code, 0,
+        "the imported policy must pass policy check: {err}\n{yaml}"
+    );
+    // To stdout without -o: the same text.
+    let (code, stdout, _) = run_cmd(&bin, &["import", "spire", input.to_str().expect("path")]);
+    assert_eq!((code, stdout.as_str()), (2, yaml.as_str()));
+    // Not SPIRE's JSON: exit 1, one sentence, nothing on stdout.
+    let bad = dir.path("bad.json");
+    fs::write(&bad, "Found 3 entries\n").expect("write");
+    let (code, stdout, err) = run_cmd(&bin, &["import", "spire", bad.to_str().expect("path")]);
+    assert_eq!(code, 1, "{err}");
+    assert!(stdout.is_empty() && err.contains("not JSON"), "{err}");
+
+    // Two SPIFFE IDs that can match one process (SPIRE would issue both SVIDs): written,
+    // but it fails `policy check`, so exit 1 says what to edit.
+    let overlap = serde_json::json!({"entries": [
+        entry("e-any", "/any", &[("unix", &sha_sel)]),
+        entry("e-root", "/root", &[("unix", &sha_sel), ("unix", "uid:0")]),
+    ]});
+    let both = dir.path("overlap.json");
+    fs::write(&both, overlap.to_string()).expect("write");
+    let both_out = dir.path("overlap.yaml");
+    let (code, _, err) = run_cmd(
+        &bin,
+        &[
+            "import",
+            "spire",
+            both.to_str().expect("path"),
+            "-o",
+            both_out.to_str().expect("path"),
+        ],
+    );
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("can match the same process") && err.contains("does not pass `policy check`"),
+        "{err}"
+    );
+    assert!(both_out.exists(), "the policy is written for editing");
+
+    if !require_root("import_spire_writes_a_policy_that_real_processes_match") {
+        return;
+    }
+    // The imported policy as written, scoped to a test cgroup.
+    let cg = TestCgroup::new("spire");
+    assert!(yaml.contains("scope: [\"/\"]\n"), "{yaml}");
+    let scoped = yaml.replace("scope: [\"/\"]\n", &format!("scope: [\"{}\"]\n", cg.rel));
+    let agent = Agent::start(&scoped);
+    let mut root = spawn_in(&cg, &app, &["sleep", "20"]);
+    let mut nobody = spawn_in_as(&cg, &app, &["sleep", "20"], Some(NOBODY));
+    let mut stranger = spawn_in(&cg, &other, &["sleep", "20"]);
+    // The listing as soon as the agent has hashed the process's executable.
+    let attested = |pid: u32, sha: &str| {
+        wait_for(
+            &format!("pid {pid} attested in `identities`"),
+            AGENT_TIMEOUT,
+            || {
+                let ids = agent.cli_json(&["identities"]);
+                ids.as_array()?
+                    .iter()
+                    .find(|p| p["pid"] == pid && p["sha256"] == sha)
+                    .cloned()
+            },
+        )
+    };
+    let wait_identity = |pid: u32, id: &str| {
+        wait_for(&format!("pid {pid} given {id}"), AGENT_TIMEOUT, || {
+            let ids = agent.cli_json(&["identities"]);
+            ids.as_array()?
+                .iter()
+                .any(|p| p["pid"] == pid && p["identity"] == id)
+                .then_some(())
+        })
+    };
+    wait_identity(root.id(), "spiffe://example.org/app/root");
+    wait_identity(nobody.id(), "spiffe://example.org/app/nobody");
+    let s = attested(stranger.id(), &sha256_file(&other));
+    assert!(
+        s["identity"].is_null(),
+        "another binary has no identity: {s}"
+    );
+    for c in [&mut root, &mut nobody, &mut stranger] {
+        c.kill().expect("kill our sleeper");
+        c.wait().expect("reap");
+    }
+}

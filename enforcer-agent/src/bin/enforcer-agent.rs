@@ -10,7 +10,7 @@ use anyhow::{Context as _, Result, bail};
 use clap::{Parser, Subcommand};
 use enforcer_agent::{
     api::{self, reply, request},
-    attest, client, daemon,
+    attest, client, daemon, import,
     policy::{self, Severity},
 };
 
@@ -116,6 +116,11 @@ enum Cmd {
         #[command(subcommand)]
         cmd: PolicyCmd,
     },
+    /// Policy identities from another system's registrations.
+    Import {
+        #[command(subcommand)]
+        cmd: ImportCmd,
+    },
     /// The facts of one process, ready to paste into a policy `match` entry.
     Attest {
         #[arg(long)]
@@ -189,6 +194,24 @@ enum PolicyCmd {
     },
     /// Hand a policy (YAML or bundle) to the running agent: all or nothing.
     Apply { file: PathBuf },
+}
+
+#[derive(Subcommand)]
+enum ImportCmd {
+    /// Identities from SPIRE registration entries: the output of
+    /// `spire-server entry show -output json` (FILE, or - for stdin). Exit 0: every entry
+    /// imported; 2: some skipped (each reported); 1: bad input, or the written policy does
+    /// not pass `policy check`.
+    Spire {
+        file: PathBuf,
+        /// Write the policy here instead of stdout.
+        #[arg(short = 'o', long = "output")]
+        out: Option<PathBuf>,
+        /// The trust domain to import, when the entries name several (the others' entries
+        /// are skipped).
+        #[arg(long, value_name = "TD")]
+        trust_domain: Option<String>,
+    },
 }
 
 /// `/sys/fs/bpf/` + the ABI's versioned pin folder.
@@ -436,6 +459,67 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
                 policy::policy_hash(&p)
             );
             Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Import {
+            cmd:
+                ImportCmd::Spire {
+                    file,
+                    out,
+                    trust_domain,
+                },
+        } => {
+            let name = file.display().to_string();
+            let bytes = if name == "-" {
+                let mut b = Vec::new();
+                std::io::Read::read_to_end(&mut std::io::stdin(), &mut b)
+                    .context("cannot read the SPIRE entries from stdin")?;
+                b
+            } else {
+                read(&file)?
+            };
+            let opts = import::spire::Options { trust_domain };
+            let r = import::spire::import(&bytes, &opts).with_context(|| name.clone())?;
+            let out_name = match &out {
+                Some(o) => {
+                    fs::write(o, &r.yaml)
+                        .with_context(|| format!("cannot write {}", o.display()))?;
+                    o.display().to_string()
+                }
+                None => {
+                    print!("{}", r.yaml);
+                    "<stdout>".to_string()
+                }
+            };
+            for s in &r.skipped {
+                eprintln!(
+                    "{name}: skipped SPIRE entry {:?} ({:?}): {}",
+                    s.entry_id, s.spiffe_id, s.reason
+                );
+            }
+            for d in &r.diagnostics {
+                eprintln!("{}", d.render(&out_name));
+            }
+            let identities: std::collections::BTreeSet<&str> =
+                r.imported.iter().map(|i| i.identity.as_str()).collect();
+            eprintln!(
+                "{name}: imported {} of {} entries as {} identities of trust domain {} into {out_name} ({} skipped)",
+                r.imported.len(),
+                r.imported.len() + r.skipped.len(),
+                identities.len(),
+                r.trust_domain,
+                r.skipped.len()
+            );
+            if !r.passes_check() {
+                eprintln!(
+                    "{out_name}: the imported policy does not pass `policy check` (above): SPIRE can give one workload several SPIFFE IDs, a process here has one identity; make the identities disjoint or remove one"
+                );
+                return Ok(ExitCode::from(1));
+            }
+            Ok(if r.skipped.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(2)
+            })
         }
         Cmd::Attest { pid, json } => {
             let mut cache = attest::HashCache::new(16);
