@@ -628,13 +628,22 @@ fn reuse_pid(st: &Setup, agent: Option<&Agent>) -> (u32, i32, i32, Option<serde_
             Err(e) => panic!("clone3(set_tid={pid}): errno {e}"),
         };
         assert_eq!(got, pid, "clone3 set_tid gave another pid");
+        let other_sha = sha256_file(&st.other);
         let ids = agent.map(|a| {
             wait_attested(a, pid);
-            let ids = a.cli_json(&["identities"]);
-            ids.as_array()
-                .and_then(|p| p.iter().find(|p| p["pid"] == pid))
-                .cloned()
-                .unwrap_or_else(|| panic!("identities does not list {pid}: {ids}"))
+            // The clone runs this test binary until it execs `other`: wait for the exec's
+            // attestation, not the fork's (a loaded machine shows the fork first).
+            wait_for(
+                &format!("process {pid} listed as the program on the reused pid"),
+                AGENT_TIMEOUT,
+                || {
+                    let ids = a.cli_json(&["identities"]);
+                    ids.as_array()
+                        .and_then(|p| p.iter().find(|p| p["pid"] == pid))
+                        .filter(|p| p["sha256"] == other_sha.as_str())
+                        .cloned()
+                },
+            )
         });
         // Opens the gate (EOF); on a panic above, the drop does.
         drop(wr);
