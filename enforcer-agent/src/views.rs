@@ -381,7 +381,10 @@ impl View<'_> {
                             "tampered: traced, memory written or descriptors taken by another process; no identity until it execs again untraced (would be: {})",
                             r.reason
                         ),
-                        Some(r) => r.reason,
+                        Some(r) => match self.procs.granted(pid) {
+                            Some(g) => format!("{}; preload granted: {g}", r.reason),
+                            None => r.reason,
+                        },
                         None => "executable not hashed".into(),
                     },
                     tampered,
@@ -418,7 +421,12 @@ impl View<'_> {
         });
         let (verdict, ident, rule) = if in_scope {
             let j = self.kernel.judge(r.pid, dst, port, proto)?;
-            (j.verdict.name(), j.ident, self.in_force.rule_text(j.rule))
+            let rule = if j.rule == RULE_WITHHELD {
+                withheld_reason(self.procs, r.pid)
+            } else {
+                self.in_force.rule_text(j.rule)
+            };
+            (j.verdict.name(), j.ident, rule)
         } else {
             (
                 Verdict::Allow.name(),

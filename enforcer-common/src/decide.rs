@@ -528,6 +528,7 @@ mod tests {
             report_allow: 0,
             uses_uids: 1,
             prefix_rules: 1,
+            preload_hold: 0,
         };
         c
     }

@@ -256,8 +256,12 @@ pub struct GenConfig {
     /// 1 when the generation has entries in the `ENF_RULES` trie (prefixes shorter than a
     /// host); 0 lets the kernel skip the trie and look up `ENF_HOSTS` only.
     pub prefix_rules: u32,
+    /// 1 when some identity of the generation has a `preload:` list: an exec whose
+    /// environment names `LD_PRELOAD` (first of the loader variables) is then held while an
+    /// agent lives, so that the agent can hash the preloads before the process runs.
+    pub preload_hold: u32,
 }
-const _: () = assert!(core::mem::size_of::<GenConfig>() == 28);
+const _: () = assert!(core::mem::size_of::<GenConfig>() == 32);
 
 /// The single value of `ENF_CONFIG` (index 0). Applying a policy writes the inactive slot of
 /// every map, then flips `active` with one 4-byte store: a connect sees the old policy or the
@@ -280,7 +284,7 @@ pub struct Config {
     pub heartbeat_ns: u64,
     pub generations: [GenConfig; GENERATIONS],
 }
-const _: () = assert!(core::mem::size_of::<Config>() == 24 + 28 * GENERATIONS);
+const _: () = assert!(core::mem::size_of::<Config>() == 24 + 32 * GENERATIONS);
 
 /// How old [`Config::heartbeat_ns`] may be for the kernel to still hold never-seen execs
 /// (the agent writes it every 500 ms).

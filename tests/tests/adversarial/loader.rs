@@ -13,14 +13,14 @@ mod with_c {
         collections::HashMap,
         fs,
         net::TcpListener,
-        os::unix::{fs::PermissionsExt as _, process::CommandExt as _},
+        os::unix::fs::PermissionsExt as _,
         path::{Path, PathBuf},
-        process::{Command, Stdio},
+        process::Stdio,
     };
 
     use enforcer_tests::*;
 
-    use crate::common::ATTACKER_UID;
+    use crate::common::{ATTACKER_UID, command_as};
 
     const SVC: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/loader/svc"));
     const HELPER: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/loader/libhelper.so"));
@@ -81,33 +81,13 @@ mod with_c {
         args: &[&str],
         env: &[(&str, String)],
     ) -> std::process::Child {
-        let procs = cg.dir.join("cgroup.procs");
-        let mut c = Command::new(bin);
-        c.args(args)
-            .env_clear()
+        let mut c = command_as(cg, bin, args, ATTACKER_UID);
+        c.env_clear()
             .env("PATH", "/usr/bin:/bin")
             .stdin(Stdio::null())
             .stdout(Stdio::null());
         for (k, v) in env {
             c.env(k, v);
-        }
-        let uid = ATTACKER_UID;
-        // SAFETY: only async-signal-safe calls (open/write/close/setgid/setuid) between fork
-        // and exec.
-        unsafe {
-            let path = std::ffi::CString::new(procs.as_os_str().as_encoded_bytes()).expect("path");
-            c.pre_exec(move || {
-                let fd = libc::open(path.as_ptr(), libc::O_WRONLY);
-                if fd < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                let n = libc::write(fd, b"0".as_ptr().cast(), 1);
-                libc::close(fd);
-                if n != 1 || libc::setgid(uid) != 0 || libc::setuid(uid) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
         }
         c.spawn()
             .unwrap_or_else(|e| panic!("spawning {} in {}: {e}", bin.display(), cg.rel))
@@ -131,6 +111,156 @@ rules:
       - to: {{cidr: 127.0.0.1/32, ports: [{port}], protocol: tcp}}
 "#
         )
+    }
+
+    /// `policy` with `preload: [HASH...]` on svc's match entry.
+    fn policy_preload(scope: &str, sha: &str, port: u16, preload: &[&str]) -> String {
+        policy(scope, sha, port).replace(
+            &format!("      - binarySha256: [{sha}]\n"),
+            &format!(
+                "      - binarySha256: [{sha}]\n        preload: [{}]\n",
+                preload.join(", ")
+            ),
+        )
+    }
+
+    /// The `preload:` grant (SECURITY.md guarantee 3): an LD_PRELOAD whose file root alone can
+    /// change and whose sha256 svc's entry lists keeps svc's identity; anything else withholds
+    /// it as before.
+    #[test]
+    fn preload_grant_by_sha256() {
+        if !require_root("preload_grant_by_sha256") {
+            return;
+        }
+        let f = files();
+        let listener = TcpListener::bind("127.0.0.1:0").expect("listener");
+        let port = listener.local_addr().expect("addr").port();
+        let p = port.to_string();
+        let cg = TestCgroup::new("preload");
+        let svc = &f.svc;
+        // The granted object: svc's own harmless library, in a folder only root can change.
+        let good = f.dir.path("lib/libhelper.so");
+        let good_s = good.to_string_lossy().into_owned();
+        let good_sha = sha256_file(&good);
+        let evil_s = f.evil.to_string_lossy().into_owned();
+        let evil_sha = sha256_file(&f.evil);
+        // The same bytes where the attacker can swap them: a folder of its own, and a
+        // root-owned copy in it.
+        let mine = f.dir.path("mine");
+        fs::create_dir_all(&mine).expect("mkdir");
+        write(&mine.join("good.so"), HELPER, 0o755);
+        std::os::unix::fs::chown(&mine, Some(ATTACKER_UID), Some(ATTACKER_UID)).expect("chown");
+        let swappable = mine.join("good.so").to_string_lossy().into_owned();
+        assert_eq!(sha256_file(&mine.join("good.so")), good_sha);
+
+        let with_good = || vec![("LD_PRELOAD", good_s.clone())];
+        let with_evil = || vec![("LD_PRELOAD", evil_s.clone()), ("EVIL_PORT", p.clone())];
+        // Enforcement off: the preloads load (good is harmless, evil connects).
+        assert_eq!(run_env(&cg, svc, &[&p], &with_good()), OK, "svc with good");
+        assert_eq!(
+            run_env(&cg, svc, &[&p], &with_evil()),
+            EVIL_CONNECTED,
+            "without enforcement evil.so connects (else this test proves nothing)"
+        );
+
+        let_settle();
+        let sha = sha256_file(svc);
+        let mut agent = Agent::start(&policy(&cg.rel, &sha, port));
+        // Without `preload:` the good preload withholds svc's identity.
+        assert_eq!(
+            run_env(&cg, svc, &[&p], &with_good()),
+            EPERM,
+            "without preload: an LD_PRELOAD withholds the identity\n{}",
+            agent.log()
+        );
+        agent.reload(&policy_preload(&cg.rel, &sha, port, &[&good_sha]));
+        agent.wait_log("policy reloaded", 1);
+        // (a) Listed: svc keeps its identity, twice (held and attested, then known).
+        for round in 0..2 {
+            assert_eq!(
+                run_env(&cg, svc, &[&p], &with_good()),
+                OK,
+                "round {round}: a granted preload keeps the identity\n{}",
+                agent.log()
+            );
+        }
+        assert_eq!(run_env(&cg, svc, &[&p], &[]), OK, "plain svc");
+        // (b) Not listed: withheld, and the reason names the file and its hash.
+        assert_eq!(
+            run_env(&cg, svc, &[&p], &with_evil()),
+            EVIL_DENIED,
+            "an unlisted preload must not get svc's identity\n{}",
+            agent.log()
+        );
+        assert_eq!(
+            run_env(
+                &cg,
+                svc,
+                &[&p],
+                &[
+                    ("LD_PRELOAD", format!("{good_s}:{evil_s}")),
+                    ("EVIL_PORT", p.clone())
+                ]
+            ),
+            EVIL_DENIED,
+            "one unlisted preload among listed ones withholds\n{}",
+            agent.log()
+        );
+        let not_granted =
+            format!("withheld: LD_PRELOAD {evil_s} sha256 {evil_sha} not in preload: of svc");
+        agent.wait_events("the deny event naming the unlisted preload", |evs| {
+            evs.iter()
+                .any(|e| e["verdict"] == "deny" && e["rule"] == not_granted.as_str())
+        });
+        // (c) The granted bytes where the attacker can swap them between the hash and
+        // ld.so's open: refused, whatever the content.
+        assert_eq!(
+            run_env(&cg, svc, &[&p], &[("LD_PRELOAD", swappable.clone())]),
+            EPERM,
+            "a preload in a folder the attacker owns must withhold\n{}",
+            agent.log()
+        );
+        assert!(
+            agent
+                .log()
+                .contains("only a file that root alone can change"),
+            "the log says why\n{}",
+            agent.log()
+        );
+        // Another loader variable next to a granted preload withholds.
+        assert_eq!(
+            run_env(
+                &cg,
+                svc,
+                &[&p],
+                &[
+                    ("LD_PRELOAD", good_s.clone()),
+                    ("LD_LIBRARY_PATH", f.evil_lib.to_string_lossy().into_owned()),
+                    ("EVIL_PORT", p.clone()),
+                ]
+            ),
+            EVIL_DENIED,
+            "LD_LIBRARY_PATH beside a granted preload\n{}",
+            agent.log()
+        );
+        // A bare name (searched by ld.so) is refused.
+        assert_eq!(
+            run_env(&cg, svc, &[&p], &[("LD_PRELOAD", "libhelper.so".into())]),
+            EPERM,
+            "a bare LD_PRELOAD name withholds\n{}",
+            agent.log()
+        );
+        // (d) No agent alive: nothing holds the exec, so nothing can grant: withheld.
+        agent.kill9();
+        assert_eq!(
+            run_env(&cg, svc, &[&p], &with_good()),
+            EPERM,
+            "with the agent dead a preload withholds (fail closed)"
+        );
+        assert_eq!(run_env(&cg, svc, &[&p], &[]), OK, "plain svc, agent dead");
+        drop(agent);
+        drop(listener);
+        drop(f.dir);
     }
 
     /// The attacks of the loader family, as (name, environment, what evil's code reaches).
@@ -339,6 +469,16 @@ rules:
 #[test]
 fn loader_environment_withholds_the_identity() {
     // tests/build.rs could not compile tests/loader-c with `cc`.
+    assert!(
+        !enforcer_tests::in_ci(),
+        "the loader tests' C programs were not built (no `cc` when the tests were compiled)"
+    );
+    eprintln!("skipped: no `cc` when the tests were compiled (install gcc)");
+}
+
+#[cfg(not(loader_c))]
+#[test]
+fn preload_grant_by_sha256() {
     assert!(
         !enforcer_tests::in_ci(),
         "the loader tests' C programs were not built (no `cc` when the tests were compiled)"
