@@ -173,7 +173,15 @@ rules:
             "without preload: an LD_PRELOAD withholds the identity\n{}",
             agent.log()
         );
-        agent.reload(&policy_preload(&cg.rel, &sha, port, &[&good_sha]));
+        // A second identity for a long-lived process, to read `identities` of a grant.
+        let sleep = Path::new("/bin/sleep");
+        let sleeper = format!(
+            "  - name: sleeper\n    match:\n      - binarySha256: [{}]\n        preload: [{good_sha}]\nrules:\n",
+            sha256_file(sleep)
+        );
+        let granting =
+            policy_preload(&cg.rel, &sha, port, &[&good_sha]).replacen("rules:\n", &sleeper, 1);
+        agent.reload(&granting);
         agent.wait_log("policy reloaded", 1);
         // (a) Listed: svc keeps its identity, twice (held and attested, then known).
         for round in 0..2 {
@@ -185,6 +193,31 @@ rules:
             );
         }
         assert_eq!(run_env(&cg, svc, &[&p], &[]), OK, "plain svc");
+        // `identities` shows the grant of a live process.
+        let mut live = spawn_env(&cg, sleep, &["30"], &with_good());
+        let pid = u64::from(live.id());
+        let (identity, reason) =
+            wait_for("the granted process in `identities`", AGENT_TIMEOUT, || {
+                let ids = agent.cli_json(&["identities"]);
+                let p = ids
+                    .as_array()?
+                    .iter()
+                    .find(|p| p["pid"].as_u64() == Some(pid))?
+                    .clone();
+                let r = p["reason"].as_str()?.to_string();
+                r.contains("preload granted")
+                    .then_some((p["identity"].clone(), r))
+            });
+        let _ = live.kill();
+        let _ = live.wait();
+        assert!(
+            identity.as_str().is_some_and(|i| i.ends_with("/sleeper")),
+            "{identity} {reason}"
+        );
+        assert!(
+            reason.contains(&format!("preload granted: {good_s} sha256 {good_sha}")),
+            "{reason}"
+        );
         // (b) Not listed: withheld, and the reason names the file and its hash.
         assert_eq!(
             run_env(&cg, svc, &[&p], &with_evil()),
