@@ -486,6 +486,15 @@ impl Agent {
                 }
                 found.is_some()
             };
+        // A held process is trusted for the environment read above only if it is still where
+        // the kernel stopped it: one continued by another process (SIGCONT) may have run
+        // ld.so and rewritten its environment before it was read.
+        if !withheld && kflags & PROC_ENV_UNREAD != 0 && !crate::preload::untouched_since_exec(pid)
+        {
+            self.procs
+                .set_withheld(pid, Some("environment not seen before the process ran"));
+            withheld = true;
+        }
         // A `preload:` grant (SECURITY.md guarantee 3): only for a process the kernel held at
         // exec (its environment is still the one ld.so will read) and not tampered with.
         let held = (kflags | ev.map_or(0, |e| e.flags)) & PROC_HELD != 0;
