@@ -296,6 +296,67 @@ rules:
         drop(f.dir);
     }
 
+    /// An environment too large for the kernel to read at exec is read by the agent while the
+    /// exec is held; a process another one continues (SIGCONT) before that read has run
+    /// ld.so, and evil.so rewrites the environment (hides LD_PRELOAD): it must stay withheld.
+    #[test]
+    fn sigcont_before_the_environment_is_read_withholds() {
+        if !require_root("sigcont_before_the_environment_is_read_withholds") {
+            return;
+        }
+        let f = files();
+        let listener = TcpListener::bind("127.0.0.1:0").expect("listener");
+        let port = listener.local_addr().expect("addr").port();
+        let p = port.to_string();
+        let cg = TestCgroup::new("sigcont-env");
+        let svc = &f.svc;
+        let fillers: Vec<String> = (0..200).map(|i| format!("FILLER_{i:03}")).collect();
+        let mut env: Vec<(&str, String)> =
+            fillers.iter().map(|n| (n.as_str(), "x".into())).collect();
+        env.push(("LD_PRELOAD", f.evil.to_string_lossy().into_owned()));
+        env.push(("EVIL_PORT", p.clone()));
+        env.push(("EVIL_REWRITE", "1".into()));
+        // Enforcement off: evil.so connects.
+        assert_eq!(
+            run_env(&cg, svc, &[&p], &env),
+            EVIL_CONNECTED,
+            "no enforcement"
+        );
+
+        let_settle();
+        let sha = sha256_file(svc);
+        let agent = Agent::start(&policy(&cg.rel, &sha, port));
+        let agent_pid =
+            nix::unistd::Pid::from_raw(agent.child.as_ref().expect("agent").id() as i32);
+        // The agent is frozen (its heartbeat stays fresh for a few seconds, so the kernel
+        // still holds execs), the attacker's exec is held, and the attacker continues it.
+        nix::sys::signal::kill(agent_pid, nix::sys::signal::Signal::SIGSTOP).expect("stop agent");
+        let child = spawn_env(&cg, svc, &[&p], &env);
+        let pid = child.id();
+        wait_stopped(pid, "the exec with a large environment is held");
+        let target = nix::unistd::Pid::from_raw(pid as i32);
+        nix::sys::signal::kill(target, nix::sys::signal::Signal::SIGCONT).expect("SIGCONT");
+        // Let evil.so rewrite the environment before the agent reads it.
+        wait_for(
+            "LD_PRELOAD hidden in /proc/PID/environ",
+            AGENT_TIMEOUT,
+            || {
+                let env = fs::read(format!("/proc/{pid}/environ")).ok()?;
+                env.windows(11).any(|w| w == b"XD_PRELOAD=").then_some(())
+            },
+        );
+        nix::sys::signal::kill(agent_pid, nix::sys::signal::Signal::SIGCONT).expect("cont agent");
+        assert_eq!(
+            wait_traced(child).0,
+            EVIL_DENIED,
+            "a held exec continued before the agent read its environment must stay withheld\n{}",
+            agent.log()
+        );
+        drop(agent);
+        drop(listener);
+        drop(f.dir);
+    }
+
     /// The attacks of the loader family, as (name, environment, what evil's code reaches).
     fn attacks(f: &Files, port: u16) -> Vec<(&'static str, Vec<(&'static str, String)>)> {
         let evil = f.evil.to_string_lossy().into_owned();
