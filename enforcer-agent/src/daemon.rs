@@ -501,7 +501,7 @@ impl Agent {
             self.procs
                 .set_withheld(pid, Some("environment not seen before the process ran"));
         }
-        let withheld = ev.is_some_and(|e| e.flags & PROC_WITHHELD != 0)
+        let mut withheld = ev.is_some_and(|e| e.flags & PROC_WITHHELD != 0)
             || kflags & PROC_WITHHELD != 0
             || unseen_env
             || {
@@ -511,6 +511,32 @@ impl Agent {
                 }
                 found.is_some()
             };
+        // A held process is trusted for the environment read above only if it is still where
+        // the kernel stopped it: one continued by another process (SIGCONT) may have run
+        // ld.so and rewritten its environment before it was read.
+        if !withheld && kflags & PROC_ENV_UNREAD != 0 && !crate::preload::untouched_since_exec(pid)
+        {
+            self.procs
+                .set_withheld(pid, Some("environment not seen before the process ran"));
+            withheld = true;
+        }
+        // A `preload:` grant (SECURITY.md guarantee 3): only for a process the kernel held at
+        // exec (its environment is still the one ld.so will read) and not tampered with.
+        let held = (kflags | ev.map_or(0, |e| e.flags)) & PROC_HELD != 0;
+        if withheld && held && !tampered && policy::has_preload(&self.in_force.policy) {
+            match self.grant_preloads(pid, &facts) {
+                Ok(granted) => {
+                    tracing::info!(pid, exe = %facts.exe_path, "preload granted: {granted}");
+                    withheld = false;
+                    self.procs.set_withheld(pid, None);
+                    self.procs.set_granted(pid, Some(granted));
+                }
+                Err(refused) => {
+                    tracing::warn!(pid, exe = %facts.exe_path, "identity withheld: {refused}");
+                    self.procs.set_withheld_why(pid, refused.to_string());
+                }
+            }
+        }
         let st = ProcState {
             exe_id,
             uid: facts.uid,
@@ -524,6 +550,56 @@ impl Agent {
         self.kernel.set_process(pid, &st)?;
         self.procs.insert(pid, tracked(&facts, exe_id));
         Ok(())
+    }
+
+    /// The preloads of held process `pid` (whose facts are `facts`), when every one is
+    /// granted: `PATH sha256 HEX, ...`; else why not ([`crate::preload`]).
+    fn grant_preloads(
+        &mut self,
+        pid: u32,
+        facts: &attest::Facts,
+    ) -> std::result::Result<String, crate::preload::Refusal> {
+        use crate::preload::{self, Refusal};
+        let environ = fs::read(format!("/proc/{pid}/environ")).map_err(|_| Refusal::Unreadable)?;
+        let entries = preload::preload_entries(&environ)?;
+        let pod = self.pods.for_cgroup(&facts.cgroup);
+        let pf = policy::ProcessFacts {
+            sha256: Some(&facts.sha256),
+            exe_path: Some(&facts.exe_path),
+            cgroup: Some(policy::CgroupFacts {
+                path: &facts.cgroup,
+                pod: pod.as_ref(),
+            }),
+            uid: facts.uid,
+        };
+        let p = &self.in_force.policy;
+        let ident = policy::resolve(p, &pf).ident;
+        let Some(identity) = (ident as usize)
+            .checked_sub(1)
+            .and_then(|i| p.identities.get(i))
+        else {
+            return Err(Refusal::NoIdentity);
+        };
+        let identity = identity.name.clone();
+        let loaded = preload::hash_preloads(&mut self.cache, pid, &entries)?;
+        let hashes: Vec<[u8; 32]> = loaded.iter().map(|l| l.sha256).collect();
+        if let Some(i) = policy::preload_missing(&self.in_force.policy, &pf, ident, &hashes) {
+            let l = &loaded[i];
+            return Err(Refusal::NotGranted {
+                path: l.path.clone(),
+                sha256: hex::encode(l.sha256),
+                identity,
+            });
+        }
+        // Last: everything above was read from a process that had not run yet.
+        if !preload::untouched_since_exec(pid) {
+            return Err(Refusal::Ran);
+        }
+        Ok(loaded
+            .iter()
+            .map(|l| format!("{} sha256 {}", l.path, hex::encode(l.sha256)))
+            .collect::<Vec<_>>()
+            .join(", "))
     }
 
     /// Applies a policy atomically: fill the inactive generation, then flip `active`.
@@ -633,7 +709,7 @@ impl Agent {
                     .any(|i| i.matches.iter().any(|m| !m.uid.is_empty())),
             ),
             prefix_rules: u32::from(written.prefixes > 0),
-            preload_hold: 0,
+            preload_hold: u32::from(policy::has_preload(&policy)),
         };
         self.kernel.prepare_generation(next, settings)?;
         // Attach to new scopes before the flip (they judge with the policy in force).
@@ -1012,6 +1088,7 @@ impl Agent {
             found => loader_var_name(found).unwrap_or("loader environment"),
         });
         self.procs.set_withheld(pid, withheld);
+        self.procs.set_granted(pid, None);
         if ev.flags & PROC_PENDING == 0 {
             let exe_id = ev.ident;
             match self.exes.contains(exe_id) {

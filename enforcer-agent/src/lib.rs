@@ -21,6 +21,7 @@ pub mod listeners;
 pub mod metrics;
 pub mod pods;
 pub mod policy;
+pub mod preload;
 pub mod probe;
 pub mod procs;
 pub mod revoke;

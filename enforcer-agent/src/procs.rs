@@ -1,6 +1,9 @@
 //! The process table: every process the agent tracks, with the facts its identity comes from.
 
-use std::collections::{HashMap, HashSet};
+use std::{
+    borrow::Cow,
+    collections::{HashMap, HashSet},
+};
 
 use crate::{
     exes::Exe,
@@ -22,7 +25,9 @@ pub struct ProcessTable {
     procs: HashMap<u32, Tracked>,
     /// Why the identity of a process is withheld (the loader variable the kernel or the
     /// agent found at its exec), for events and `identities`.
-    withheld: HashMap<u32, &'static str>,
+    withheld: HashMap<u32, Cow<'static, str>>,
+    /// The preloads granted to a process at its exec (`preload:`), for `identities`.
+    granted: HashMap<u32, String>,
 }
 
 impl Tracked {
@@ -54,28 +59,51 @@ impl ProcessTable {
         if let Some(t) = self.procs.get(&parent).cloned() {
             self.procs.insert(child, t);
         }
-        match self.withheld.get(&parent).copied() {
+        match self.withheld.get(&parent).cloned() {
             Some(r) => self.withheld.insert(child, r),
             None => self.withheld.remove(&child),
+        };
+        match self.granted.get(&parent).cloned() {
+            Some(g) => self.granted.insert(child, g),
+            None => self.granted.remove(&child),
         };
     }
 
     pub fn exit(&mut self, pid: u32) {
         self.procs.remove(&pid);
         self.withheld.remove(&pid);
+        self.granted.remove(&pid);
     }
 
     /// Records (or clears, with `None`) why the identity of `pid` is withheld since its exec.
     pub fn set_withheld(&mut self, pid: u32, reason: Option<&'static str>) {
         match reason {
-            Some(r) => self.withheld.insert(pid, r),
+            Some(r) => self.withheld.insert(pid, Cow::Borrowed(r)),
             None => self.withheld.remove(&pid),
         };
     }
 
+    /// [`ProcessTable::set_withheld`] with a reason made at run time (a preload refused).
+    pub fn set_withheld_why(&mut self, pid: u32, reason: String) {
+        self.withheld.insert(pid, Cow::Owned(reason));
+    }
+
     /// Why the identity of `pid` is withheld, when the agent saw it.
-    pub fn withheld(&self, pid: u32) -> Option<&'static str> {
-        self.withheld.get(&pid).copied()
+    pub fn withheld(&self, pid: u32) -> Option<&str> {
+        self.withheld.get(&pid).map(|r| r.as_ref())
+    }
+
+    /// Records (or clears, with `None`) the preloads granted to `pid` at its exec.
+    pub fn set_granted(&mut self, pid: u32, granted: Option<String>) {
+        match granted {
+            Some(g) => self.granted.insert(pid, g),
+            None => self.granted.remove(&pid),
+        };
+    }
+
+    /// The preloads granted to `pid` at its exec, if any.
+    pub fn granted(&self, pid: u32) -> Option<&str> {
+        self.granted.get(&pid).map(String::as_str)
     }
 
     pub fn iter(&self) -> impl Iterator<Item = (u32, &Tracked)> {

@@ -395,7 +395,10 @@ impl View<'_> {
                             "tampered: traced, memory written or descriptors taken by another process; no identity until it execs again untraced (would be: {})",
                             r.reason
                         ),
-                        Some(r) => r.reason,
+                        Some(r) => match self.procs.granted(pid) {
+                            Some(g) => format!("{}; preload granted: {g}", r.reason),
+                            None => r.reason,
+                        },
                         None => "executable not hashed".into(),
                     },
                     tampered,
@@ -438,7 +441,12 @@ impl View<'_> {
                 .rule(j.rule)
                 .map(|r| r.timing.clone())
                 .filter(|t| t.is_timed());
-            (j.verdict.name(), j.ident, self.in_force.rule_text(j.rule))
+            let rule = if j.rule == RULE_WITHHELD {
+                withheld_reason(self.procs, r.pid)
+            } else {
+                self.in_force.rule_text(j.rule)
+            };
+            (j.verdict.name(), j.ident, rule)
         } else {
             (
                 Verdict::Allow.name(),

@@ -256,9 +256,9 @@ pub struct GenConfig {
     /// 1 when the generation has entries in the `ENF_RULES` trie (prefixes shorter than a
     /// host); 0 lets the kernel skip the trie and look up `ENF_HOSTS` only.
     pub prefix_rules: u32,
-    /// 1 when some identity of the generation grants preloaded code (`preload:`): an exec
-    /// whose environment names a loader variable is then held (while the agent is alive) so
-    /// the agent can hash what the loader will load before the first instruction.
+    /// 1 when some identity of the generation has a `preload:` list: an exec whose
+    /// environment names `LD_PRELOAD` (first of the loader variables) is then held while an
+    /// agent lives, so that the agent can hash the preloads before the process runs.
     pub preload_hold: u32,
 }
 const _: () = assert!(core::mem::size_of::<GenConfig>() == 32);

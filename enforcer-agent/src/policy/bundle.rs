@@ -92,6 +92,10 @@ struct MatchMsg {
     /// All must hold.
     #[prost(message, repeated, tag = "9")]
     k8s_pod_labels: Vec<LabelMsg>,
+    /// `preload:` sha256s. An agent that does not know the field grants no preload (the
+    /// identity is withheld): never wider, so the format stays.
+    #[prost(bytes = "vec", repeated, tag = "10")]
+    preload: Vec<Vec<u8>>,
 }
 
 /// One `k8s.podLabels` pair.
@@ -186,6 +190,7 @@ pub fn encode_bundle(policy: &Policy) -> Vec<u8> {
                         .map(|m| MatchMsg {
                             binary_sha256: m.binary_sha256.iter().map(|h| h.to_vec()).collect(),
                             binary_path: m.binary_path.clone(),
+                            preload: m.preload.iter().map(|h| h.to_vec()).collect(),
                             cgroup: m.cgroup.clone(),
                             uid: m.uid.clone(),
                             systemd_unit: m.systemd_unit.clone(),
@@ -295,8 +300,21 @@ pub fn decode_bundle(bytes: &[u8]) -> Result<Policy, PolicyError> {
                     }
                 }
             }
+            let mut preload = Vec::new();
+            for h in m.preload {
+                match <[u8; 32]>::try_from(h.as_slice()) {
+                    Ok(h) => preload.push(h),
+                    Err(_) => {
+                        return invalid(format!(
+                            "identities[{i}].match[{j}] has a preload sha256 of {} bytes, not 32",
+                            h.len()
+                        ));
+                    }
+                }
+            }
             matches.push(MatchEntry {
                 binary_sha256: hashes,
+                preload,
                 binary_path: m.binary_path,
                 cgroup: m.cgroup,
                 systemd_unit: m.systemd_unit,
@@ -432,7 +450,11 @@ fn validate(p: &Policy) -> Result<(), String> {
             return Err(format!("identities[{i}] has no match entry"));
         }
         for (j, m) in id.matches.iter().enumerate() {
-            if *m == MatchEntry::default() {
+            let selectors = MatchEntry {
+                preload: Vec::new(),
+                ..m.clone()
+            };
+            if selectors == MatchEntry::default() {
                 return Err(format!("identities[{i}].match[{j}] is empty"));
             }
             for attr in CgroupAttr::ALL {
@@ -578,6 +600,16 @@ mod tests {
         off.revoke_connections = false;
         assert_eq!(decode_bundle(&encode_bundle(&off))?, off);
         assert_ne!(policy_hash(&off), policy_hash(&full()));
+        // `preload:` survives the bundle, and an entry with only `preload:` is refused.
+        let mut p = full();
+        p.identities[0].matches[0].preload = vec![[7u8; 32]];
+        assert_eq!(decode_bundle(&encode_bundle(&p))?, p);
+        assert_ne!(policy_hash(&p), policy_hash(&full()));
+        p.identities[1].matches[0] = MatchEntry {
+            preload: vec![[7u8; 32]],
+            ..MatchEntry::default()
+        };
+        assert!(decode_bundle(&encode_bundle(&p)).is_err());
         Ok(())
     }
 

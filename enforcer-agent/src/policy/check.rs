@@ -35,6 +35,7 @@ const MATCH_KEYS: &[&str] = &[
     "systemdUnit",
     "uid",
     K8S_KEY,
+    "preload",
 ];
 /// Keys of a match entry's `k8s` mapping (the `k8s` attributes of [`CgroupAttr`]).
 const K8S_KEYS: &[&str] = &["namespace", "serviceAccount", "podLabels", "container"];
@@ -632,7 +633,7 @@ impl Checker {
             match self.nonempty_list(n, "binarySha256", "[\"9f86d081...\"]") {
                 Some(items) => {
                     for it in items {
-                        match self.sha256(it) {
+                        match self.sha256(it, "binarySha256") {
                             Some(h) => entry.binary_sha256.push(h),
                             None => ok = false,
                         }
@@ -694,6 +695,26 @@ impl Checker {
                     }
                 }
                 None => ok = false,
+            }
+        }
+        if let Some(n) = f.get("preload") {
+            match self.nonempty_list(n, "preload", "[\"9f86d081...\"]") {
+                Some(items) => {
+                    for it in items {
+                        match self.sha256(it, "preload") {
+                            Some(h) => entry.preload.push(h),
+                            None => ok = false,
+                        }
+                    }
+                }
+                None => ok = false,
+            }
+            if ok && f.entries.len() == 1 {
+                self.err(
+                    node,
+                    format!("{what} has only preload:, which selects nothing (it grants preloads to the processes the entry selects); add binarySha256, binaryPath, cgroup, systemdUnit, k8s and/or uid"),
+                );
+                ok = false;
             }
         }
         if ok
@@ -829,7 +850,7 @@ impl Checker {
         Some(items)
     }
 
-    fn sha256(&mut self, node: &Node) -> Option<[u8; 32]> {
+    fn sha256(&mut self, node: &Node, key: &str) -> Option<[u8; 32]> {
         let s = scalar(node).unwrap_or_default();
         let mut out = [0u8; 32];
         if s.len() == 64 && hex::decode_to_slice(s, &mut out).is_ok() {
@@ -838,7 +859,7 @@ impl Checker {
         self.err(
             node,
             format!(
-                "binarySha256 entry {} is not a sha256: write the 64 hex digits of the file's hash (`sha256sum FILE`)",
+                "{key} entry {} is not a sha256: write the 64 hex digits of the file's hash (`sha256sum FILE`)",
                 describe(node)
             ),
         );

@@ -19,6 +19,9 @@
 //!   entry must hold.
 //! - `sockets: [raw, icmp, sctp, udplite, other]` on an identity: socket kinds the connect
 //!   hooks never judge that it may still create (refused at creation otherwise).
+//! - `preload: [HEX...]` on a match entry (the SPEC's modifier): it selects nothing; the
+//!   sha256 of objects `LD_PRELOAD` may load into a process the entry holds for
+//!   ([`crate::preload`]). An entry needs a selector besides it.
 //! - A `cidr` may be a bare address (a host, `/32` or `/128`); an IPv4-mapped IPv6 CIDR
 //!   (`::ffff:a.b.c.d/n`, n >= 96) is stored as the IPv4 CIDR it carries.
 
@@ -37,7 +40,7 @@ pub use compile::{
     Clock, kernel_verdict, kernel_verdict_at, rule_entries, rule_entries_of, socket_entries,
 };
 pub use glob::cgroup_glob_match;
-pub use resolve::{Classes, ProcessFacts, Resolution, resolve};
+pub use resolve::{Classes, ProcessFacts, Resolution, preload_missing, resolve};
 
 /// The embedded default policy: audit mode, no identities, every decision reported. It denies
 /// nothing and shows what each process is and where it connects.
@@ -170,6 +173,18 @@ pub struct MatchEntry {
     pub k8s_pod_labels: Vec<String>,
     /// `k8s.container`: globs on the container's name in the pod spec.
     pub k8s_container: Vec<String>,
+    /// `preload:` (a modifier, not a selector): sha256 of objects `LD_PRELOAD` may load into
+    /// a process this entry holds for without withholding its identity ([`crate::preload`]).
+    pub preload: Vec<[u8; 32]>,
+}
+
+/// True when some identity of `policy` has a `preload:` list (the kernel then holds execs
+/// that name `LD_PRELOAD`, `GenConfig::preload_hold`).
+pub fn has_preload(policy: &Policy) -> bool {
+    policy
+        .identities
+        .iter()
+        .any(|i| i.matches.iter().any(|m| !m.preload.is_empty()))
 }
 
 /// The SPIFFE ID of an identity that sets no `spiffeId`: SPIRE's Kubernetes shape

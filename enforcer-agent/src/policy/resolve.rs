@@ -166,6 +166,38 @@ pub fn resolve(policy: &Policy, facts: &ProcessFacts<'_>) -> Resolution {
     )
 }
 
+/// The first of `hashes` (objects `LD_PRELOAD` loads) that no `preload:` list grants to a
+/// process with these facts and identity number `ident` (the one [`resolve`] gives), if any:
+/// the lists of the identity's entries that hold for the process count (entries are OR-ed).
+/// `Some(0)` for no identity.
+pub fn preload_missing(
+    policy: &Policy,
+    facts: &ProcessFacts<'_>,
+    ident: u32,
+    hashes: &[[u8; 32]],
+) -> Option<usize> {
+    let id = (ident as usize)
+        .checked_sub(1)
+        .and_then(|i| policy.identities.get(i));
+    let Some(id) = id else {
+        return Some(0);
+    };
+    let cg = |a: CgroupAttr, g: &str| facts.cgroup.is_some_and(|c| a.matches(g, &c));
+    let p = Probe {
+        sha256: facts.sha256,
+        exe_path: facts.exe_path,
+        cgroup: &cg,
+        uid: facts.uid,
+    };
+    let granted: Vec<&[u8; 32]> = id
+        .matches
+        .iter()
+        .filter(|e| holds(e, &p))
+        .flat_map(|e| e.preload.iter())
+        .collect();
+    hashes.iter().position(|h| !granted.contains(&h))
+}
+
 /// Interning tables of the kernel's binary and cgroup classes for one policy.
 #[derive(Debug, Clone)]
 pub struct Classes {

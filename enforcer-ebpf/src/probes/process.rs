@@ -11,7 +11,7 @@ use aya_ebpf::{
 };
 use enforcer_common::{
     Config, Counter, ENV_PREFIX, EXE_UNKNOWN, EnvPrefix, Event, EventKind, ExeKey, KernelOffsets,
-    MAX_ENV_VARS, MAX_SCOPES, Mode, PROC_ENV_UNREAD, PROC_HELD, PROC_PENDING, PROC_TAMPERED,
+    LOADER_PRELOAD, MAX_ENV_VARS, MAX_SCOPES, Mode, PROC_ENV_UNREAD, PROC_HELD, PROC_PENDING, PROC_TAMPERED,
     PROC_WITHHELD, ProcState, WITHHELD_UNREADABLE, loader_var_in,
 };
 
@@ -280,7 +280,12 @@ fn try_exec(ctx: &RawTracePointContext) -> Result<(), i32> {
     } else if withheld != 0 {
         st.flags |= PROC_WITHHELD;
     }
-    if exe_id == EXE_UNKNOWN || cgroup_unknown || st.flags & PROC_ENV_UNREAD != 0 {
+    let must_attest = exe_id == EXE_UNKNOWN || cgroup_unknown || st.flags & PROC_ENV_UNREAD != 0;
+    // LD_PRELOAD first among the loader variables, and a policy that may grant preloads:
+    // held (not pending unless held) so that the agent hashes the preloads before they run.
+    let preload = withheld == LOADER_PRELOAD + 1
+        && cfg.generation(cfg.active & 1).preload_hold != 0;
+    if must_attest || preload {
         st.flags |= PROC_PENDING;
         count(Counter::ExecPending);
         let active = cfg.generation(cfg.active & 1);
@@ -302,6 +307,10 @@ fn try_exec(ctx: &RawTracePointContext) -> Result<(), i32> {
                 // until an agent attests it, instead of leaving it frozen.
                 count(Counter::HoldSkipped);
             }
+        }
+        if !must_attest && st.flags & PROC_HELD == 0 {
+            // Not held: nothing can grant the preload; withheld as without `preload:`.
+            st.flags &= !PROC_PENDING;
         }
     } else {
         count(Counter::ExecKnown);

@@ -18,7 +18,7 @@ use std::{
 
 use enforcer_tests::*;
 
-use crate::common::ATTACKER_UID;
+use crate::common::{ATTACKER_UID, command_as};
 
 const PROBE_BIN: &str = env!("CARGO_BIN_EXE_enf-probe");
 const OK: i32 = 0;
@@ -100,26 +100,10 @@ fn facility(what: &str, test: &str, present: bool) -> bool {
 
 /// Spawns `bin args` in `cg` as `uid`, stdin and stdout piped (the attacker's process).
 fn spawn_piped(cg: &TestCgroup, bin: &Path, args: &[&str], uid: u32) -> Child {
-    let procs = std::ffi::CString::new(cg.dir.join("cgroup.procs").as_os_str().as_encoded_bytes())
-        .expect("path");
-    let mut c = Command::new(bin);
-    c.args(args).stdin(Stdio::piped()).stdout(Stdio::piped());
-    // SAFETY: only async-signal-safe calls (open/write/close/setgid/setuid) before exec.
-    unsafe {
-        c.pre_exec(move || {
-            let fd = libc::open(procs.as_ptr(), libc::O_WRONLY);
-            if fd < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            let n = libc::write(fd, b"0".as_ptr().cast(), 1);
-            libc::close(fd);
-            if n != 1 || libc::setgid(uid) != 0 || libc::setuid(uid) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    c.spawn()
+    command_as(cg, bin, args, uid)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
         .unwrap_or_else(|e| panic!("spawning {} in {}: {e}", bin.display(), cg.rel))
 }
 

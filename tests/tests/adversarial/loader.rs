@@ -13,14 +13,14 @@ mod with_c {
         collections::HashMap,
         fs,
         net::TcpListener,
-        os::unix::{fs::PermissionsExt as _, process::CommandExt as _},
+        os::unix::fs::PermissionsExt as _,
         path::{Path, PathBuf},
-        process::{Command, Stdio},
+        process::Stdio,
     };
 
     use enforcer_tests::*;
 
-    use crate::common::ATTACKER_UID;
+    use crate::common::{ATTACKER_UID, command_as};
 
     const SVC: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/loader/svc"));
     const HELPER: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/loader/libhelper.so"));
@@ -81,33 +81,13 @@ mod with_c {
         args: &[&str],
         env: &[(&str, String)],
     ) -> std::process::Child {
-        let procs = cg.dir.join("cgroup.procs");
-        let mut c = Command::new(bin);
-        c.args(args)
-            .env_clear()
+        let mut c = command_as(cg, bin, args, ATTACKER_UID);
+        c.env_clear()
             .env("PATH", "/usr/bin:/bin")
             .stdin(Stdio::null())
             .stdout(Stdio::null());
         for (k, v) in env {
             c.env(k, v);
-        }
-        let uid = ATTACKER_UID;
-        // SAFETY: only async-signal-safe calls (open/write/close/setgid/setuid) between fork
-        // and exec.
-        unsafe {
-            let path = std::ffi::CString::new(procs.as_os_str().as_encoded_bytes()).expect("path");
-            c.pre_exec(move || {
-                let fd = libc::open(path.as_ptr(), libc::O_WRONLY);
-                if fd < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                let n = libc::write(fd, b"0".as_ptr().cast(), 1);
-                libc::close(fd);
-                if n != 1 || libc::setgid(uid) != 0 || libc::setuid(uid) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
         }
         c.spawn()
             .unwrap_or_else(|e| panic!("spawning {} in {}: {e}", bin.display(), cg.rel))
@@ -131,6 +111,250 @@ rules:
       - to: {{cidr: 127.0.0.1/32, ports: [{port}], protocol: tcp}}
 "#
         )
+    }
+
+    /// `policy` with `preload: [HASH...]` on svc's match entry.
+    fn policy_preload(scope: &str, sha: &str, port: u16, preload: &[&str]) -> String {
+        policy(scope, sha, port).replace(
+            &format!("      - binarySha256: [{sha}]\n"),
+            &format!(
+                "      - binarySha256: [{sha}]\n        preload: [{}]\n",
+                preload.join(", ")
+            ),
+        )
+    }
+
+    /// The `preload:` grant (SECURITY.md guarantee 3): an LD_PRELOAD whose file root alone can
+    /// change and whose sha256 svc's entry lists keeps svc's identity; anything else withholds
+    /// it as before.
+    #[test]
+    fn preload_grant_by_sha256() {
+        if !require_root("preload_grant_by_sha256") {
+            return;
+        }
+        let f = files();
+        let listener = TcpListener::bind("127.0.0.1:0").expect("listener");
+        let port = listener.local_addr().expect("addr").port();
+        let p = port.to_string();
+        let cg = TestCgroup::new("preload");
+        let svc = &f.svc;
+        // The granted object: svc's own harmless library, in a folder only root can change.
+        let good = f.dir.path("lib/libhelper.so");
+        let good_s = good.to_string_lossy().into_owned();
+        let good_sha = sha256_file(&good);
+        let evil_s = f.evil.to_string_lossy().into_owned();
+        let evil_sha = sha256_file(&f.evil);
+        // The same bytes where the attacker can swap them: a folder of its own, and a
+        // root-owned copy in it.
+        let mine = f.dir.path("mine");
+        fs::create_dir_all(&mine).expect("mkdir");
+        write(&mine.join("good.so"), HELPER, 0o755);
+        std::os::unix::fs::chown(&mine, Some(ATTACKER_UID), Some(ATTACKER_UID)).expect("chown");
+        let swappable = mine.join("good.so").to_string_lossy().into_owned();
+        assert_eq!(sha256_file(&mine.join("good.so")), good_sha);
+
+        let with_good = || vec![("LD_PRELOAD", good_s.clone())];
+        let with_evil = || vec![("LD_PRELOAD", evil_s.clone()), ("EVIL_PORT", p.clone())];
+        // Enforcement off: the preloads load (good is harmless, evil connects).
+        assert_eq!(run_env(&cg, svc, &[&p], &with_good()), OK, "svc with good");
+        assert_eq!(
+            run_env(&cg, svc, &[&p], &with_evil()),
+            EVIL_CONNECTED,
+            "without enforcement evil.so connects (else this test proves nothing)"
+        );
+
+        let_settle();
+        let sha = sha256_file(svc);
+        let mut agent = Agent::start(&policy(&cg.rel, &sha, port));
+        // Without `preload:` the good preload withholds svc's identity.
+        assert_eq!(
+            run_env(&cg, svc, &[&p], &with_good()),
+            EPERM,
+            "without preload: an LD_PRELOAD withholds the identity\n{}",
+            agent.log()
+        );
+        // A second identity for a long-lived process, to read `identities` of a grant.
+        let sleep = Path::new("/bin/sleep");
+        let sleeper = format!(
+            "  - name: sleeper\n    match:\n      - binarySha256: [{}]\n        preload: [{good_sha}]\nrules:\n",
+            sha256_file(sleep)
+        );
+        let granting =
+            policy_preload(&cg.rel, &sha, port, &[&good_sha]).replacen("rules:\n", &sleeper, 1);
+        agent.reload(&granting);
+        agent.wait_log("policy reloaded", 1);
+        // (a) Listed: svc keeps its identity, twice (held and attested, then known).
+        for round in 0..2 {
+            assert_eq!(
+                run_env(&cg, svc, &[&p], &with_good()),
+                OK,
+                "round {round}: a granted preload keeps the identity\n{}",
+                agent.log()
+            );
+        }
+        assert_eq!(run_env(&cg, svc, &[&p], &[]), OK, "plain svc");
+        // `identities` shows the grant of a live process.
+        let mut live = spawn_env(&cg, sleep, &["30"], &with_good());
+        let pid = u64::from(live.id());
+        let (identity, reason) =
+            wait_for("the granted process in `identities`", AGENT_TIMEOUT, || {
+                let ids = agent.cli_json(&["identities"]);
+                let p = ids
+                    .as_array()?
+                    .iter()
+                    .find(|p| p["pid"].as_u64() == Some(pid))?
+                    .clone();
+                let r = p["reason"].as_str()?.to_string();
+                r.contains("preload granted")
+                    .then_some((p["identity"].clone(), r))
+            });
+        let _ = live.kill();
+        let _ = live.wait();
+        assert!(
+            identity.as_str().is_some_and(|i| i.ends_with("/sleeper")),
+            "{identity} {reason}"
+        );
+        assert!(
+            reason.contains(&format!("preload granted: {good_s} sha256 {good_sha}")),
+            "{reason}"
+        );
+        // (b) Not listed: withheld, and the reason names the file and its hash.
+        assert_eq!(
+            run_env(&cg, svc, &[&p], &with_evil()),
+            EVIL_DENIED,
+            "an unlisted preload must not get svc's identity\n{}",
+            agent.log()
+        );
+        assert_eq!(
+            run_env(
+                &cg,
+                svc,
+                &[&p],
+                &[
+                    ("LD_PRELOAD", format!("{good_s}:{evil_s}")),
+                    ("EVIL_PORT", p.clone())
+                ]
+            ),
+            EVIL_DENIED,
+            "one unlisted preload among listed ones withholds\n{}",
+            agent.log()
+        );
+        let not_granted =
+            format!("withheld: LD_PRELOAD {evil_s} sha256 {evil_sha} not in preload: of svc");
+        agent.wait_events("the deny event naming the unlisted preload", |evs| {
+            evs.iter()
+                .any(|e| e["verdict"] == "deny" && e["rule"] == not_granted.as_str())
+        });
+        // (c) The granted bytes where the attacker can swap them between the hash and
+        // ld.so's open: refused, whatever the content.
+        assert_eq!(
+            run_env(&cg, svc, &[&p], &[("LD_PRELOAD", swappable.clone())]),
+            EPERM,
+            "a preload in a folder the attacker owns must withhold\n{}",
+            agent.log()
+        );
+        assert!(
+            agent
+                .log()
+                .contains("only a file that root alone can change"),
+            "the log says why\n{}",
+            agent.log()
+        );
+        // Another loader variable next to a granted preload withholds.
+        assert_eq!(
+            run_env(
+                &cg,
+                svc,
+                &[&p],
+                &[
+                    ("LD_PRELOAD", good_s.clone()),
+                    ("LD_LIBRARY_PATH", f.evil_lib.to_string_lossy().into_owned()),
+                    ("EVIL_PORT", p.clone()),
+                ]
+            ),
+            EVIL_DENIED,
+            "LD_LIBRARY_PATH beside a granted preload\n{}",
+            agent.log()
+        );
+        // A bare name (searched by ld.so) is refused.
+        assert_eq!(
+            run_env(&cg, svc, &[&p], &[("LD_PRELOAD", "libhelper.so".into())]),
+            EPERM,
+            "a bare LD_PRELOAD name withholds\n{}",
+            agent.log()
+        );
+        // (d) No agent alive: nothing holds the exec, so nothing can grant: withheld.
+        agent.kill9();
+        assert_eq!(
+            run_env(&cg, svc, &[&p], &with_good()),
+            EPERM,
+            "with the agent dead a preload withholds (fail closed)"
+        );
+        assert_eq!(run_env(&cg, svc, &[&p], &[]), OK, "plain svc, agent dead");
+        drop(agent);
+        drop(listener);
+        drop(f.dir);
+    }
+
+    /// An environment too large for the kernel to read at exec is read by the agent while the
+    /// exec is held; a process another one continues (SIGCONT) before that read has run
+    /// ld.so, and evil.so rewrites the environment (hides LD_PRELOAD): it must stay withheld.
+    #[test]
+    fn sigcont_before_the_environment_is_read_withholds() {
+        if !require_root("sigcont_before_the_environment_is_read_withholds") {
+            return;
+        }
+        let f = files();
+        let listener = TcpListener::bind("127.0.0.1:0").expect("listener");
+        let port = listener.local_addr().expect("addr").port();
+        let p = port.to_string();
+        let cg = TestCgroup::new("sigcont-env");
+        let svc = &f.svc;
+        let fillers: Vec<String> = (0..200).map(|i| format!("FILLER_{i:03}")).collect();
+        let mut env: Vec<(&str, String)> =
+            fillers.iter().map(|n| (n.as_str(), "x".into())).collect();
+        env.push(("LD_PRELOAD", f.evil.to_string_lossy().into_owned()));
+        env.push(("EVIL_PORT", p.clone()));
+        env.push(("EVIL_REWRITE", "1".into()));
+        // Enforcement off: evil.so connects.
+        assert_eq!(
+            run_env(&cg, svc, &[&p], &env),
+            EVIL_CONNECTED,
+            "no enforcement"
+        );
+
+        let_settle();
+        let sha = sha256_file(svc);
+        let agent = Agent::start(&policy(&cg.rel, &sha, port));
+        let agent_pid =
+            nix::unistd::Pid::from_raw(agent.child.as_ref().expect("agent").id() as i32);
+        // The agent is frozen (its heartbeat stays fresh for a few seconds, so the kernel
+        // still holds execs), the attacker's exec is held, and the attacker continues it.
+        nix::sys::signal::kill(agent_pid, nix::sys::signal::Signal::SIGSTOP).expect("stop agent");
+        let child = spawn_env(&cg, svc, &[&p], &env);
+        let pid = child.id();
+        wait_stopped(pid, "the exec with a large environment is held");
+        let target = nix::unistd::Pid::from_raw(pid as i32);
+        nix::sys::signal::kill(target, nix::sys::signal::Signal::SIGCONT).expect("SIGCONT");
+        // Let evil.so rewrite the environment before the agent reads it.
+        wait_for(
+            "LD_PRELOAD hidden in /proc/PID/environ",
+            AGENT_TIMEOUT,
+            || {
+                let env = fs::read(format!("/proc/{pid}/environ")).ok()?;
+                env.windows(11).any(|w| w == b"XD_PRELOAD=").then_some(())
+            },
+        );
+        nix::sys::signal::kill(agent_pid, nix::sys::signal::Signal::SIGCONT).expect("cont agent");
+        assert_eq!(
+            wait_traced(child).0,
+            EVIL_DENIED,
+            "a held exec continued before the agent read its environment must stay withheld\n{}",
+            agent.log()
+        );
+        drop(agent);
+        drop(listener);
+        drop(f.dir);
     }
 
     /// The attacks of the loader family, as (name, environment, what evil's code reaches).
@@ -339,6 +563,16 @@ rules:
 #[test]
 fn loader_environment_withholds_the_identity() {
     // tests/build.rs could not compile tests/loader-c with `cc`.
+    assert!(
+        !enforcer_tests::in_ci(),
+        "the loader tests' C programs were not built (no `cc` when the tests were compiled)"
+    );
+    eprintln!("skipped: no `cc` when the tests were compiled (install gcc)");
+}
+
+#[cfg(not(loader_c))]
+#[test]
+fn preload_grant_by_sha256() {
     assert!(
         !enforcer_tests::in_ci(),
         "the loader tests' C programs were not built (no `cc` when the tests were compiled)"

@@ -11,7 +11,7 @@
 
 use std::{
     io::{BufRead as _, BufReader, Write as _},
-    os::unix::{fs::PermissionsExt as _, process::CommandExt as _},
+    os::unix::fs::PermissionsExt as _,
     path::{Path, PathBuf},
     process::{Child, ChildStdout, Command, Stdio},
 };
@@ -19,7 +19,7 @@ use std::{
 use enforcer_common::PROC_TAMPERED;
 use enforcer_tests::*;
 
-use crate::common::ATTACKER_UID;
+use crate::common::{ATTACKER_UID, command_as};
 
 const SPIFFE: &str = "spiffe://test.example.org/svc";
 
@@ -145,26 +145,8 @@ impl Drop for Victim {
 
 /// `bin args` in `cg` as [`ATTACKER_UID`] (moved and demoted before exec).
 fn command_in(cg: &TestCgroup, bin: &Path, args: &[String]) -> Command {
-    let procs = cg.dir.join("cgroup.procs");
-    let path = std::ffi::CString::new(procs.as_os_str().as_encoded_bytes()).expect("path");
-    let mut c = Command::new(bin);
-    c.args(args).stderr(Stdio::inherit());
-    // SAFETY: only async-signal-safe calls (open/write/close/setgid/setuid) between fork and
-    // exec.
-    unsafe {
-        c.pre_exec(move || {
-            let fd = libc::open(path.as_ptr(), libc::O_WRONLY);
-            if fd < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            let n = libc::write(fd, b"0".as_ptr().cast(), 1);
-            libc::close(fd);
-            if n != 1 || libc::setgid(ATTACKER_UID) != 0 || libc::setuid(ATTACKER_UID) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
+    let mut c = command_as(cg, bin, args, ATTACKER_UID);
+    c.stderr(Stdio::inherit());
     c
 }
 

@@ -749,3 +749,38 @@ fn time_bound_entries_report_bad_instants_where_they_are() {
         "{w:?}"
     );
 }
+
+#[test]
+fn preload_modifier() {
+    let h = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08";
+    let src = with_head(&format!(
+        "identities:\n  - name: a\n    match:\n      - binarySha256: [{h}]\n        preload: [{h}]\n"
+    ));
+    let (p, _) = ok(&src);
+    assert_eq!(p.identities[0].matches[0].preload.len(), 1);
+    assert!(crate::policy::has_preload(&p));
+    assert!(!crate::policy::has_preload(&ok(FULL).0));
+
+    let bad = with_head(&format!(
+        "identities:\n  - name: a\n    match:\n      - binarySha256: [{h}]\n        preload: [abc]\n      - preload: [{h}]\n      - uid: [1]\n        preload: []\n"
+    ));
+    let d = errors(&bad);
+    let (l, c) = at(&bad, "abc");
+    assert!(
+        has(
+            &d,
+            l,
+            c,
+            Severity::Error,
+            "preload entry \"abc\" is not a sha256"
+        ),
+        "{d:#?}"
+    );
+    let (l, c) = at(&bad, "preload: [9f");
+    assert!(
+        has(&d, l, c, Severity::Error, "has only preload:"),
+        "{d:#?}"
+    );
+    let (l, c) = at(&bad, "[]");
+    assert!(has(&d, l, c, Severity::Error, "empty list"), "{d:#?}");
+}
