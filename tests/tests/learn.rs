@@ -332,3 +332,68 @@ fn diff_predicts_the_denials_of_a_real_apply() {
         denied_runs
     );
 }
+
+/// `learn --for`: allowed connects are not reported under a policy without `reportAllow`,
+/// so there is nothing to learn; while `learn --for` observes, the agent reports them, and
+/// the policy it answers with covers what ran meanwhile.
+#[test]
+fn learn_for_turns_allow_reports_on_while_it_observes() {
+    if !require_root("learn_for_turns_allow_reports_on_while_it_observes") {
+        return;
+    }
+    let mix = Mix::new("learnfor");
+    let yaml = format!(
+        "apiVersion: enforcer/v1\nkind: Policy\ntrustDomain: learn.test\nmode: enforce\nunattested: allow\nscope: {}\nidentities: []\nrules: []\n",
+        mix.scope_yaml()
+    );
+    let agent = Agent::start(&yaml);
+    mix.warm_up();
+    let tcp = [(0, true, "tcp", mix.l.tcp4)];
+    assert_eq!(mix.run(&tcp), vec![0]);
+    let out = agent.state_dir.path("learned.yaml");
+    let out_s = out.to_str().expect("path").to_string();
+    let (code, _, err) = agent.cli(&learn_args(&mix, &out_s));
+    assert_eq!(
+        code, 1,
+        "allowed connects were not reported: nothing to learn ({err})"
+    );
+    assert!(err.contains("nothing to learn"), "{err}");
+
+    let sock = agent.api_socket();
+    let (a, b) = (mix.a.rel.clone(), mix.b.rel.clone());
+    let learner = std::thread::spawn(move || {
+        run_cmd(
+            &agent_bin(),
+            &[
+                "learn",
+                "--for",
+                "4s",
+                "--scope",
+                &a,
+                "--scope",
+                &b,
+                "-o",
+                &out_s,
+                "--api-socket",
+                sock.to_str().expect("socket"),
+            ],
+        )
+    });
+    agent.wait_log("learn: observing", 1);
+    let udp = [(1, false, "udp", mix.l.udp6)];
+    assert_eq!(mix.run(&udp), vec![0]);
+    let (code, _, err) = learner.join().expect("learn thread");
+    assert_eq!(code, 0, "learn --for: {err}");
+    let learned = fs::read_to_string(&out).expect("learned");
+    assert!(
+        learned.contains(&format!(
+            "cidr: \"::1/128\", ports: [{}], protocol: udp",
+            mix.l.udp6.port()
+        )),
+        "{learned}"
+    );
+    assert!(
+        !learned.contains(&format!("ports: [{}], protocol: tcp", mix.l.tcp4.port())),
+        "the connect made before `learn --for` was not reported:\n{learned}"
+    );
+}
