@@ -96,6 +96,8 @@ pub struct Agent {
     /// `learn --for` requests waiting for their observation time to end.
     learning: Vec<PendingLearn>,
     last_record_save: Instant,
+    /// The thread writing the last snapshot of the record.
+    record_writer: Option<std::thread::JoinHandle<()>>,
 }
 
 /// A `learn --for` request: answered when `until` passes (allow reports stay on till then).
@@ -254,6 +256,7 @@ impl Agent {
             record,
             learning: Vec::new(),
             last_record_save: Instant::now(),
+            record_writer: None,
         };
         for (id, meta) in pods {
             agent.pods.insert_container(&id, meta);
@@ -1087,7 +1090,12 @@ impl Agent {
         api_task.abort();
         let _ = fs::remove_file(&opts.api_socket);
         self.finish_learning(true);
-        self.save_record();
+        if let Some(h) = self.record_writer.take() {
+            let _ = h.join();
+        }
+        if let Err(e) = self.record.save() {
+            tracing::warn!("{e}");
+        }
         // From now on the kernel runs never-seen execs pending instead of holding them; let go
         // of those it held before it saw the heartbeat stop.
         if let Err(e) = self.kernel.stop_beating(std::process::id()) {
@@ -1264,10 +1272,32 @@ impl Agent {
         }
     }
 
+    /// Writes the record when it changed, on a thread of its own (a full record takes a few
+    /// hundred ms to write; the event loop only copies it).
     fn save_record(&mut self) {
         self.last_record_save = Instant::now();
-        if let Err(e) = self.record.save() {
-            tracing::warn!("{e}; the record stays in memory and is written again later");
+        if self
+            .record_writer
+            .as_ref()
+            .is_some_and(|h| !h.is_finished())
+        {
+            return;
+        }
+        let Some(snap) = self.record.take_snapshot() else {
+            return;
+        };
+        let spawned = std::thread::Builder::new()
+            .name("record-writer".into())
+            .spawn(move || {
+                if let Err(e) = snap.write() {
+                    tracing::warn!(
+                        "{e}; the record stays in memory and is written at its next change"
+                    );
+                }
+            });
+        match spawned {
+            Ok(h) => self.record_writer = Some(h),
+            Err(e) => tracing::warn!("starting the record writer thread: {e}"),
         }
     }
 
