@@ -13,7 +13,7 @@ pub const MAX_FRAME: u32 = 256 << 20;
 
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct Request {
-    #[prost(oneof = "request::Kind", tags = "1, 2, 3, 4, 5, 10, 11, 12")]
+    #[prost(oneof = "request::Kind", tags = "1, 2, 3, 4, 5, 10, 11, 12, 20, 21")]
     pub kind: Option<request::Kind>,
 }
 
@@ -36,6 +36,10 @@ pub mod request {
         Grants(super::GrantsRequest),
         #[prost(message, tag = "12")]
         Revoke(super::RevokeRequest),
+        #[prost(message, tag = "20")]
+        Learn(super::LearnRequest),
+        #[prost(message, tag = "21")]
+        Diff(super::DiffRequest),
     }
 }
 
@@ -149,7 +153,7 @@ pub struct ApplyRequest {
 
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct Reply {
-    #[prost(oneof = "reply::Kind", tags = "1, 2, 3, 4, 5, 6, 10, 11")]
+    #[prost(oneof = "reply::Kind", tags = "1, 2, 3, 4, 5, 6, 10, 11, 20, 21")]
     pub kind: Option<reply::Kind>,
 }
 
@@ -172,6 +176,10 @@ pub mod reply {
         Grant(super::GrantInfo),
         #[prost(message, tag = "11")]
         Grants(super::GrantList),
+        #[prost(message, tag = "20")]
+        Learned(super::Learned),
+        #[prost(message, tag = "21")]
+        Diff(super::DiffReport),
     }
 }
 
@@ -433,6 +441,111 @@ pub struct Applied {
     #[prost(uint32, tag = "2")]
     pub generation: u32,
     #[prost(string, repeated, tag = "3")]
+    pub warnings: Vec<String>,
+}
+
+/// `learn`: a policy from the decision record.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct LearnRequest {
+    /// Observe this long first (allow reports on meanwhile); 0: answer from the record now.
+    #[prost(uint64, tag = "1")]
+    pub for_secs: u64,
+    /// cgroup subtrees to learn (and the learned policy's `scope`).
+    #[prost(string, repeated, tag = "2")]
+    pub scope: Vec<String>,
+    /// Pod namespaces to learn.
+    #[prost(string, repeated, tag = "3")]
+    pub namespace: Vec<String>,
+    /// Group IPv4 hosts into prefixes of this length (0: exact hosts).
+    #[prost(uint32, optional, tag = "4")]
+    pub aggregate_v4: Option<u32>,
+    /// Group IPv6 hosts into prefixes of this length.
+    #[prost(uint32, optional, tag = "5")]
+    pub aggregate_v6: Option<u32>,
+    /// Only connects last seen within this many seconds (0: the whole record).
+    #[prost(uint64, tag = "6")]
+    pub since_secs: u64,
+}
+
+/// The learned policy.
+#[derive(Clone, PartialEq, prost::Message, Serialize)]
+pub struct Learned {
+    #[prost(string, tag = "1")]
+    pub yaml: String,
+    #[prost(uint32, tag = "2")]
+    pub identities: u32,
+    /// Record entries (process facts x destination) used.
+    #[prost(uint64, tag = "3")]
+    pub entries: u64,
+    #[prost(uint64, tag = "4")]
+    pub connects: u64,
+    /// Entries left out: the process was not attested.
+    #[prost(uint64, tag = "5")]
+    pub skipped: u64,
+    /// Entries left out: denied by the kernel when last seen.
+    #[prost(uint64, tag = "6")]
+    pub denied: u64,
+}
+
+/// `policy diff` and `policy apply --dry-run`: a candidate replayed over the record.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct DiffRequest {
+    /// A YAML policy or a compiled bundle.
+    #[prost(bytes = "vec", tag = "1")]
+    pub policy: Vec<u8>,
+    /// File name for messages.
+    #[prost(string, tag = "2")]
+    pub name: String,
+    /// Only connects last seen within this many seconds (0: the whole record).
+    #[prost(uint64, tag = "3")]
+    pub since_secs: u64,
+}
+
+/// Connects whose verdict the candidate changes, for one identity and destination.
+#[derive(Clone, PartialEq, prost::Message, Serialize)]
+pub struct DiffGroup {
+    /// SPIFFE ID under the candidate, or none (unattested).
+    #[prost(string, optional, tag = "1")]
+    pub identity: Option<String>,
+    #[prost(string, tag = "2")]
+    pub dst: String,
+    #[prost(uint32, tag = "3")]
+    pub port: u32,
+    #[prost(string, tag = "4")]
+    pub protocol: String,
+    /// Recorded connects.
+    #[prost(uint64, tag = "5")]
+    pub connects: u64,
+    /// `EXE in CGROUP` of the processes that made them.
+    #[prost(string, repeated, tag = "6")]
+    pub processes: Vec<String>,
+    /// What decides under the policy in force, and under the candidate.
+    #[prost(string, tag = "7")]
+    pub rule_in_force: String,
+    #[prost(string, tag = "8")]
+    pub rule_candidate: String,
+    /// Unix seconds.
+    #[prost(uint64, tag = "9")]
+    pub last_seen: u64,
+}
+
+/// What a candidate policy would change.
+#[derive(Clone, PartialEq, prost::Message, Serialize)]
+pub struct DiffReport {
+    #[prost(message, repeated, tag = "1")]
+    pub newly_denied: Vec<DiffGroup>,
+    #[prost(message, repeated, tag = "2")]
+    pub newly_allowed: Vec<DiffGroup>,
+    /// Record entries replayed, and the connects they stand for.
+    #[prost(uint64, tag = "3")]
+    pub entries: u64,
+    #[prost(uint64, tag = "4")]
+    pub connects: u64,
+    /// What the replay could not judge as the kernel will, and why.
+    #[prost(string, repeated, tag = "5")]
+    pub notes: Vec<String>,
+    /// `policy check` warnings of the candidate.
+    #[prost(string, repeated, tag = "6")]
     pub warnings: Vec<String>,
 }
 

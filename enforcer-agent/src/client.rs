@@ -63,7 +63,16 @@ impl Call {
 
 /// One request, one reply.
 pub fn call(socket: &Path, req: api::request::Kind) -> Result<reply::Kind, ClientError> {
+    call_within(socket, req, Duration::from_secs(60))
+}
+
+/// [`call`], waiting up to `timeout` for the reply (`learn --for` answers after its time).
+pub fn call_within(
+    socket: &Path,
+    req: api::request::Kind,
+    timeout: Duration,
+) -> Result<reply::Kind, ClientError> {
     let mut c = Call::send(socket, &api::Request { kind: Some(req) })?;
-    c.read_timeout(Some(Duration::from_secs(60)));
+    c.read_timeout(Some(timeout));
     c.next_reply()?.ok_or(ClientError::NoAnswer)
 }

@@ -98,7 +98,24 @@ pub struct Agent {
     time_checked: i64,
     /// A sweep found no way to close connections and said so (once).
     revoke_warned: bool,
+    /// The decision record (`learn`, `policy diff`), saved in the state folder.
+    pub(crate) record: crate::record::Record,
+    /// `learn --for` requests waiting for their observation time to end.
+    learning: Vec<PendingLearn>,
+    last_record_save: Instant,
+    /// The thread writing the last snapshot of the record.
+    record_writer: Option<std::thread::JoinHandle<()>>,
 }
+
+/// A `learn --for` request: answered when `until` passes (allow reports stay on till then).
+struct PendingLearn {
+    until: Instant,
+    req: api::LearnRequest,
+    reply: tokio::sync::oneshot::Sender<reply::Kind>,
+}
+
+/// The longest `learn --for` the agent accepts.
+const MAX_LEARN_FOR: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
 
 /// `/readyz` compares the kernel maps with the compiled policy at most this often (and
 /// after each apply); the probe itself only reads the last result.
@@ -201,6 +218,10 @@ impl Agent {
         fs::create_dir_all(&opts.state_dir)
             .with_context(|| format!("creating state folder {}", opts.state_dir.display()))?;
         let exes = ExeRegistry::open(&opts.state_dir.join("exes.log"), kernel.took_over)?;
+        let (record, record_err) = crate::record::Record::open(&opts.state_dir);
+        if let Some(e) = record_err {
+            tracing::warn!("{e}");
+        }
         let events_out = match &opts.events_file {
             Some(p) => Some(
                 fs::OpenOptions::new()
@@ -250,6 +271,10 @@ impl Agent {
             grants: crate::grants::Grants::open(&opts.state_dir.join("grants.json")),
             time_checked: policy::wall_now_ns(),
             revoke_warned: false,
+            record,
+            learning: Vec::new(),
+            last_record_save: Instant::now(),
+            record_writer: None,
         };
         // Grants that expired while no agent ran: reported, then dropped (the kernel already
         // stopped honouring them at their instant).
@@ -872,7 +897,9 @@ impl Agent {
     /// The kernel reports allowed decisions while the policy asks for it or an
     /// `events --follow --all` client listens.
     pub(crate) fn sync_report_allow(&mut self) {
-        let want = self.in_force.policy.report_allow || self.sink.feed.wants_allows();
+        let want = self.in_force.policy.report_allow
+            || self.sink.feed.wants_allows()
+            || !self.learning.is_empty();
         if let Err(e) = self.kernel.set_report_allow(want) {
             tracing::warn!("switching allow reports: {e}");
         }
@@ -1185,6 +1212,7 @@ impl Agent {
             }
             Ok(EventKind::Connect | EventKind::Socket) => {
                 let d = self.view().decision(ev);
+                self.observe(&d);
                 let followers = self.sink.feed.followers();
                 self.sink.emit(d);
                 if self.sink.feed.followers() != followers {
@@ -1276,6 +1304,10 @@ impl Agent {
                         self.check_readiness();
                     }
                     self.update_metrics();
+                    self.finish_learning(false);
+                    if self.last_record_save.elapsed() >= crate::record::SAVE_EVERY {
+                        self.save_record();
+                    }
                 }
                 Some(u) = pod_updates.recv() => self.on_pod_update(u),
                 call = calls.recv() => match call {
@@ -1289,6 +1321,13 @@ impl Agent {
         }
         api_task.abort();
         let _ = fs::remove_file(&opts.api_socket);
+        self.finish_learning(true);
+        if let Some(h) = self.record_writer.take() {
+            let _ = h.join();
+        }
+        if let Err(e) = self.record.save() {
+            tracing::warn!("{e}");
+        }
         // From now on the kernel runs never-seen execs pending instead of holding them; let go
         // of those it held before it saw the heartbeat stop.
         if let Err(e) = self.kernel.stop_beating(std::process::id()) {
@@ -1443,6 +1482,19 @@ impl Agent {
     /// Answers one API call; never waits on the client (the server task writes the reply).
     pub(crate) fn answer(&mut self, call: Call) {
         match call {
+            Call::Ask(request::Kind::Learn(req), reply) if req.for_secs > 0 => {
+                let wait = std::time::Duration::from_secs(req.for_secs).min(MAX_LEARN_FOR);
+                tracing::info!(
+                    secs = wait.as_secs(),
+                    "learn: observing (allowed connects are reported meanwhile)"
+                );
+                self.learning.push(PendingLearn {
+                    until: Instant::now() + wait,
+                    req,
+                    reply,
+                });
+                self.sync_report_allow();
+            }
             Call::Ask(kind, reply) => {
                 let _ = reply.send(self.ask(kind));
             }
@@ -1454,6 +1506,123 @@ impl Agent {
                 self.sync_report_allow();
             }
         }
+    }
+
+    /// Counts a connect decision in the record. A decision about a process the agent had
+    /// not attested yet (pending, untracked) carries no facts it can vouch for (the process
+    /// may have exited before its exec was read, leaving its parent's): it is not recorded.
+    fn observe(&mut self, d: &api::Decision) {
+        let unknown = [RULE_PENDING, RULE_UNTRACKED].map(|r| self.in_force.rule_text(r));
+        if unknown.contains(&d.rule) {
+            return;
+        }
+        let pod = d.cgroup.as_deref().and_then(|c| self.pods.for_cgroup(c));
+        if let Some(k) = crate::record::key_of(d, pod.as_ref()) {
+            self.record.observe(
+                k,
+                &d.verdict,
+                d.identity.as_deref(),
+                crate::record::now_secs(),
+            );
+        }
+    }
+
+    /// Writes the record when it changed, on a thread of its own (a full record takes a few
+    /// hundred ms to write; the event loop only copies it).
+    fn save_record(&mut self) {
+        self.last_record_save = Instant::now();
+        if self
+            .record_writer
+            .as_ref()
+            .is_some_and(|h| !h.is_finished())
+        {
+            return;
+        }
+        let Some(snap) = self.record.take_snapshot() else {
+            return;
+        };
+        let spawned = std::thread::Builder::new()
+            .name("record-writer".into())
+            .spawn(move || {
+                if let Err(e) = snap.write() {
+                    tracing::warn!(
+                        "{e}; the record stays in memory and is written at its next change"
+                    );
+                }
+            });
+        match spawned {
+            Ok(h) => self.record_writer = Some(h),
+            Err(e) => tracing::warn!("starting the record writer thread: {e}"),
+        }
+    }
+
+    /// Answers the `learn --for` requests whose time is up (all of them with `all`).
+    fn finish_learning(&mut self, all: bool) {
+        if self.learning.is_empty() {
+            return;
+        }
+        let now = Instant::now();
+        let (done, wait): (Vec<_>, Vec<_>) = std::mem::take(&mut self.learning)
+            .into_iter()
+            .partition(|p| all || p.until <= now || p.reply.is_closed());
+        self.learning = wait;
+        for p in done {
+            let _ = p.reply.send(self.learn(&p.req));
+        }
+        self.sync_report_allow();
+    }
+
+    /// `learn`: the policy learned from the record.
+    fn learn(&self, r: &api::LearnRequest) -> reply::Kind {
+        let since = match r.since_secs {
+            0 => 0,
+            s => crate::record::now_secs().saturating_sub(s),
+        };
+        let prefix = |n: Option<u32>| n.map(|n| u8::try_from(n).unwrap_or(u8::MAX));
+        let opts = crate::learn::LearnOptions {
+            trust_domain: self.in_force.policy.trust_domain.clone(),
+            scope: r.scope.clone(),
+            namespaces: r.namespace.clone(),
+            aggregate_v4: prefix(r.aggregate_v4),
+            aggregate_v6: prefix(r.aggregate_v6),
+        };
+        match crate::learn::learn(&self.record.entries_since(since), &opts) {
+            Ok(l) => reply::Kind::Learned(api::Learned {
+                yaml: l.yaml,
+                identities: l.identities as u32,
+                entries: l.entries as u64,
+                connects: l.connects,
+                skipped: l.skipped as u64,
+                denied: l.denied as u64,
+            }),
+            Err(e) => reply::Kind::Error(e.to_string()),
+        }
+    }
+
+    /// `policy diff`: the candidate replayed over the record against the policy in force.
+    fn diff_request(&self, r: &api::DiffRequest) -> Result<api::DiffReport> {
+        let name = if r.name.is_empty() {
+            "policy"
+        } else {
+            r.name.as_str()
+        };
+        let (candidate, warnings) = policy::load(name, &r.policy).map_err(anyhow::Error::new)?;
+        let found = self.find_listeners(&candidate);
+        let extra = listeners::listener_rules(&candidate, &found, &listeners::local_addresses());
+        let limit = self.kernel.max_rules;
+        let new =
+            crate::replay::Model::new(&candidate, &extra, limit).map_err(anyhow::Error::new)?;
+        let old =
+            crate::replay::Model::new(&self.in_force.policy, &self.in_force.listener_rules, limit)
+                .map_err(anyhow::Error::new)
+                .context("compiling the policy in force")?;
+        let since = match r.since_secs {
+            0 => 0,
+            s => crate::record::now_secs().saturating_sub(s),
+        };
+        let mut report = crate::replay::diff(&old, &new, &self.record.entries_since(since));
+        report.warnings = warnings.iter().map(|w| w.render(name)).collect();
+        Ok(report)
     }
 
     fn ask(&mut self, kind: request::Kind) -> reply::Kind {
@@ -1489,6 +1658,11 @@ impl Agent {
             request::Kind::Revoke(r) => match self.revoke_request(r.id) {
                 Ok(g) => reply::Kind::Grant(g),
                 Err(e) => reply::Kind::Error(format!("{e:#}")),
+            },
+            request::Kind::Learn(r) => self.learn(&r),
+            request::Kind::Diff(r) => match self.diff_request(&r) {
+                Ok(d) => reply::Kind::Diff(d),
+                Err(e) => reply::Kind::Error(format!("policy not replayed: {e:#}")),
             },
             // The server answers `events` from the history it asks for.
             request::Kind::Events(_) => {

@@ -111,7 +111,32 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
-    /// Policy files: check, compile, apply.
+    /// A least-privilege policy from the connects the agent recorded: one identity per
+    /// (binary, cgroup or pod) that connected, egress entries for exactly what it reached.
+    Learn {
+        /// Observe this long first (allowed connects are reported meanwhile), e.g. 10m.
+        #[arg(long = "for", value_name = "DURATION", value_parser = duration)]
+        for_: Option<std::time::Duration>,
+        /// Learn the processes of this cgroup subtree (repeatable); also the policy's scope.
+        #[arg(long, value_name = "CGROUP")]
+        scope: Vec<String>,
+        /// Learn the pods of this namespace (repeatable).
+        #[arg(long, value_name = "NS")]
+        namespace: Vec<String>,
+        /// Group IPv4 hosts into prefixes of this length, e.g. /24 (default: exact hosts).
+        #[arg(long, value_name = "/N", value_parser = prefix_len)]
+        aggregate: Option<u32>,
+        /// Group IPv6 hosts into prefixes of this length, e.g. /64.
+        #[arg(long, value_name = "/N", value_parser = prefix_len)]
+        aggregate6: Option<u32>,
+        /// Only connects seen within this time, e.g. 24h (default: the whole record).
+        #[arg(long, value_name = "DURATION", value_parser = duration)]
+        since: Option<std::time::Duration>,
+        /// Write the policy here (default: stdout).
+        #[arg(short = 'o', long = "output")]
+        out: Option<PathBuf>,
+    },
+    /// Policy files: check, compile, apply, diff.
     Policy {
         #[command(subcommand)]
         cmd: PolicyCmd,
@@ -193,7 +218,42 @@ enum PolicyCmd {
         out: PathBuf,
     },
     /// Hand a policy (YAML or bundle) to the running agent: all or nothing.
-    Apply { file: PathBuf },
+    Apply {
+        file: PathBuf,
+        /// Apply nothing: print what `policy diff` prints (exit 1 when something would
+        /// newly be denied).
+        #[arg(long)]
+        dry_run: bool,
+        /// With --dry-run: the report as JSON.
+        #[arg(long, requires = "dry_run")]
+        json: bool,
+    },
+    /// What the policy would newly deny or allow, replayed over the connects the agent
+    /// recorded. Exit 0: nothing newly denied; 1: something would be; 2: error.
+    Diff {
+        file: PathBuf,
+        /// Only connects seen within this time, e.g. 24h (default: the whole record).
+        #[arg(long, value_name = "DURATION", value_parser = duration)]
+        since: Option<std::time::Duration>,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// `10m`, `24h`, `30s`, `7d`.
+fn duration(s: &str) -> Result<std::time::Duration, String> {
+    enforcer_agent::record::parse_duration(s).ok_or_else(|| {
+        format!("{s:?} is not a duration: write a number and s, m, h or d (10m, 24h)")
+    })
+}
+
+/// `/24` or `24`.
+fn prefix_len(s: &str) -> Result<u32, String> {
+    s.trim_start_matches('/')
+        .parse::<u32>()
+        .ok()
+        .filter(|n| *n <= 128)
+        .ok_or_else(|| format!("{s:?} is not a prefix length: write /N (e.g. /24)"))
 }
 
 #[derive(Subcommand)]
@@ -243,6 +303,107 @@ fn main() -> ExitCode {
             eprintln!("enforcer-agent: error: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// `policy diff` and `policy apply --dry-run`: exit 0 (nothing newly denied), 1 (something
+/// would be), 2 (the diff could not be made).
+fn diff_cmd(
+    socket: &Path,
+    file: &Path,
+    since: Option<std::time::Duration>,
+    json: bool,
+) -> ExitCode {
+    match diff_report(socket, file, since) {
+        Ok(r) => {
+            if json {
+                match serde_json::to_string_pretty(&r) {
+                    Ok(s) => println!("{s}"),
+                    Err(e) => {
+                        eprintln!("enforcer-agent: error: printing the report: {e}");
+                        return ExitCode::from(2);
+                    }
+                }
+            } else {
+                print_diff(&file.display().to_string(), &r);
+            }
+            if r.newly_denied.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            }
+        }
+        Err(e) => {
+            eprintln!("enforcer-agent: error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn diff_report(
+    socket: &Path,
+    file: &Path,
+    since: Option<std::time::Duration>,
+) -> Result<api::DiffReport> {
+    let name = file.display().to_string();
+    let bytes = read(file)?;
+    if !policy::is_bundle(&bytes) {
+        // YAML errors come with their FILE:LINE:COL, checked here before anything is sent.
+        policy::load(&name, &bytes).map_err(anyhow::Error::new)?;
+    }
+    let req = api::DiffRequest {
+        policy: bytes,
+        name,
+        since_secs: since.map_or(0, |d| d.as_secs().max(1)),
+    };
+    let reply::Kind::Diff(r) = client::call(socket, request::Kind::Diff(req))? else {
+        bail!(
+            "the agent answered `policy diff` with something else; is it the same version as this CLI?"
+        );
+    };
+    Ok(r)
+}
+
+fn print_diff(name: &str, r: &api::DiffReport) {
+    for w in &r.warnings {
+        eprintln!("{w}");
+    }
+    println!(
+        "{name}: replayed {} recorded connects ({} record entries) against the policy in force",
+        r.connects, r.entries
+    );
+    for (title, groups) in [
+        ("newly denied", &r.newly_denied),
+        ("newly allowed", &r.newly_allowed),
+    ] {
+        let n: u64 = groups.iter().map(|g| g.connects).sum();
+        if groups.is_empty() {
+            println!("{title}: nothing");
+            continue;
+        }
+        println!("{title}: {n} connects to {} destinations", groups.len());
+        for g in groups {
+            let dst = if g.dst.contains(':') {
+                format!("[{}]:{}", g.dst, g.port)
+            } else {
+                format!("{}:{}", g.dst, g.port)
+            };
+            println!(
+                "  {} -> {} {dst}: {} connects, last {} ({})",
+                g.identity.as_deref().unwrap_or("unattested"),
+                g.protocol,
+                g.connects,
+                enforcer_agent::record::rfc3339(g.last_seen),
+                g.processes.join(", ")
+            );
+            println!(
+                "      in force: {}; candidate: {}",
+                g.rule_in_force, g.rule_candidate
+            );
+        }
+    }
+    for n in &r.notes {
+        println!("note: {n}");
     }
 }
 
@@ -382,8 +543,84 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Cmd::Learn {
+            for_,
+            scope,
+            namespace,
+            aggregate,
+            aggregate6,
+            since,
+            out,
+        } => {
+            if let Some(s) = scope.iter().find(|s| !s.starts_with('/')) {
+                bail!(
+                    "--scope {s:?}: a cgroup path starts with / (e.g. /system.slice/app.service)"
+                );
+            }
+            let wait = for_.unwrap_or_default();
+            let req = api::LearnRequest {
+                for_secs: wait.as_secs().max(u64::from(!wait.is_zero())),
+                scope,
+                namespace,
+                aggregate_v4: aggregate,
+                aggregate_v6: aggregate6,
+                since_secs: since.map_or(0, |d| d.as_secs().max(1)),
+            };
+            if !wait.is_zero() {
+                eprintln!(
+                    "learn: observing for {} s (allowed connects are reported meanwhile)",
+                    wait.as_secs()
+                );
+            }
+            let timeout = wait + std::time::Duration::from_secs(60);
+            let reply::Kind::Learned(l) =
+                client::call_within(&socket, request::Kind::Learn(req), timeout)?
+            else {
+                bail!(
+                    "the agent answered `learn` with something else; is it the same version as this CLI?"
+                );
+            };
+            let summary = format!(
+                "{} identities from {} connects ({} record entries{})",
+                l.identities,
+                l.connects,
+                l.entries,
+                if l.skipped > 0 {
+                    format!("; {} from processes never attested left out", l.skipped)
+                } else {
+                    String::new()
+                } + &if l.denied > 0 {
+                    format!("; {} denied by the kernel left out", l.denied)
+                } else {
+                    String::new()
+                }
+            );
+            match out {
+                Some(path) => {
+                    fs::write(&path, &l.yaml)
+                        .with_context(|| format!("cannot write {}", path.display()))?;
+                    eprintln!("learn: {summary} -> {}", path.display());
+                }
+                None => {
+                    print!("{}", l.yaml);
+                    eprintln!("learn: {summary}");
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Cmd::Policy {
-            cmd: PolicyCmd::Apply { file },
+            cmd: PolicyCmd::Diff { file, since, json },
+        } => Ok(diff_cmd(&socket, &file, since, json)),
+        Cmd::Policy {
+            cmd:
+                PolicyCmd::Apply {
+                    file,
+                    dry_run: true,
+                    json,
+                },
+        } => Ok(diff_cmd(&socket, &file, None, json)),
+        Cmd::Policy {
+            cmd: PolicyCmd::Apply { file, .. },
         } => {
             let name = file.display().to_string();
             let bytes = read(&file)?;
