@@ -41,7 +41,8 @@ pub struct Judged {
 impl<'a> Model<'a> {
     /// `extra`: the concrete rules of `to: {identity}` destinations (listeners open now).
     pub fn new(policy: &'a Policy, extra: &'a [Rule], limit: usize) -> Result<Self, PolicyError> {
-        let entries = policy::rule_entries_of(&policy.rules, extra, 0, limit)?;
+        let entries =
+            policy::rule_entries_of(&policy.rules, extra, 0, limit, policy::Clock::now())?;
         Ok(Model {
             policy,
             extra,
