@@ -337,6 +337,8 @@ def render_targets(data, rows):
              "syscall (getppid) at the median <= 100 ns",
              "-" if v is None else f"{v:+.0f} ns ({fmt_ratio(num(gp.get('ratio')))} of "
              f"{num(gp.get('base_ns')):.0f} ns)", None if v is None else v <= 100)
+    for t, v, ok in time_bound_targets(data):
+        line(t, v, ok)
     fails = sum(num((x.get("inflight") or {}).get("failed")) or 0 for x in runs)
     if runs:
         line("no connect fails while an apply is in flight", f"{fails:.0f} failed", fails == 0)
@@ -370,6 +372,86 @@ def render_syscall_cost(data):
     out += table(["syscall", "without (ns)", "with (ns)", "added (ns)", "ratio"], body)
     out.append("")
     notes = sc.get("notes") if isinstance(sc, dict) else None
+    for n in notes if isinstance(notes, list) else []:
+        if text(n, ""):
+            out.append(f"- {text(n)}")
+    out.append("")
+    return out
+
+
+def time_bound_data(data):
+    tb = data.get("time_bound")
+    return tb if isinstance(tb, dict) else {}
+
+
+def time_bound_targets(data):
+    """The time-bound entries' target lines: [target, this run, verdict ok/None]."""
+    tb = time_bound_data(data)
+    out = []
+    rows = [r for r in tb.get("rows") or [] if isinstance(r, dict)]
+    r4 = next((r for r in rows if r.get("workload") == "udp-connect4"), None)
+    if r4 is not None:
+        v = num(r4.get("timed_minus_plain_p50_ns"))
+        out.append(["UDP connect added p50 with time-bound entries - without (10 rules, "
+                    "same rounds) <= 0.10 us",
+                    "-" if v is None else
+                    f"{v / 1e3:+.3f} us (added {fmt_ns_signed(num(r4.get('timed_added_p50_ns')))}"
+                    f" vs {fmt_ns_signed(num(r4.get('plain_added_p50_ns')))} ns)",
+                    None if v is None else v <= 100])
+    run4 = next((r for r in tb.get("run") or []
+                 if isinstance(r, dict) and r.get("hook") == "connect4"), None)
+    if run4 is not None:
+        v = num(run4.get("timed_minus_plain_ns"))
+        out.append(["connect4 program run time with time-bound entries - without <= 100 ns",
+                    "-" if v is None else
+                    f"{v:+.0f} ns ({num(run4.get('plain_ns')):.0f} -> "
+                    f"{num(run4.get('timed_ns')):.0f} ns)",
+                    None if v is None else v <= 100])
+    return out
+
+
+def fmt_ns_signed(v):
+    return "-" if v is None else f"{v:+.0f}"
+
+
+def render_time_bound(data, with_targets):
+    tb = time_bound_data(data)
+    rows = [r for r in tb.get("rows") or [] if isinstance(r, dict)]
+    if not rows:
+        return []
+    out = ["#### Time-bound entries", ""]
+    if text(tb.get("command"), ""):
+        out += [f"Measured by `{text(tb.get('command'))}`, {num(tb.get('rounds')) or 0:.0f} rounds.", ""]
+    body = []
+    for r in rows:
+        g = lambda k: num(r.get(k))
+        body.append([text(r.get("workload")), fmt_ns(g("base_p50_ns")),
+                     fmt_ns(g("plain_p50_ns")), fmt_ns(g("timed_p50_ns")),
+                     fmt_ns_signed(g("plain_added_p50_ns")),
+                     fmt_ns_signed(g("timed_added_p50_ns")),
+                     fmt_ns_signed(g("timed_minus_plain_p50_ns")),
+                     fmt_ns_signed(g("timed_minus_plain_mean_ns"))])
+    out += table(["workload", "baseline p50 (ns)", "without p50 (ns)", "with p50 (ns)",
+                  "without added p50 (ns)", "with added p50 (ns)", "with - without p50 (ns)",
+                  "with - without mean (ns)"], body)
+    out.append("")
+    run = [r for r in tb.get("run") or [] if isinstance(r, dict)]
+    if run:
+        body = [[text(r.get("hook")), fmt_ns(num(r.get("plain_ns"))),
+                 fmt_ns(num(r.get("timed_ns"))),
+                 fmt_ns_signed(num(r.get("timed_minus_plain_ns")))] for r in run]
+        out += table(["program", "run time without (ns)", "run time with (ns)",
+                      "with - without (ns)"], body)
+        out.append("")
+    if with_targets:
+        body = []
+        for t, v, ok in time_bound_targets(data):
+            body.append([t, v, "-" if ok is None else ("met" if ok else "MISSED")])
+        if body:
+            out += ["Targets of this part, computed from its results:", ""]
+            out += table(["target", "this run", "verdict"], body)
+            out.append("")
+    notes = tb.get("notes")
     for n in notes if isinstance(notes, list) else []:
         if text(n, ""):
             out.append(f"- {text(n)}")
@@ -494,6 +576,7 @@ def render_md(data, rows, png_name):
 
     out += render_container_start(data)
     out += render_syscall_cost(data)
+    out += render_time_bound(data, False)
 
     notes = data.get("notes")
     if isinstance(notes, str):
@@ -630,6 +713,16 @@ def render_png(data, rows, path):
 
 
 def main(argv):
+    if len(argv) == 4 and argv[1] == "--time-bound-section":
+        # Only the time-bound entries' section (with its targets), for a partial run that
+        # keeps the other sections of BENCHMARKS.md.
+        data = load(argv[2])
+        try:
+            with open(argv[3], "w", encoding="utf-8") as f:
+                f.write("\n".join(render_time_bound(data, True)))
+        except OSError as e:
+            die(f"cannot write {argv[3]}: {e.strerror or e}")
+        return 0
     if len(argv) != 4 or argv[1] in ("-h", "--help"):
         print(USAGE, file=sys.stderr)
         return 0 if len(argv) == 2 and argv[1] in ("-h", "--help") else 2

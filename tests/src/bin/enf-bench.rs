@@ -7,6 +7,8 @@
 //!                                    only, merged into OUT_DIR/results.json)
 //!        enf-bench syscall-cost OUT_DIR [ROUNDS]  (the tamper programs' cost on unrelated
 //!                                    syscalls only, merged into OUT_DIR/results.json)
+//!        enf-bench time-bound OUT_DIR [ROUNDS]  (what time-bound entries cost a UDP connect
+//!                                    only, merged into OUT_DIR/results.json)
 //!        enf-bench apply                     (policy compile/apply with connects in flight only)
 //!        enf-bench worker OP ADDR N          (one measurement; prints "p50_ns mean_ns")
 
@@ -28,6 +30,8 @@ mod container_start;
 mod opensnitch;
 #[path = "enf-bench/syscall_cost.rs"]
 mod syscall_cost;
+#[path = "enf-bench/time_bound.rs"]
+mod time_bound;
 
 /// Patched in the unattested copy of the worker.
 #[unsafe(no_mangle)]
@@ -65,6 +69,15 @@ fn main() {
                 std::process::exit(1);
             }
         }
+        Some("time-bound") => {
+            // Only what time-bound entries cost a connect, merged into results.json.
+            let out = PathBuf::from(args.get(1).map(String::as_str).unwrap_or("target/bench"));
+            let rounds = args.get(2).and_then(|r| r.parse().ok()).unwrap_or(7);
+            if let Err(e) = time_bound_only(&out, rounds) {
+                eprintln!("enf-bench: {e}");
+                std::process::exit(1);
+            }
+        }
         Some("apply") => {
             // The compile/apply part alone (for working on apply speed).
             // Listener threads on CPU 0, workers measured on CPU 1.
@@ -87,7 +100,7 @@ fn main() {
         }
         _ => {
             eprintln!(
-                "usage: enf-bench run OUT_DIR [ROUNDS] | enf-bench container-start OUT_DIR [ROUNDS] | enf-bench syscall-cost OUT_DIR [ROUNDS] | enf-bench apply | enf-bench worker OP ADDR N"
+                "usage: enf-bench run OUT_DIR [ROUNDS] | enf-bench container-start OUT_DIR [ROUNDS] | enf-bench syscall-cost OUT_DIR [ROUNDS] | enf-bench time-bound OUT_DIR [ROUNDS] | enf-bench apply | enf-bench worker OP ADDR N"
             );
             std::process::exit(2);
         }
@@ -359,6 +372,29 @@ fn syscall_cost_only(out: &Path, rounds: usize) -> Result<(), String> {
             || serde_json::json!({"rows": [], "command": "cargo xtask bench --only syscall-cost"}),
         );
     results["syscall_cost"] = syscall_cost::run(rounds)?;
+    fs::write(&path, serde_json::to_string_pretty(&results).expect("json"))
+        .map_err(|e| format!("writing {}: {e}", path.display()))?;
+    eprintln!("enf-bench: wrote {}", path.display());
+    Ok(())
+}
+
+/// `time-bound`: measures what time-bound entries cost a connect alone and puts it into
+/// OUT_DIR/results.json (an earlier full run's other results are kept).
+fn time_bound_only(out: &Path, rounds: usize) -> Result<(), String> {
+    if !nix::unistd::geteuid().is_root() {
+        return Err("the benchmark needs root (it runs agents)".into());
+    }
+    fs::create_dir_all(out).map_err(|e| format!("creating {}: {e}", out.display()))?;
+    let path = out.join("results.json");
+    let mut results: serde_json::Value = fs::read_to_string(&path)
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok())
+        .unwrap_or_else(
+            || serde_json::json!({"rows": [], "command": "cargo xtask bench --only time-bound"}),
+        );
+    let mut tb = time_bound::run_alone(rounds)?;
+    tb["command"] = format!("cargo xtask bench --only time-bound {rounds}").into();
+    results["time_bound"] = tb;
     fs::write(&path, serde_json::to_string_pretty(&results).expect("json"))
         .map_err(|e| format!("writing {}: {e}", path.display()))?;
     eprintln!("enf-bench: wrote {}", path.display());
@@ -1338,6 +1374,9 @@ fn run(out: &Path, rounds: usize) -> Result<(), String> {
     eprintln!("enf-bench: policy compile and apply, with connects in flight");
     let (more, apply_runs) = apply_benchmark(&l, &worker, worker_sha, &dir)?;
     notes.extend(more);
+    eprintln!("enf-bench: what time-bound entries cost a connect");
+    let mut time_bound = time_bound::run(&l, &worker, worker_sha, rounds)?;
+    time_bound["command"] = format!("cargo xtask bench {rounds}").into();
     eprintln!("enf-bench: the tamper programs' cost on unrelated syscalls");
     let syscall_cost = syscall_cost::run(rounds)?;
     // Last, with no other agent running: container start on the containerd node.
@@ -1354,6 +1393,7 @@ fn run(out: &Path, rounds: usize) -> Result<(), String> {
         "prog_run_ns": prog_run,
         "container_start": container_start,
         "syscall_cost": syscall_cost,
+        "time_bound": time_bound,
     });
     let path = out.join("results.json");
     fs::write(&path, serde_json::to_string_pretty(&results).expect("json"))
