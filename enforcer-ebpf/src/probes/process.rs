@@ -11,8 +11,8 @@ use aya_ebpf::{
 };
 use enforcer_common::{
     Config, Counter, ENV_PREFIX, EXE_UNKNOWN, EnvPrefix, Event, EventKind, ExeKey, KernelOffsets,
-    LOADER_PRELOAD, MAX_ENV_VARS, MAX_SCOPES, Mode, PROC_ENV_UNREAD, PROC_HELD, PROC_PENDING, PROC_TAMPERED,
-    PROC_WITHHELD, ProcState, WITHHELD_UNREADABLE, loader_var_in,
+    LOADER_PRELOAD, MAX_ENV_VARS, MAX_SCOPES, Mode, PROC_ENV_UNREAD, PROC_HELD, PROC_PENDING,
+    PROC_TAMPERED, PROC_WITHHELD, ProcState, WITHHELD_UNREADABLE, loader_var_in,
 };
 
 use crate::maps::{
@@ -283,8 +283,8 @@ fn try_exec(ctx: &RawTracePointContext) -> Result<(), i32> {
     let must_attest = exe_id == EXE_UNKNOWN || cgroup_unknown || st.flags & PROC_ENV_UNREAD != 0;
     // LD_PRELOAD first among the loader variables, and a policy that may grant preloads:
     // held (not pending unless held) so that the agent hashes the preloads before they run.
-    let preload = withheld == LOADER_PRELOAD + 1
-        && cfg.generation(cfg.active & 1).preload_hold != 0;
+    let preload =
+        withheld == LOADER_PRELOAD + 1 && cfg.generation(cfg.active & 1).preload_hold != 0;
     if must_attest || preload {
         st.flags |= PROC_PENDING;
         count(Counter::ExecPending);
