@@ -24,6 +24,10 @@ fuzz_target!(|data: &[u8]| {
             Some(reply::Kind::Explain(d) | reply::Kind::Event(d)) => serde_json::to_string(&d),
             Some(reply::Kind::Apply(a)) => serde_json::to_string(&a),
             Some(reply::Kind::Error(e)) => serde_json::to_string(&e),
+            Some(reply::Kind::Grant(g)) => serde_json::to_string(&g),
+            Some(reply::Kind::Grants(g)) => serde_json::to_string(&g),
+            Some(reply::Kind::Learned(l)) => serde_json::to_string(&l),
+            Some(reply::Kind::Diff(d)) => serde_json::to_string(&d),
             None => Ok(String::new()),
         };
     }
