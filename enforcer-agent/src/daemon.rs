@@ -250,6 +250,7 @@ impl Agent {
                 generation,
                 idmatch_written: HashSet::new(),
                 listener_rules: Vec::new(),
+                timed: Vec::new(),
                 listeners: BTreeSet::new(),
                 source: opts.policy_source.clone(),
                 hash: String::new(),
@@ -765,6 +766,13 @@ impl Agent {
         }
         let hash = policy::policy_hash(&policy);
         let source = source.unwrap_or_else(|| self.in_force.source.clone());
+        let timed: Vec<usize> = policy
+            .rules
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| r.timing.is_timed())
+            .map(|(i, _)| i)
+            .collect();
         self.in_force = InForce {
             policy,
             base,
@@ -773,6 +781,7 @@ impl Agent {
             generation: next,
             idmatch_written: idm.into_iter().collect(),
             listener_rules: extra,
+            timed,
             listeners: found,
             source,
             hash,
@@ -1459,11 +1468,10 @@ impl Agent {
             .collect();
         let timed: Vec<&policy::Timing> = self
             .in_force
-            .policy
-            .rules
+            .timed
             .iter()
-            .map(|r| &r.timing)
-            .filter(|t| t.is_timed() && !t.is_over(now))
+            .map(|&i| &self.in_force.policy.rules[i].timing)
+            .filter(|t| !t.is_over(now))
             .collect();
         s.timed_entries = timed.iter().filter(|t| t.grant.is_none()).count() as u64;
         s.next_expiry = timed
@@ -1784,9 +1792,14 @@ impl Agent {
         let stepped = (clock.offset() - self.in_force.clock.offset()).abs() > 1_000_000_000;
         let mut crossed = false;
         let mut expired_entries = Vec::new();
-        for r in &self.in_force.policy.rules {
+        for r in self
+            .in_force
+            .timed
+            .iter()
+            .map(|&i| &self.in_force.policy.rules[i])
+        {
             let t = &r.timing;
-            if t.grant.is_some() || !t.is_timed() {
+            if t.grant.is_some() {
                 continue;
             }
             let passed = |at: Option<i64>| at.is_some_and(|at| since < at && at <= now);

@@ -57,7 +57,7 @@ impl Grant {
     pub fn destination(&self) -> String {
         let mut s = format!("{} {}", self.protocol, self.cidr);
         if !self.ports.is_empty() {
-            s.push_str(&format!(" ports {}", format_ports(&self.ports)));
+            s.push_str(&format!(" ports {}", policy::format_ports(&self.ports)));
         }
         s
     }
@@ -88,20 +88,6 @@ impl Grant {
             },
         }
     }
-}
-
-fn format_ports(ports: &[(u16, u16)]) -> String {
-    ports
-        .iter()
-        .map(|&(a, b)| {
-            if a == b {
-                a.to_string()
-            } else {
-                format!("{a}-{b}")
-            }
-        })
-        .collect::<Vec<_>>()
-        .join(",")
 }
 
 /// What a `grant` asks for.

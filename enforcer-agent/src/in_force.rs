@@ -22,6 +22,9 @@ pub(crate) struct InForce {
     pub(crate) base: Policy,
     /// The clocks read when it was compiled: time-bound entries' windows on the boot clock.
     pub(crate) clock: policy::Clock,
+    /// Indices in `policy.rules` of the time-bound entries (grants included), found once per
+    /// apply so the 500 ms tick and `status` never walk the whole rule list.
+    pub(crate) timed: Vec<usize>,
     pub(crate) classes: Classes,
     /// The generation it is written in (the kernel's `active`).
     pub(crate) generation: u32,

@@ -35,6 +35,7 @@ mod yaml;
 
 pub use bundle::{BUNDLE_FORMAT, decode_bundle, encode_bundle, is_bundle, load, policy_hash};
 pub use cgroup_attr::{CgroupAttr, CgroupFacts, systemd_unit};
+pub(crate) use check::format_ports;
 pub use check::{check, check_at, parse_duration_secs};
 pub use compile::{
     Clock, kernel_verdict, kernel_verdict_at, rule_entries, rule_entries_of, socket_entries,
